@@ -1,0 +1,255 @@
+//! Content digests (BLAKE3) and a stat cache that avoids re-reading unchanged files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, io};
+
+/// Hex BLAKE3 digest of a file's bytes, or of any canonical byte string.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Reads a whole file and returns its hex BLAKE3 digest.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let file = fs::File::open(path).map_err(io(path))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(BufReader::with_capacity(1 << 20, file))
+        .map_err(io(path))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Size and modification time of a file, the pair a cached digest is trusted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    pub bytes: u64,
+    pub mtime_ns: i128,
+}
+
+impl Stat {
+    /// Stats `path` (following links).
+    pub fn of(path: &Path) -> Result<Stat> {
+        let meta = fs::metadata(path).map_err(io(path))?;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128);
+        Ok(Stat {
+            bytes: meta.len(),
+            mtime_ns,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    stat: Stat,
+    digest: String,
+    /// Facts stages derived from the same bytes, by kind (e.g. a feature file's shape).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    facts: BTreeMap<String, serde_json::Value>,
+}
+
+/// Digests of files keyed by path, reused while (size, mtime) are unchanged.
+///
+/// Persisted as JSON in the workspace so that a rerun reads no bytes of files it has seen.
+#[derive(Debug)]
+pub struct StatCache {
+    path: PathBuf,
+    entries: Mutex<BTreeMap<PathBuf, Entry>>,
+}
+
+impl StatCache {
+    /// Loads the cache kept at `path`; a missing or unreadable cache starts empty.
+    pub fn load(path: PathBuf) -> StatCache {
+        let entries = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StatCache {
+            path,
+            entries: Mutex::new(entries),
+        }
+    }
+
+    /// Digest of the file's content, read only if the file is new or its size or mtime changed.
+    pub fn file_digest(&self, path: &Path) -> Result<String> {
+        let key = fs::canonicalize(path).map_err(io(path))?;
+        let stat = Stat::of(&key)?;
+        if let Some(e) = self.entries.lock().expect("stat cache poisoned").get(&key)
+            && e.stat == stat
+        {
+            return Ok(e.digest.clone());
+        }
+        let digest = hash_file(&key)?;
+        let entry = Entry {
+            stat,
+            digest: digest.clone(),
+            facts: BTreeMap::new(),
+        };
+        self.entries
+            .lock()
+            .expect("stat cache poisoned")
+            .insert(key, entry);
+        Ok(digest)
+    }
+
+    /// Digest of a file and facts `compute` derives from its bytes, remembered under `kind`:
+    /// while the file's size and mtime are unchanged, neither reads the file again.
+    /// Errors (unreadable file, or `compute`'s own) are messages; nothing is remembered then.
+    pub fn file_facts<T: Serialize + DeserializeOwned>(
+        &self,
+        path: &Path,
+        kind: &str,
+        compute: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+    ) -> std::result::Result<(String, T), String> {
+        let key = fs::canonicalize(path).map_err(|e| e.to_string())?;
+        let stat = Stat::of(&key).map_err(|e| e.to_string())?;
+        if let Some(e) = self.entries.lock().expect("stat cache poisoned").get(&key)
+            && e.stat == stat
+            && let Some(facts) = e.facts.get(kind)
+            && let Ok(facts) = serde_json::from_value(facts.clone())
+        {
+            return Ok((e.digest.clone(), facts));
+        }
+        let bytes = fs::read(&key).map_err(|e| e.to_string())?;
+        let digest = hash_bytes(&bytes);
+        let facts = compute(&bytes)?;
+        let value = serde_json::to_value(&facts).map_err(|e| e.to_string())?;
+        let mut entries = self.entries.lock().expect("stat cache poisoned");
+        let entry = entries.entry(key).or_insert_with(|| Entry {
+            stat,
+            digest: digest.clone(),
+            facts: BTreeMap::new(),
+        });
+        if entry.stat != stat || entry.digest != digest {
+            *entry = Entry {
+                stat,
+                digest: digest.clone(),
+                facts: BTreeMap::new(),
+            };
+        }
+        entry.facts.insert(kind.to_owned(), value);
+        Ok((digest, facts))
+    }
+
+    /// Digest of a directory's listing: every file's relative path, size and mtime, no content.
+    pub fn dir_digest(&self, dir: &Path) -> Result<String> {
+        let mut files = Vec::new();
+        list_files(dir, dir, &mut files)?;
+        files.sort();
+        let mut hasher = blake3::Hasher::new();
+        for rel in files {
+            let stat = Stat::of(&dir.join(&rel))?;
+            hasher.update(rel.to_string_lossy().as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&stat.bytes.to_le_bytes());
+            hasher.update(&stat.mtime_ns.to_le_bytes());
+        }
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+
+    /// Writes the cache back atomically.
+    pub fn save(&self) -> Result<()> {
+        let entries = self.entries.lock().expect("stat cache poisoned");
+        let json = serde_json::to_vec(&*entries).expect("stat cache serialises");
+        crate::fsutil::write_atomic(&self.path, &json)
+    }
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        if fs::metadata(&path).map_err(io(&path))?.is_dir() {
+            list_files(root, &path, out)?;
+        } else {
+            out.push(
+                path.strip_prefix(root)
+                    .expect("walk stays under root")
+                    .to_path_buf(),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_file_is_not_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.bin");
+        fs::write(&f, b"hello").unwrap();
+        let cache = StatCache::load(dir.path().join("cache.json"));
+        let d1 = cache.file_digest(&f).unwrap();
+        assert_eq!(d1, hash_bytes(b"hello"));
+        // Swap the cached digest: a hit must return it without reading the file.
+        let key = fs::canonicalize(&f).unwrap();
+        cache.entries.lock().unwrap().get_mut(&key).unwrap().digest = "sentinel".into();
+        assert_eq!(cache.file_digest(&f).unwrap(), "sentinel");
+        cache.save().unwrap();
+        let reloaded = StatCache::load(dir.path().join("cache.json"));
+        assert_eq!(reloaded.file_digest(&f).unwrap(), "sentinel");
+        fs::write(&f, b"hello, world").unwrap();
+        assert_eq!(
+            reloaded.file_digest(&f).unwrap(),
+            hash_bytes(b"hello, world")
+        );
+    }
+
+    #[test]
+    fn facts_are_computed_once_per_file_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.bin");
+        fs::write(&f, b"four").unwrap();
+        let cache = StatCache::load(dir.path().join("cache.json"));
+        let calls = std::cell::Cell::new(0);
+        let len = |b: &[u8]| {
+            calls.set(calls.get() + 1);
+            Ok(b.len())
+        };
+        assert_eq!(
+            cache.file_facts(&f, "len", len).unwrap(),
+            (hash_bytes(b"four"), 4)
+        );
+        assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 4);
+        assert_eq!(calls.get(), 1);
+        assert!(
+            cache
+                .file_facts(&f, "other", |_| Err::<u8, _>("bad".into()))
+                .is_err()
+        );
+        assert_eq!(
+            cache.file_facts(&f, "len", len).unwrap().1,
+            4,
+            "a failure forgets nothing"
+        );
+        fs::write(&f, b"fives").unwrap();
+        assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 5);
+        assert_eq!(calls.get(), 2);
+    }
+
+    #[test]
+    fn dir_digest_tracks_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/x"), b"1").unwrap();
+        let cache = StatCache::load(dir.path().join("c.json"));
+        let a = cache.dir_digest(&dir.path().join("sub")).unwrap();
+        assert_eq!(a, cache.dir_digest(&dir.path().join("sub")).unwrap());
+        fs::write(dir.path().join("sub/y"), b"2").unwrap();
+        assert_ne!(a, cache.dir_digest(&dir.path().join("sub")).unwrap());
+    }
+}

@@ -1,0 +1,390 @@
+//! Running a DAG: cache lookups, bounded concurrency, atomic publication, a record of the run.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use petgraph::graph::NodeIndex;
+use serde::Serialize;
+
+use crate::dag::Dag;
+use crate::error::{Error, Result};
+use crate::explain::{key_parts, miss_reasons};
+use crate::stage::{Context, Input};
+use crate::store::{Lookup, Manifest, Record, Store};
+
+/// How a node ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Executed,
+    Cached,
+    Failed,
+    /// Not attempted because something upstream failed.
+    Skipped,
+}
+
+impl Status {
+    /// Lower-case name, as in the `runs` table and `--summary-json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Executed => "executed",
+            Status::Cached => "cached",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+/// One node's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeOutcome {
+    pub id: String,
+    #[serde(skip)]
+    pub stage: String,
+    pub status: Status,
+    pub seconds: f64,
+    /// Why it ran (executed), what failed (failed/skipped); none when cached.
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub key: Option<String>,
+}
+
+/// The outcome of a whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    #[serde(skip)]
+    pub started_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub ended_at: DateTime<Utc>,
+    pub nodes: Vec<NodeOutcome>,
+}
+
+impl RunSummary {
+    /// Whether any node failed.
+    pub fn failed(&self) -> bool {
+        self.nodes.iter().any(|n| n.status == Status::Failed)
+    }
+}
+
+/// What a run does beyond the defaults.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Nodes run at once, at least 1.
+    pub jobs: usize,
+    /// Stage names or node ids to run even when cached.
+    pub force: Vec<String>,
+    /// Re-hash every cached output instead of trusting unchanged size and mtime.
+    pub verify: bool,
+    /// Wait for the workspace lock instead of failing when another run holds it.
+    pub wait: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: 1,
+            force: Vec::new(),
+            verify: false,
+            wait: false,
+        }
+    }
+}
+
+/// Resolves `--force` names (stage names or node ids) to nodes; an unknown name is an error.
+pub fn resolve_force(dag: &Dag, names: &[String]) -> Result<Vec<NodeIndex>> {
+    let mut out = Vec::new();
+    for name in names {
+        let matched: Vec<NodeIndex> = dag
+            .order()
+            .iter()
+            .copied()
+            .filter(|&i| dag.node(i).stage_name == *name || dag.node(i).id == *name)
+            .collect();
+        if matched.is_empty() {
+            return Err(Error::UnknownForce(name.clone()));
+        }
+        out.extend(matched);
+    }
+    Ok(out)
+}
+
+/// A new run id: UTC time plus a short random suffix.
+pub fn new_run_id() -> String {
+    let now = Utc::now();
+    let nonce =
+        crate::digest::hash_bytes(format!("{}{:?}", std::process::id(), Instant::now()).as_bytes());
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &nonce[..6])
+}
+
+/// Runs every node of `dag` that is not cached, holding the workspace lock throughout.
+pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
+    let _lock = store.lock(opts.wait)?;
+    store.clear_staging()?;
+    let forced = resolve_force(dag, &opts.force)?;
+    let run_id = new_run_id();
+    let started_at = Utc::now();
+    let multi = MultiProgress::new();
+    let overall = multi.add(ProgressBar::new(dag.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>24} {bar:30} {pos}/{len} nodes {msg}")
+            .expect("valid template"),
+    );
+    overall.set_prefix("workflow");
+
+    let mut waiting: HashMap<NodeIndex, usize> = dag
+        .order()
+        .iter()
+        .map(|&i| (i, dag.parents(i).count()))
+        .collect();
+    let mut ready: VecDeque<NodeIndex> = dag
+        .order()
+        .iter()
+        .copied()
+        .filter(|i| waiting[i] == 0)
+        .collect();
+    let mut manifests: HashMap<NodeIndex, Manifest> = HashMap::new();
+    let mut outcomes: HashMap<NodeIndex, NodeOutcome> = HashMap::new();
+    let jobs = opts.jobs.max(1);
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::channel::<(NodeIndex, Result<(NodeOutcome, Option<Manifest>)>)>();
+        let mut running = 0usize;
+        loop {
+            while running < jobs {
+                let Some(idx) = ready.pop_front() else { break };
+                let node = dag.node(idx);
+                if let Some(bad) = dag.parents(idx).find(|p| !manifests.contains_key(p)) {
+                    let outcome = NodeOutcome {
+                        id: node.id.clone(),
+                        stage: node.stage_name.clone(),
+                        status: Status::Skipped,
+                        seconds: 0.0,
+                        reason: Some(format!("upstream {} did not succeed", dag.node(bad).id)),
+                        key: None,
+                    };
+                    finish(
+                        dag,
+                        idx,
+                        outcome,
+                        &mut outcomes,
+                        &mut waiting,
+                        &mut ready,
+                        &overall,
+                    );
+                    continue;
+                }
+                let upstream: HashMap<NodeIndex, Manifest> = dag
+                    .parents(idx)
+                    .map(|p| (p, manifests[&p].clone()))
+                    .collect();
+                let (tx, multi, run_id) = (tx.clone(), &multi, run_id.as_str());
+                let force = forced.contains(&idx);
+                overall.set_message(node.id.clone());
+                scope.spawn(move || {
+                    let result = run_node(
+                        dag,
+                        idx,
+                        store,
+                        &upstream,
+                        force,
+                        opts.verify,
+                        multi,
+                        run_id,
+                    );
+                    let _ = tx.send((idx, result));
+                });
+                running += 1;
+            }
+            if running == 0 {
+                break;
+            }
+            let (idx, result) = rx.recv().expect("a worker is running");
+            running -= 1;
+            let (outcome, manifest) = result?;
+            if let Some(m) = manifest {
+                manifests.insert(idx, m);
+            }
+            finish(
+                dag,
+                idx,
+                outcome,
+                &mut outcomes,
+                &mut waiting,
+                &mut ready,
+                &overall,
+            );
+        }
+        Ok(())
+    })?;
+    overall.finish_and_clear();
+    store.stat_cache().save()?;
+    let nodes = dag
+        .order()
+        .iter()
+        .map(|i| outcomes.remove(i).expect("every node has an outcome"))
+        .collect();
+    Ok(RunSummary {
+        run_id,
+        started_at,
+        ended_at: Utc::now(),
+        nodes,
+    })
+}
+
+fn finish(
+    dag: &Dag,
+    idx: NodeIndex,
+    outcome: NodeOutcome,
+    outcomes: &mut HashMap<NodeIndex, NodeOutcome>,
+    waiting: &mut HashMap<NodeIndex, usize>,
+    ready: &mut VecDeque<NodeIndex>,
+    overall: &ProgressBar,
+) {
+    match outcome.status {
+        Status::Failed => {
+            tracing::error!(node = %outcome.id, "failed: {}", outcome.reason.as_deref().unwrap_or(""))
+        }
+        Status::Skipped => {
+            tracing::warn!(node = %outcome.id, "skipped: {}", outcome.reason.as_deref().unwrap_or(""))
+        }
+        Status::Executed => {
+            tracing::info!(node = %outcome.id, seconds = outcome.seconds, "executed ({})", outcome.reason.as_deref().unwrap_or(""))
+        }
+        Status::Cached => tracing::debug!(node = %outcome.id, "cached"),
+    }
+    outcomes.insert(idx, outcome);
+    overall.inc(1);
+    for child in dag.children(idx) {
+        let left = waiting.get_mut(&child).expect("child is a node");
+        *left -= 1;
+        if *left == 0 {
+            ready.push_back(child);
+        }
+    }
+}
+
+/// Runs or reuses one node. Stage failures become a `Failed` outcome; only store errors are `Err`.
+#[allow(clippy::too_many_arguments)]
+fn run_node(
+    dag: &Dag,
+    idx: NodeIndex,
+    store: &Store,
+    upstream: &HashMap<NodeIndex, Manifest>,
+    force: bool,
+    verify: bool,
+    multi: &MultiProgress,
+    run_id: &str,
+) -> Result<(NodeOutcome, Option<Manifest>)> {
+    let node = dag.node(idx);
+    let start = Instant::now();
+    let mut outcome = NodeOutcome {
+        id: node.id.clone(),
+        stage: node.stage_name.clone(),
+        status: Status::Failed,
+        seconds: 0.0,
+        reason: None,
+        key: None,
+    };
+    let parts = match key_parts(dag, idx, store, upstream)? {
+        Ok(parts) => parts,
+        Err(unreadable) => {
+            outcome.reason = Some(unreadable.join("; "));
+            return Ok((outcome, None));
+        }
+    };
+    let key = parts.key();
+    outcome.key = Some(key.clone());
+    let lookup = store.lookup(&key, verify)?;
+    let why = match lookup {
+        Lookup::Hit(manifest) if !force => {
+            store.write_record(&node.id, &Record { key, parts })?;
+            outcome.status = Status::Cached;
+            outcome.seconds = start.elapsed().as_secs_f64();
+            return Ok((outcome, Some(manifest)));
+        }
+        Lookup::Hit(_) => vec!["forced".to_owned()],
+        other => miss_reasons(store, &node.id, &parts, &other)?,
+    };
+    outcome.reason = Some(why.join("; "));
+
+    let staging = store.staging_dir(&node.id)?;
+    let inputs = node
+        .stage
+        .inputs()
+        .into_iter()
+        .map(|input| {
+            let path = match &input {
+                Input::External { path, .. } => path.clone(),
+                Input::Artifact {
+                    node: up, artifact, ..
+                } => {
+                    let up = dag.index_of(up).expect("validated by Dag::new");
+                    store.object_dir(&upstream[&up].key).join(artifact)
+                }
+            };
+            (input.name().to_owned(), path)
+        })
+        .collect();
+    let ctx = Context {
+        node_id: &node.id,
+        inputs,
+        out_dir: &staging,
+        progress: multi,
+        stat_cache: store.stat_cache(),
+    };
+    tracing::info!(node = %node.id, "running ({})", why.join("; "));
+    let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
+    let outputs = node.stage.outputs();
+    let failure = match result {
+        Ok(Ok(())) => outputs
+            .iter()
+            .find(|o| !staging.join(o).is_file())
+            .map(|o| format!("the stage did not write its declared output {o}")),
+        Ok(Err(e)) => Some(error_chain(&*e)),
+        Err(panic) => Some(format!(
+            "the stage panicked: {}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)")
+        )),
+    };
+    outcome.seconds = start.elapsed().as_secs_f64();
+    if let Some(message) = failure {
+        let _ = std::fs::remove_dir_all(&staging);
+        outcome.reason = Some(message);
+        return Ok((outcome, None));
+    }
+    let manifest = Manifest {
+        key: key.clone(),
+        node: node.id.clone(),
+        parts: parts.clone(),
+        outputs: Default::default(),
+        run_id: run_id.to_owned(),
+        created_at: Utc::now().to_rfc3339(),
+        seconds: outcome.seconds,
+        engine_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let manifest = store.publish(&staging, manifest, &outputs)?;
+    store.write_record(&node.id, &Record { key, parts })?;
+    outcome.status = Status::Executed;
+    Ok((outcome, Some(manifest)))
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,286 @@
+//! Freshness: which nodes would rerun, and why, without running anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use petgraph::graph::NodeIndex;
+
+use crate::dag::Dag;
+use crate::error::Result;
+use crate::stage::Input;
+use crate::store::{InputDigest, KeyParts, Lookup, Manifest, Record, Store};
+
+/// Whether a node's published outputs can be reused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Freshness {
+    /// Outputs for the current key are published and intact.
+    Fresh,
+    /// The node would run, for these reasons.
+    Stale(Vec<String>),
+}
+
+/// Freshness of one node.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub id: String,
+    pub stage: String,
+    pub freshness: Freshness,
+    /// The cache key, when every input is known.
+    pub key: Option<String>,
+}
+
+/// Digest of an external input: a file's content, or a directory's listing.
+pub(crate) fn external_digest(store: &Store, path: &Path) -> Result<String> {
+    if path.is_dir() {
+        store.stat_cache().dir_digest(path)
+    } else {
+        store.stat_cache().file_digest(path)
+    }
+}
+
+/// The key parts of a node given its upstream manifests, or the inputs that cannot be known yet.
+pub(crate) fn key_parts(
+    dag: &Dag,
+    idx: NodeIndex,
+    store: &Store,
+    upstream: &HashMap<NodeIndex, Manifest>,
+) -> Result<Result<KeyParts, Vec<String>>> {
+    let stage = &dag.node(idx).stage;
+    let mut inputs = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for input in stage.inputs() {
+        let digest = match &input {
+            Input::External { path, .. } => match external_digest(store, path) {
+                Ok(d) => d,
+                Err(e) => {
+                    unknown.push(format!("input {} is unreadable: {e}", input.describe()));
+                    continue;
+                }
+            },
+            Input::Artifact { node, artifact, .. } => {
+                let up = dag.index_of(node).expect("validated by Dag::new");
+                match upstream.get(&up).and_then(|m| m.outputs.get(artifact)) {
+                    Some(out) => out.digest.clone(),
+                    None => {
+                        let why = format!("upstream {node} will rerun");
+                        if !unknown.contains(&why) {
+                            unknown.push(why);
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        inputs.insert(
+            input.name().to_owned(),
+            InputDigest {
+                describe: input.describe(),
+                digest,
+            },
+        );
+    }
+    if !unknown.is_empty() {
+        return Ok(Err(unknown));
+    }
+    Ok(Ok(KeyParts {
+        kind: stage.kind().to_owned(),
+        code_version: stage.code_version().to_owned(),
+        params: stage.params(),
+        inputs,
+    }))
+}
+
+/// Why `now` differs from the node's last record (`"never run"` without one).
+pub fn reasons(
+    prev: Option<&Record>,
+    now_params: &serde_json::Value,
+    now_code: &str,
+    now_inputs: Option<&BTreeMap<String, InputDigest>>,
+) -> Vec<String> {
+    let Some(prev) = prev else {
+        return vec!["never run".into()];
+    };
+    let mut out = Vec::new();
+    if prev.parts.code_version != now_code {
+        out.push(format!(
+            "code version changed ({}→{})",
+            prev.parts.code_version, now_code
+        ));
+    }
+    let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &prev.parts.params, &mut old);
+    flatten("", now_params, &mut new);
+    for (k, v) in &new {
+        match old.get(k) {
+            Some(o) if o == v => {}
+            Some(o) => out.push(format!("param {k} {o}→{v}")),
+            None => out.push(format!("param {k} added (={v})")),
+        }
+    }
+    out.extend(
+        old.keys()
+            .filter(|k| !new.contains_key(*k))
+            .map(|k| format!("param {k} removed")),
+    );
+    if let Some(now_inputs) = now_inputs {
+        for (name, d) in now_inputs {
+            match prev.parts.inputs.get(name) {
+                Some(p) if p.digest == d.digest => {}
+                Some(_) => out.push(format!("input {} changed", d.describe)),
+                None => out.push(format!("input {} added", d.describe)),
+            }
+        }
+        out.extend(
+            prev.parts
+                .inputs
+                .iter()
+                .filter(|(n, _)| !now_inputs.contains_key(*n))
+                .map(|(_, d)| format!("input {} removed", d.describe)),
+        );
+    }
+    out
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.to_string());
+        }
+    }
+}
+
+/// Why a node whose key is known but not published would run.
+pub(crate) fn miss_reasons(
+    store: &Store,
+    id: &str,
+    parts: &KeyParts,
+    lookup: &Lookup,
+) -> Result<Vec<String>> {
+    let prev = store.record(id)?;
+    let mut out = reasons(
+        prev.as_ref(),
+        &parts.params,
+        &parts.code_version,
+        Some(&parts.inputs),
+    );
+    if let Lookup::Damaged(why) = lookup {
+        out.push(why.clone());
+    } else if out.is_empty() {
+        out.push("output missing".into());
+    }
+    Ok(out)
+}
+
+/// Freshness of every node, in topological order. `forced` nodes are stale whatever the cache holds.
+pub fn status(
+    dag: &Dag,
+    store: &Store,
+    forced: &[NodeIndex],
+    verify: bool,
+) -> Result<Vec<NodeStatus>> {
+    let mut manifests = HashMap::new();
+    let mut out = Vec::with_capacity(dag.len());
+    for &idx in dag.order() {
+        let node = dag.node(idx);
+        let (freshness, key) = match key_parts(dag, idx, store, &manifests)? {
+            Ok(parts) => {
+                let key = parts.key();
+                let lookup = store.lookup(&key, verify)?;
+                let freshness = match lookup {
+                    Lookup::Hit(m) if !forced.contains(&idx) => {
+                        manifests.insert(idx, m);
+                        Freshness::Fresh
+                    }
+                    Lookup::Hit(_) => Freshness::Stale(vec!["forced".into()]),
+                    other => Freshness::Stale(miss_reasons(store, &node.id, &parts, &other)?),
+                };
+                (freshness, Some(key))
+            }
+            Err(unknown) => {
+                let prev = store.record(&node.id)?;
+                let stage = &node.stage;
+                let mut why: Vec<String> = match prev {
+                    Some(p) => reasons(Some(&p), &stage.params(), stage.code_version(), None),
+                    None => vec!["never run".into()],
+                };
+                why.extend(unknown);
+                (Freshness::Stale(why), None)
+            }
+        };
+        out.push(NodeStatus {
+            id: node.id.clone(),
+            stage: node.stage_name.clone(),
+            freshness,
+            key,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(params: serde_json::Value, digest: &str) -> Record {
+        let mut inputs = BTreeMap::new();
+        inputs.insert(
+            "labels".into(),
+            InputDigest {
+                describe: "labels.csv".into(),
+                digest: digest.into(),
+            },
+        );
+        let parts = KeyParts {
+            kind: "k".into(),
+            code_version: "1".into(),
+            params,
+            inputs,
+        };
+        Record {
+            key: parts.key(),
+            parts,
+        }
+    }
+
+    #[test]
+    fn names_each_difference() {
+        let prev = record(
+            serde_json::json!({"epochs": 200, "opt": {"lr": 0.001}}),
+            "a",
+        );
+        let now = record(
+            serde_json::json!({"epochs": 100, "opt": {"lr": 0.001}, "seed": 1}),
+            "b",
+        );
+        let why = reasons(Some(&prev), &now.parts.params, "2", Some(&now.parts.inputs));
+        assert_eq!(
+            why,
+            [
+                "code version changed (1→2)",
+                "param epochs 200→100",
+                "param seed added (=1)",
+                "input labels.csv changed"
+            ]
+        );
+        assert_eq!(reasons(None, &now.parts.params, "1", None), ["never run"]);
+        assert!(
+            reasons(
+                Some(&prev),
+                &prev.parts.params,
+                "1",
+                Some(&prev.parts.inputs)
+            )
+            .is_empty()
+        );
+    }
+}

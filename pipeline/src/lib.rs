@@ -1,0 +1,26 @@
+//! A generic DAG engine whose nodes are cached by content.
+//!
+//! A [`Stage`] declares its inputs, outputs, parameters and code version; a [`Dag`] joins
+//! nodes by the artifacts they read from each other. [`run`] executes what is not cached, with
+//! bounded concurrency, publishing each node's outputs atomically into a content-addressed
+//! [`Store`] keyed by hash(kind, code version, canonical params, input digests). [`status`] says,
+//! without running anything, which nodes would rerun and why.
+
+mod dag;
+mod digest;
+mod error;
+mod exec;
+mod explain;
+mod fsutil;
+mod runlog;
+mod stage;
+mod store;
+
+pub use dag::Dag;
+pub use digest::{StatCache, hash_bytes, hash_file};
+pub use error::{Error, Result};
+pub use exec::{NodeOutcome, RunOptions, RunSummary, Status, resolve_force, run};
+pub use explain::{Freshness, NodeStatus, status};
+pub use runlog::write_runs;
+pub use stage::{Context, Input, Node, Stage, StageError};
+pub use store::{Manifest, Store};

@@ -1,0 +1,162 @@
+//! What a stage is: declared inputs and outputs, parameters, a code version, and `run`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::digest::StatCache;
+
+/// The error a stage reports; each stage crate converts its own error enum into it.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One unit of cached work. Implementations must be deterministic in their inputs and params.
+pub trait Stage: Send + Sync {
+    /// The kind of stage, e.g. `join_labels`; part of the cache key.
+    fn kind(&self) -> &str;
+    /// Changes whenever the stage's code would write different outputs; part of the cache key.
+    fn code_version(&self) -> &str;
+    /// Parameters as JSON (object keys are canonicalised by the engine); part of the cache key.
+    fn params(&self) -> serde_json::Value;
+    /// The files this stage reads.
+    fn inputs(&self) -> Vec<Input>;
+    /// Names of the files this stage writes (each into [`Context::output`]).
+    fn outputs(&self) -> Vec<String>;
+    /// Does the work.
+    fn run(&self, ctx: &Context) -> Result<(), StageError>;
+}
+
+/// A declared input, addressed by the name the stage uses for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A file or directory outside the store. Files are digested by content (cached on size and
+    /// mtime); directories by their listing (paths, sizes, mtimes), so no bytes are read.
+    External { name: String, path: PathBuf },
+    /// An output of another node.
+    Artifact {
+        name: String,
+        node: String,
+        artifact: String,
+    },
+}
+
+impl Input {
+    /// An external file or directory.
+    pub fn external(name: &str, path: impl Into<PathBuf>) -> Input {
+        Input::External {
+            name: name.into(),
+            path: path.into(),
+        }
+    }
+
+    /// The output `artifact` of node `node`.
+    pub fn artifact(name: &str, node: &str, artifact: &str) -> Input {
+        Input::Artifact {
+            name: name.into(),
+            node: node.into(),
+            artifact: artifact.into(),
+        }
+    }
+
+    /// The name the stage reads this input by.
+    pub fn name(&self) -> &str {
+        match self {
+            Input::External { name, .. } | Input::Artifact { name, .. } => name,
+        }
+    }
+
+    /// How a person would name this input in a reason ("labels.csv", "splits.parquet of split_folds").
+    pub fn describe(&self) -> String {
+        match self {
+            Input::External { path, .. } => path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            ),
+            Input::Artifact { node, artifact, .. } => format!("{artifact} of {node}"),
+        }
+    }
+}
+
+/// A stage instance in the DAG: a unique id such as `train[fold=3]` and the stage name it expands
+/// from (`train`), which `--force` and reports use.
+#[derive(Clone)]
+pub struct Node {
+    pub id: String,
+    pub stage_name: String,
+    pub stage: Arc<dyn Stage>,
+}
+
+impl Node {
+    /// A node named `stage_name`, or `stage_name[label]` when it is one of a fan-out.
+    pub fn new(stage_name: &str, label: Option<&str>, stage: Arc<dyn Stage>) -> Node {
+        let id = match label {
+            Some(l) => format!("{stage_name}[{l}]"),
+            None => stage_name.to_owned(),
+        };
+        Node {
+            id,
+            stage_name: stage_name.to_owned(),
+            stage,
+        }
+    }
+}
+
+/// What a running stage sees: where its inputs are, where to write, and progress reporting.
+pub struct Context<'a> {
+    pub(crate) node_id: &'a str,
+    pub(crate) inputs: BTreeMap<String, PathBuf>,
+    pub(crate) out_dir: &'a Path,
+    pub(crate) progress: &'a MultiProgress,
+    pub(crate) stat_cache: &'a StatCache,
+}
+
+impl Context<'_> {
+    /// The id of the node being run.
+    pub fn node_id(&self) -> &str {
+        self.node_id
+    }
+
+    /// Path of the declared input `name`.
+    ///
+    /// # Panics
+    /// If the stage did not declare `name`: that is a bug in the stage.
+    pub fn input(&self, name: &str) -> &Path {
+        self.inputs.get(name).unwrap_or_else(|| {
+            panic!(
+                "stage of `{}` reads undeclared input `{name}`",
+                self.node_id
+            )
+        })
+    }
+
+    /// Path to write the declared output `name` to (a staging location, published atomically).
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.out_dir.join(name)
+    }
+
+    /// A progress bar of `len` steps shown while the stage runs (hidden when stderr is no terminal).
+    pub fn progress(&self, len: u64, message: &str) -> ProgressBar {
+        let bar = self.progress.add(ProgressBar::new(len));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>24} {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(self.node_id.to_owned());
+        bar.set_message(message.to_owned());
+        bar
+    }
+
+    /// Digest of a file and facts `compute` derives from its bytes, both remembered across runs
+    /// while the file's size and mtime are unchanged (then the file is not read at all).
+    pub fn file_facts<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        kind: &str,
+        compute: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<(String, T), String> {
+        self.stat_cache.file_facts(path, kind, compute)
+    }
+}

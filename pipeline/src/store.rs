@@ -1,0 +1,371 @@
+//! The content-addressed store: published outputs by cache key, per-node records, staging, lock.
+//!
+//! Layout under the workspace directory:
+//! - `objects/<key>/` — a node's outputs and `manifest.json`, published by one atomic rename;
+//! - `nodes/<node id>.json` — what each node last ran with, to explain why it would rerun;
+//! - `staging/` — where running stages write; anything left here by a killed run is discarded;
+//! - `runs/<run id>.parquet` — the `runs` table; `stat-cache.json` — file digests; `lock`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{Stat, StatCache, hash_bytes, hash_file};
+use crate::error::{Error, Result, io};
+use crate::fsutil::write_atomic;
+
+/// Everything a cache key is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyParts {
+    pub kind: String,
+    pub code_version: String,
+    pub params: serde_json::Value,
+    /// Input name → (description, digest).
+    pub inputs: BTreeMap<String, InputDigest>,
+}
+
+/// Digest of one input, with how a person would name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputDigest {
+    pub describe: String,
+    pub digest: String,
+}
+
+impl KeyParts {
+    /// The cache key: BLAKE3 of the canonical JSON of the parts (object keys sorted).
+    pub fn key(&self) -> String {
+        let canonical =
+            serde_json::to_vec(&canonical(&serde_json::to_value(self).expect("serialises")))
+                .expect("serialises");
+        hash_bytes(&canonical)
+    }
+}
+
+/// `value` with every object's keys in sorted order.
+pub fn canonical(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<&String, serde_json::Value> =
+                map.iter().map(|(k, v)| (k, canonical(v))).collect();
+            serde_json::to_value(sorted).expect("serialises")
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(canonical).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// One published output file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    pub digest: String,
+    pub stat: Stat,
+}
+
+/// Written beside a node's outputs: what made them and what they must hash to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub key: String,
+    pub node: String,
+    pub parts: KeyParts,
+    pub outputs: BTreeMap<String, OutputRecord>,
+    pub run_id: String,
+    pub created_at: String,
+    pub seconds: f64,
+    pub engine_version: String,
+}
+
+/// What a node last ran (or was found cached) with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub parts: KeyParts,
+}
+
+/// Outcome of looking a key up.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Published and every output checks out.
+    Hit(Manifest),
+    /// Nothing published under this key.
+    Missing,
+    /// Published, but an output is gone or its bytes changed.
+    Damaged(String),
+}
+
+/// The content-addressed store of one workspace.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    stat_cache: StatCache,
+}
+
+impl Store {
+    /// Opens (creating) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        for sub in ["objects", "nodes", "staging", "runs"] {
+            fs::create_dir_all(root.join(sub)).map_err(io(root.join(sub)))?;
+        }
+        let stat_cache = StatCache::load(root.join("stat-cache.json"));
+        Ok(Store {
+            root: root.to_path_buf(),
+            stat_cache,
+        })
+    }
+
+    /// The workspace directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The digest cache shared by all stages of this workspace.
+    pub fn stat_cache(&self) -> &StatCache {
+        &self.stat_cache
+    }
+
+    /// Directory holding the outputs published under `key`.
+    pub fn object_dir(&self, key: &str) -> PathBuf {
+        self.root.join("objects").join(key)
+    }
+
+    /// Directory of the `runs` table.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// Looks `key` up and checks its outputs against the manifest. A file whose size or mtime
+    /// changed is re-hashed; with `verify` every file is re-hashed.
+    pub fn lookup(&self, key: &str, verify: bool) -> Result<Lookup> {
+        let dir = self.object_dir(key);
+        let manifest_path = dir.join("manifest.json");
+        let Ok(bytes) = fs::read(&manifest_path) else {
+            return Ok(Lookup::Missing);
+        };
+        let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+            return Ok(Lookup::Damaged("its manifest is unreadable".into()));
+        };
+        for (name, rec) in &manifest.outputs {
+            let path = dir.join(name);
+            let Ok(stat) = Stat::of(&path) else {
+                return Ok(Lookup::Damaged(format!("output {name} is missing")));
+            };
+            if (verify || stat != rec.stat) && hash_file(&path)? != rec.digest {
+                return Ok(Lookup::Damaged(format!(
+                    "output {name} does not match its digest"
+                )));
+            }
+        }
+        Ok(Lookup::Hit(manifest))
+    }
+
+    /// A fresh, empty staging directory for one stage execution.
+    pub fn staging_dir(&self, node_id: &str) -> Result<PathBuf> {
+        let nonce = hash_bytes(
+            format!(
+                "{node_id}{}{:?}",
+                std::process::id(),
+                std::time::Instant::now()
+            )
+            .as_bytes(),
+        );
+        let dir = self.root.join("staging").join(&nonce[..16]);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(dir)
+    }
+
+    /// Removes whatever earlier, interrupted runs left in staging.
+    pub fn clear_staging(&self) -> Result<()> {
+        let dir = self.root.join("staging");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(io(&dir))
+    }
+
+    /// Digests the outputs in `staging`, writes the manifest, and publishes the directory under
+    /// the manifest's key with one rename (replacing a damaged entry).
+    pub fn publish(
+        &self,
+        staging: &Path,
+        mut manifest: Manifest,
+        outputs: &[String],
+    ) -> Result<Manifest> {
+        for name in outputs {
+            let path = staging.join(name);
+            let stat = Stat::of(&path)?;
+            manifest.outputs.insert(
+                name.clone(),
+                OutputRecord {
+                    digest: hash_file(&path)?,
+                    stat,
+                },
+            );
+        }
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        write_atomic(&staging.join("manifest.json"), &json)?;
+        let target = self.object_dir(&manifest.key);
+        if target.exists() {
+            let trash = self
+                .root
+                .join("staging")
+                .join(format!("damaged-{}", &manifest.key[..16]));
+            fs::rename(&target, &trash).map_err(io(&target))?;
+            let _ = fs::remove_dir_all(&trash);
+        }
+        fs::rename(staging, &target).map_err(io(&target))?;
+        // Renaming the directory keeps the files' mtimes, so the recorded stats still hold.
+        Ok(manifest)
+    }
+
+    fn record_path(&self, node_id: &str) -> PathBuf {
+        let safe: String = node_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_=.,".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.root.join("nodes").join(format!(
+            "{safe}-{}.json",
+            &hash_bytes(node_id.as_bytes())[..8]
+        ))
+    }
+
+    /// The last record of `node_id`, if it ever ran.
+    pub fn record(&self, node_id: &str) -> Result<Option<Record>> {
+        let path = self.record_path(node_id);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Record { path, source }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Remembers what `node_id` now corresponds to.
+    pub fn write_record(&self, node_id: &str, record: &Record) -> Result<()> {
+        write_atomic(
+            &self.record_path(node_id),
+            &serde_json::to_vec_pretty(record).expect("serialises"),
+        )
+    }
+
+    /// Takes the workspace lock, or waits for it with `wait`.
+    pub fn lock(&self, wait: bool) -> Result<WorkspaceLock> {
+        let path = self.root.join("lock");
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        if wait {
+            file.lock().map_err(io(&path))?;
+        } else if let Err(e) = file.try_lock() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return match e {
+                fs::TryLockError::WouldBlock => Err(Error::Locked {
+                    path: self.root.clone(),
+                    holder: holder.trim().into(),
+                }),
+                fs::TryLockError::Error(e) => Err(Error::Io { path, source: e }),
+            };
+        }
+        let holder = format!(
+            "pid {} since {}",
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339()
+        );
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(holder.as_bytes()))
+            .map_err(io(&path))?;
+        Ok(WorkspaceLock { _file: file })
+    }
+}
+
+/// Held while a run uses the workspace; released on drop (or when the process dies).
+#[derive(Debug)]
+pub struct WorkspaceLock {
+    _file: fs::File,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(p: serde_json::Value) -> KeyParts {
+        KeyParts {
+            kind: "k".into(),
+            code_version: "1".into(),
+            params: p,
+            inputs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn key_ignores_object_key_order() {
+        let a = parts(serde_json::json!({"a": 1, "b": {"x": 1, "y": 2}}));
+        let b = parts(serde_json::json!({"b": {"y": 2, "x": 1}, "a": 1}));
+        assert_eq!(a.key(), b.key());
+        assert_ne!(
+            a.key(),
+            parts(serde_json::json!({"a": 2, "b": {"x": 1, "y": 2}})).key()
+        );
+    }
+
+    #[test]
+    fn publish_then_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stage = store.staging_dir("n").unwrap();
+        fs::write(stage.join("out.txt"), b"payload").unwrap();
+        let p = parts(serde_json::json!({}));
+        let manifest = Manifest {
+            key: p.key(),
+            node: "n".into(),
+            parts: p.clone(),
+            outputs: BTreeMap::new(),
+            run_id: "r".into(),
+            created_at: String::new(),
+            seconds: 0.0,
+            engine_version: "t".into(),
+        };
+        store
+            .publish(&stage, manifest, &["out.txt".into()])
+            .unwrap();
+        assert!(matches!(
+            store.lookup(&p.key(), true).unwrap(),
+            Lookup::Hit(_)
+        ));
+        let out = store.object_dir(&p.key()).join("out.txt");
+        fs::write(&out, b"tampered").unwrap();
+        assert!(
+            matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("out.txt"))
+        );
+        fs::remove_file(&out).unwrap();
+        assert!(
+            matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing"))
+        );
+        assert!(matches!(
+            store.lookup("nope", false).unwrap(),
+            Lookup::Missing
+        ));
+    }
+
+    #[test]
+    fn second_lock_is_refused_with_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _held = store.lock(false).unwrap();
+        let err = store.lock(false).unwrap_err().to_string();
+        assert!(err.contains("in use by another run (pid"), "{err}");
+    }
+}

@@ -1,0 +1,425 @@
+//! The workflow file: typed, strict (unknown keys and wrong types are errors naming key and
+//! line), with paths resolved relative to the file and `--set key=value` overrides.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A whole workflow file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workflow {
+    pub workflow: Meta,
+    pub dataset: Dataset,
+    pub labels: Labels,
+    #[serde(default)]
+    pub splits: Splits,
+}
+
+/// `[workflow]`: name, seed, where the cache lives.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Directory of the cache and run records; default `.hmil-flow` beside the workflow file.
+    #[serde(default = "default_workspace")]
+    pub workspace: PathBuf,
+}
+
+fn default_workspace() -> PathBuf {
+    PathBuf::from(".hmil-flow")
+}
+
+/// What to do with a feature file that cannot be read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadFile {
+    #[default]
+    Error,
+    Skip,
+}
+
+/// Storage type of the packed feature store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+/// `[dataset]`: where the features and the label file are.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    /// A directory of per-slide feature files (`.pt`, `.h5`, `.safetensors`, `.npy`), searched recursively.
+    pub features: PathBuf,
+    /// The label CSV.
+    pub labels: PathBuf,
+    #[serde(default)]
+    pub on_bad_file: OnBadFile,
+    #[serde(default)]
+    pub pack_dtype: PackDtype,
+}
+
+/// What to do with slides that have labels but no features (or the reverse), or bad labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    #[default]
+    Error,
+    Drop,
+}
+
+/// `[labels]`: CSV column names, policy, and the fine→coarse hierarchy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Labels {
+    #[serde(default = "default_case_column")]
+    pub case_column: String,
+    #[serde(default = "default_slide_column")]
+    pub slide_column: String,
+    #[serde(default = "default_label_column")]
+    pub label_column: String,
+    #[serde(default)]
+    pub on_missing: OnMissing,
+    /// Coarse class → its fine classes, in declared order (that order numbers the classes).
+    pub hierarchy: Hierarchy,
+}
+
+fn default_case_column() -> String {
+    "case_id".into()
+}
+fn default_slide_column() -> String {
+    "slide_id".into()
+}
+fn default_label_column() -> String {
+    "label".into()
+}
+
+/// Coarse classes with their fine classes, in declared order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hierarchy(pub Vec<(String, Vec<String>)>);
+
+impl Hierarchy {
+    /// Fine class names in order.
+    pub fn fine(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .flat_map(|(_, f)| f.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Coarse class names in order.
+    pub fn coarse(&self) -> Vec<&str> {
+        self.0.iter().map(|(c, _)| c.as_str()).collect()
+    }
+
+    /// For each fine class index, its coarse class index.
+    pub fn fine_to_coarse(&self) -> Vec<usize> {
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(c, (_, f))| std::iter::repeat_n(c, f.len()))
+            .collect()
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.0.len() < 2 {
+            return Err("needs at least two coarse classes".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (coarse, fine) in &self.0 {
+            if fine.is_empty() {
+                return Err(format!("coarse class `{coarse}` has no fine class"));
+            }
+            if let Some(dup) = fine.iter().find(|f| !seen.insert(f.as_str())) {
+                return Err(format!("fine class `{dup}` is listed twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Hierarchy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Ordered;
+        impl<'de> Visitor<'de> for Ordered {
+            type Value = Hierarchy;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table of coarse class = [fine classes]")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Hierarchy, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Vec<String>>()? {
+                    out.push(entry);
+                }
+                Ok(Hierarchy(out))
+            }
+        }
+        d.deserialize_map(Ordered)
+    }
+}
+
+/// How folds are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitMethod {
+    /// Stratified k-fold, grouped by case; each case is tested exactly once.
+    #[default]
+    Kfold,
+    /// CLAM-style repeated sampling; test sets may overlap across folds.
+    MonteCarlo,
+    /// CLAM `splits_{k}.csv` files from `dir`.
+    Import,
+}
+
+/// `[splits]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Splits {
+    #[serde(default)]
+    pub method: SplitMethod,
+    #[serde(default = "default_folds")]
+    pub folds: usize,
+    /// Fraction of each class's cases held out for validation.
+    #[serde(default = "default_frac")]
+    pub val_frac: f64,
+    /// `monte_carlo` only: fraction of each class's cases tested per fold.
+    #[serde(default = "default_frac")]
+    pub test_frac: f64,
+    /// `import` only: directory with `splits_0.csv` …
+    pub dir: Option<PathBuf>,
+}
+
+fn default_folds() -> usize {
+    5
+}
+fn default_frac() -> f64 {
+    0.1
+}
+
+impl Default for Splits {
+    fn default() -> Self {
+        Splits {
+            method: SplitMethod::Kfold,
+            folds: default_folds(),
+            val_frac: default_frac(),
+            test_frac: default_frac(),
+            dir: None,
+        }
+    }
+}
+
+impl Workflow {
+    /// Reads, validates and resolves a workflow file, applying `key=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Workflow> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Like [`Workflow::load`] for text read already from `path`.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Workflow> {
+        let parse_err = |e: toml::de::Error| Error::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        };
+        // Parse the text as written first, so errors carry its line numbers.
+        let mut wf: Workflow = toml::from_str(text).map_err(parse_err)?;
+        if !overrides.is_empty() {
+            let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            for o in overrides {
+                apply_override(&mut table, o)?;
+            }
+            wf = table
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Override {
+                    setting: overrides.join(" "),
+                    message: e.message().to_owned(),
+                })?;
+        }
+        wf.validate().map_err(|(key, message)| Error::Invalid {
+            path: path.into(),
+            key,
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        wf.resolve(base);
+        Ok(wf)
+    }
+
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_owned(), message));
+        self.labels
+            .hierarchy
+            .validate()
+            .or_else(|m| bad("labels.hierarchy", m))?;
+        let s = &self.splits;
+        if s.folds < 1 || (s.method == SplitMethod::Kfold && s.folds < 2) {
+            return bad(
+                "splits.folds",
+                format!("{} folds: kfold needs at least 2, other methods 1", s.folds),
+            );
+        }
+        for (key, v) in [
+            ("splits.val_frac", s.val_frac),
+            ("splits.test_frac", s.test_frac),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, format!("{v} is not in [0, 1)"));
+            }
+        }
+        if s.method == SplitMethod::Import && s.dir.is_none() {
+            return bad(
+                "splits.dir",
+                "method \"import\" needs the directory of splits_{k}.csv files".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.workflow.workspace);
+        join(&mut self.dataset.features);
+        join(&mut self.dataset.labels);
+        if let Some(dir) = &mut self.splits.dir {
+            join(dir);
+        }
+    }
+}
+
+/// Sets `a.b.c=value` in `table`; the value is read as TOML, or else taken as a string.
+fn apply_override(table: &mut toml::Table, setting: &str) -> Result<()> {
+    let bad = |message: &str| Error::Override {
+        setting: setting.into(),
+        message: message.into(),
+    };
+    let (key, raw) = setting
+        .split_once('=')
+        .ok_or_else(|| bad("expected key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| bad("empty key"))?;
+    let mut cur = table;
+    for part in parts {
+        cur = cur
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{part}` is not a table")))?;
+    }
+    cur.insert(last.to_owned(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[workflow]
+name = "t"
+
+[dataset]
+features = "feats"
+labels = "labels.csv"
+
+[labels.hierarchy]
+benign = ["N", "PB", "UDH"]
+atypical = ["FEA", "ADH"]
+malignant = ["DCIS", "IC"]
+"#;
+
+    #[test]
+    fn loads_with_defaults_and_resolves_paths() {
+        let wf = Workflow::parse(MINIMAL, Path::new("/w/flow.toml"), &[]).unwrap();
+        assert_eq!(wf.dataset.features, Path::new("/w/feats"));
+        assert_eq!(wf.workflow.workspace, Path::new("/w/.hmil-flow"));
+        assert_eq!(
+            wf.labels.hierarchy.fine(),
+            ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"]
+        );
+        assert_eq!(
+            wf.labels.hierarchy.coarse(),
+            ["benign", "atypical", "malignant"]
+        );
+        assert_eq!(wf.labels.hierarchy.fine_to_coarse(), [0, 0, 0, 1, 1, 2, 2]);
+        assert_eq!(wf.splits.folds, 5);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace(
+            "labels = \"labels.csv\"",
+            "labels = \"labels.csv\"\nfeaturez = 1",
+        );
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("featurez") && err.contains("line 8"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let text = format!("{MINIMAL}\n[splits]\nfolds = \"ten\"\n");
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 16") && err.contains("folds"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_validated() {
+        let wf = Workflow::parse(
+            MINIMAL,
+            Path::new("/w/f.toml"),
+            &["dataset.features=/data/x".into(), "splits.folds=10".into()],
+        )
+        .unwrap();
+        assert_eq!(wf.dataset.features, Path::new("/data/x"));
+        assert_eq!(wf.splits.folds, 10);
+        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.fold=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fold"), "{err}");
+        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.folds=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("splits.folds"), "{err}");
+    }
+
+    #[test]
+    fn hierarchy_rejects_repeated_fine_class() {
+        let text = MINIMAL.replace("\"DCIS\", \"IC\"", "\"DCIS\", \"N\"");
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("labels.hierarchy") && err.contains("`N`"),
+            "{err}"
+        );
+    }
+}
