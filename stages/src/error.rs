@@ -1,0 +1,36 @@
+//! The stages' error type.
+
+use std::path::{Path, PathBuf};
+
+/// What a stage can fail with; every variant names the file (and row) concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    BadFile { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Table { path: PathBuf, message: String },
+    #[error("{}", .0)]
+    Labels(String),
+    #[error("{}", .0)]
+    Splits(String),
+    #[error("{}", .0)]
+    Features(String),
+}
+
+impl Error {
+    /// An I/O error about `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result with the stages' error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,224 @@
+//! `index_features`: one row per feature file (shape, dtype, digest), reading each file at most
+//! once per version: facts of unchanged files (same path, size, mtime) come from the workspace.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array};
+use pipeline::{Context, Input, Stage, StageError};
+use schemas::workflow::OnBadFile;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::features::{self, Format};
+use crate::table;
+
+/// What indexing learns about a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFacts {
+    pub n_instances: usize,
+    pub dim: usize,
+    pub dtype: String,
+    pub has_coords: bool,
+}
+
+/// Parses a feature file's bytes into its facts.
+pub fn facts(format: Format, bytes: &[u8]) -> std::result::Result<FileFacts, String> {
+    let a = features::parse(format, bytes)?;
+    Ok(FileFacts {
+        n_instances: a.features.rows,
+        dim: a.features.cols,
+        dtype: a.features.dtype.name().into(),
+        has_coords: a.coords.is_some(),
+    })
+}
+
+/// Every feature file under `dir` (recursively), sorted, with its slide id (the file stem).
+/// Two files for one slide is an error naming both.
+pub fn feature_files(dir: &Path) -> Result<Vec<(String, PathBuf, Format)>> {
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut seen = std::collections::HashMap::new();
+    for (slide, path, _) in &out {
+        if let Some(other) = seen.insert(slide.clone(), path.clone()) {
+            return Err(Error::Features(format!(
+                "slide {slide} has two feature files: {} and {}; point dataset.features at one kind of file",
+                other.display(),
+                path.display()
+            )));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Features(format!(
+            "{}: no feature files (.pt, .pth, .safetensors, .npy) found",
+            dir.display()
+        )));
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<(String, PathBuf, Format)>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if let Some(format) = Format::of(&path) {
+            let slide = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push((slide, path, format));
+        }
+    }
+    Ok(())
+}
+
+/// The `index_features` stage.
+pub struct IndexFeatures {
+    pub dir: PathBuf,
+    pub on_bad_file: OnBadFile,
+}
+
+impl Stage for IndexFeatures {
+    fn kind(&self) -> &str {
+        "index_features"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "on_bad_file": self.on_bad_file })
+    }
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input::external("features", &self.dir)]
+    }
+    fn outputs(&self) -> Vec<String> {
+        vec!["features.parquet".into(), "skipped.parquet".into()]
+    }
+    fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        Ok(self.index(ctx)?)
+    }
+}
+
+struct Row {
+    slide: String,
+    path: PathBuf,
+    format: Format,
+    bytes: u64,
+    digest: String,
+    facts: FileFacts,
+}
+
+impl IndexFeatures {
+    fn index(&self, ctx: &Context) -> Result<()> {
+        let files = feature_files(ctx.input("features"))?;
+        let bar = ctx.progress(files.len() as u64, "indexing feature files");
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(files.len());
+        let results: Vec<std::result::Result<Row, (PathBuf, String)>> = std::thread::scope(|s| {
+            let chunks: Vec<_> = files
+                .chunks(files.len().div_ceil(threads))
+                .map(|chunk| {
+                    let bar = bar.clone();
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(slide, path, format)| {
+                                let r = ctx
+                                    .file_facts(path, "index_features/1", |b| facts(*format, b))
+                                    .map_err(|e| (path.clone(), e))
+                                    .and_then(|(digest, facts)| {
+                                        let bytes = std::fs::metadata(path)
+                                            .map_err(|e| (path.clone(), e.to_string()))?
+                                            .len();
+                                        Ok(Row {
+                                            slide: slide.clone(),
+                                            path: path.clone(),
+                                            format: *format,
+                                            bytes,
+                                            digest,
+                                            facts,
+                                        })
+                                    });
+                                bar.inc(1);
+                                r
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            chunks
+                .into_iter()
+                .flat_map(|h| h.join().expect("indexing thread panicked"))
+                .collect()
+        });
+        bar.finish_and_clear();
+        let (rows, bad): (Vec<_>, Vec<_>) =
+            results.into_iter().partition(std::result::Result::is_ok);
+        let rows: Vec<Row> = rows.into_iter().map(std::result::Result::unwrap).collect();
+        let bad: Vec<(PathBuf, String)> = bad
+            .into_iter()
+            .map(|r| r.err().expect("partitioned"))
+            .collect();
+        if !bad.is_empty() && self.on_bad_file == OnBadFile::Error {
+            let list: Vec<String> = bad
+                .iter()
+                .map(|(p, e)| format!("  {}: {e}", p.display()))
+                .collect();
+            return Err(Error::Features(format!(
+                "{} unreadable feature file(s) (set dataset.on_bad_file = \"skip\" to leave them out):\n{}",
+                bad.len(),
+                list.join("\n")
+            )));
+        }
+        for (p, e) in &bad {
+            tracing::warn!("skipping {}: {e}", p.display());
+        }
+        if let Some(first) = rows.first()
+            && let Some(odd) = rows.iter().find(|r| r.facts.dim != first.facts.dim)
+        {
+            return Err(Error::Features(format!(
+                "feature dimensions differ: {} has {} but {} has {}",
+                first.path.display(),
+                first.facts.dim,
+                odd.path.display(),
+                odd.facts.dim
+            )));
+        }
+        if rows.is_empty() {
+            return Err(Error::Features("every feature file was unreadable".into()));
+        }
+        let i64col = |f: &dyn Fn(&Row) -> i64| -> ArrayRef {
+            Arc::new(rows.iter().map(f).collect::<Int64Array>())
+        };
+        table::write(
+            &ctx.output("features.parquet"),
+            schemas::tables::features(),
+            vec![
+                table::string_col(rows.iter().map(|r| r.slide.as_str())),
+                table::string_col(rows.iter().map(|r| r.path.to_string_lossy())),
+                table::string_col(rows.iter().map(|r| r.format.name())),
+                i64col(&|r| r.facts.n_instances as i64),
+                i64col(&|r| r.facts.dim as i64),
+                table::string_col(rows.iter().map(|r| r.facts.dtype.as_str())),
+                i64col(&|r| r.bytes as i64),
+                Arc::new(
+                    rows.iter()
+                        .map(|r| Some(r.facts.has_coords))
+                        .collect::<BooleanArray>(),
+                ),
+                table::string_col(rows.iter().map(|r| r.digest.as_str())),
+            ],
+        )?;
+        table::write(
+            &ctx.output("skipped.parquet"),
+            schemas::tables::skipped(),
+            vec![
+                table::string_col(bad.iter().map(|(p, _)| p.to_string_lossy())),
+                table::string_col(bad.iter().map(|(_, e)| e.as_str())),
+            ],
+        )
+    }
+}

@@ -1,0 +1,227 @@
+//! Synthetic datasets in CLAM layout (`pt_files/<slide>.pt` written in PyTorch's own `torch.save`
+//! format, plus `labels.csv`), shaped like BRACS: its class counts, lognormal bag sizes, some
+//! patients with two slides, and a learnable hierarchical signal: a few instances per bag carry a
+//! shared coarse-class direction plus a weaker fine-class direction.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// BRACS fine classes, their coarse classes, and slide counts (545 WSIs).
+pub const BRACS: [(&str, &str, usize); 7] = [
+    ("N", "benign", 43),
+    ("PB", "benign", 147),
+    ("UDH", "benign", 73),
+    ("FEA", "atypical", 41),
+    ("ADH", "atypical", 48),
+    ("DCIS", "malignant", 61),
+    ("IC", "malignant", 132),
+];
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Multiplies every class count (at least 3 slides per class are kept).
+    pub scale: f64,
+    /// Median instances per bag.
+    pub mean_instances: usize,
+    pub dim: usize,
+    pub seed: u64,
+}
+
+/// What was generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthSummary {
+    pub slides: usize,
+    pub cases: usize,
+    pub instances: usize,
+}
+
+/// Writes `out/pt_files/*.pt` and `out/labels.csv`.
+pub fn generate(
+    out: &Path,
+    opts: &SynthOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<SynthSummary> {
+    let pt_dir = out.join("pt_files");
+    std::fs::create_dir_all(&pt_dir).map_err(|e| Error::io(&pt_dir, e))?;
+    let mut rng = Rng::new(opts.seed, 0);
+    let d = opts.dim;
+    let unit = |rng: &mut Rng| {
+        let v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.into_iter().map(|x| x / norm).collect::<Vec<f64>>()
+    };
+    let coarse_names: Vec<&str> = {
+        let mut c: Vec<&str> = BRACS.iter().map(|b| b.1).collect();
+        c.dedup();
+        c
+    };
+    let coarse_dir: Vec<Vec<f64>> = coarse_names.iter().map(|_| unit(&mut rng)).collect();
+    let fine_dir: Vec<Vec<f64>> = BRACS.iter().map(|_| unit(&mut rng)).collect();
+    let scale = (d as f64).sqrt();
+
+    // Slides per class, grouped into cases: every seventh case has two slides.
+    let mut slides: Vec<(String, String, usize)> = Vec::new();
+    let mut case_no = 0;
+    for (fine, &(_, _, count)) in BRACS.iter().enumerate() {
+        let n = ((count as f64 * opts.scale).round() as usize).max(3);
+        let mut i = 0;
+        while i < n {
+            case_no += 1;
+            let slides_in_case = if case_no % 7 == 0 && i + 1 < n { 2 } else { 1 };
+            for _ in 0..slides_in_case {
+                slides.push((
+                    format!("{:06}", slides.len() + 1),
+                    format!("case_{case_no:04}"),
+                    fine,
+                ));
+                i += 1;
+            }
+        }
+    }
+    let csv_path = out.join("labels.csv");
+    let mut csv = BufWriter::new(File::create(&csv_path).map_err(|e| Error::io(&csv_path, e))?);
+    writeln!(csv, "case_id,slide_id,label").map_err(|e| Error::io(&csv_path, e))?;
+    let sigma: f64 = 0.5;
+    let mut instances = 0;
+    let mut feats = Vec::new();
+    for (k, (slide, case, fine)) in slides.iter().enumerate() {
+        writeln!(csv, "{case},{slide},{}", BRACS[*fine].0).map_err(|e| Error::io(&csv_path, e))?;
+        let z = rng.normal();
+        let n = ((opts.mean_instances as f64).ln() + sigma * z)
+            .exp()
+            .round()
+            .clamp(8.0, 8.0 * opts.mean_instances as f64) as usize;
+        let coarse = coarse_names
+            .iter()
+            .position(|c| *c == BRACS[*fine].1)
+            .expect("coarse listed");
+        feats.clear();
+        for _ in 0..n {
+            let informative = rng.uniform() < 0.1;
+            for j in 0..d {
+                let mut x = rng.normal() * 0.5;
+                if informative {
+                    x += scale * (0.6 * coarse_dir[coarse][j] + 0.35 * fine_dir[*fine][j]);
+                }
+                feats.push(x.max(0.0) as f32);
+            }
+        }
+        write_pt(&pt_dir.join(format!("{slide}.pt")), &feats, n, d)?;
+        instances += n;
+        progress(k + 1, slides.len());
+    }
+    csv.flush().map_err(|e| Error::io(&csv_path, e))?;
+    let cases = slides
+        .iter()
+        .map(|s| &s.1)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    Ok(SynthSummary {
+        slides: slides.len(),
+        cases,
+        instances,
+    })
+}
+
+/// Writes a float32 (rows × cols) tensor exactly as `torch.save(tensor, path)` lays it out.
+pub fn write_pt(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let zerr = |e: zip::result::ZipError| Error::BadFile {
+        path: path.into(),
+        message: e.to_string(),
+    };
+    let archive = path
+        .file_stem()
+        .map_or("archive".into(), |s| s.to_string_lossy().into_owned());
+    let mut zip = zip::ZipWriter::new(BufWriter::new(File::create(path).map_err(io)?));
+    let opts =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut entry = |name: &str, bytes: &[u8], large: bool| -> Result<()> {
+        zip.start_file_aligned(format!("{archive}/{name}"), opts.large_file(large), 64)
+            .map_err(zerr)?;
+        zip.write_all(bytes).map_err(io)
+    };
+    entry("data.pkl", &tensor_pickle(rows, cols), false)?;
+    entry("byteorder", b"little", false)?;
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    entry("data/0", &data, data.len() >= u32::MAX as usize)?;
+    entry("version", b"3\n", false)?;
+    zip.finish().map_err(zerr)?.flush().map_err(io)
+}
+
+/// The pickle `torch.save` writes for a contiguous float32 tensor in storage `0`.
+fn tensor_pickle(rows: usize, cols: usize) -> Vec<u8> {
+    let mut p = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00((X\x07\x00\x00\x00storageq\x01ctorch\nFloatStorage\nq\x02X\x01\x00\x00\x000q\x03X\x03\x00\x00\x00cpuq\x04".to_vec();
+    let int = |p: &mut Vec<u8>, v: usize| {
+        if v < 256 {
+            p.extend([b'K', v as u8]);
+        } else if v < (1 << 31) {
+            p.push(b'J');
+            p.extend((v as i32).to_le_bytes());
+        } else {
+            p.extend([0x8a, 8]);
+            p.extend((v as i64).to_le_bytes());
+        }
+    };
+    int(&mut p, rows * cols);
+    p.extend(b"tq\x05QK\x00");
+    int(&mut p, rows);
+    int(&mut p, cols);
+    p.push(0x86);
+    int(&mut p, cols);
+    int(&mut p, 1);
+    p.extend(b"\x86\x89ccollections\nOrderedDict\nq\x06)Rq\x07tq\x08Rq\x09.");
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::{Format, parse};
+
+    #[test]
+    fn written_pt_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.pt");
+        let values: Vec<f32> = (0..300 * 3).map(|i| i as f32 * 0.5).collect();
+        write_pt(&path, &values, 300, 3).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let a = parse(Format::Pt, &bytes).unwrap();
+        assert_eq!((a.features.rows, a.features.cols), (300, 3));
+        assert_eq!(a.features.to_f32(), values);
+        assert!(a.coords.is_none());
+    }
+
+    #[test]
+    fn bracs_shape_and_determinism() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SynthOptions {
+            scale: 0.1,
+            mean_instances: 16,
+            dim: 8,
+            seed: 3,
+        };
+        let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
+        // max(3, round(0.1 * count)) per class: 4+15+7+4+5+6+13.
+        assert_eq!(s.slides, 54);
+        assert!(s.cases < s.slides, "some cases have two slides");
+        let csv = std::fs::read_to_string(dir.path().join("labels.csv")).unwrap();
+        assert!(
+            csv.starts_with("case_id,slide_id,label\ncase_0001,000001,N\n"),
+            "{csv}"
+        );
+        let again = tempfile::tempdir().unwrap();
+        generate(again.path(), &opts, &|_, _| {}).unwrap();
+        for f in ["labels.csv", "pt_files/000007.pt"] {
+            assert_eq!(
+                std::fs::read(dir.path().join(f)).unwrap(),
+                std::fs::read(again.path().join(f)).unwrap()
+            );
+        }
+    }
+}
