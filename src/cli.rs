@@ -1,0 +1,99 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Cached, queryable HMIL workflows: WSI patch features to cross-validated results.
+#[derive(Parser)]
+#[command(name = "hmil-flow", version, about)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); `HMIL_FLOW_LOG` takes a tracing filter.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line formats.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A workflow file and overrides of its settings.
+#[derive(Args)]
+pub struct WorkflowArgs {
+    /// The workflow TOML file (its relative paths are relative to it).
+    pub workflow: PathBuf,
+    /// Override a setting, e.g. `--set dataset.features=/data/pt_files` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run every stage that is not cached.
+    Run {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// Show what would run, and why, without running it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rerun a stage (by name, e.g. `train`, or node id, e.g. `train[fold=3]`) even if cached.
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Nodes run at once.
+        #[arg(long, short, default_value_t = 1)]
+        jobs: usize,
+        /// Write `{"run_id", "nodes": [{"id", "status", "seconds", "reason"}]}` to this file.
+        #[arg(long, value_name = "FILE")]
+        summary_json: Option<PathBuf>,
+        /// Wait for another run on the same workspace to finish instead of failing.
+        #[arg(long)]
+        wait: bool,
+        /// Re-hash every cached output instead of trusting unchanged size and mtime.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Say for every node whether it is fresh, and why it would rerun.
+    Status {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// Re-hash every cached output.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Print the workflow's DAG.
+    Dag {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// Graphviz dot instead of text.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Write a synthetic dataset in CLAM layout (pt_files/ and labels.csv).
+    Synth {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Dataset shape to imitate.
+        #[arg(long, default_value = "bracs")]
+        preset: String,
+        /// Multiplies the preset's slide counts.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Median instances per slide.
+        #[arg(long, default_value_t = 1000)]
+        mean_instances: usize,
+        /// Feature dimension.
+        #[arg(long, default_value_t = 1024)]
+        dim: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
