@@ -388,7 +388,7 @@ malignant = ["DCIS", "IC"]
         let err = Workflow::parse(&text, Path::new("f.toml"), &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 16") && err.contains("folds"), "{err}");
+        assert!(err.contains("line 15") && err.contains("folds"), "{err}");
     }
 
     #[test]
