@@ -30,11 +30,8 @@ fn init_tracing(verbose: u8, format: LogFormat) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HMIL_FLOW_LOG")
-        .unwrap_or_else(|_| default.into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HMIL_FLOW_LOG").unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),
@@ -52,44 +49,24 @@ struct Loaded {
 
 fn load(args: &WorkflowArgs) -> Result<Loaded> {
     let path = &args.workflow;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let workflow = Workflow::parse(&text, path, &args.set)?;
     let digest = pipeline::hash_bytes(format!("{text}\0{}", args.set.join("\0")).as_bytes());
     let dag = Dag::new(stages::nodes(&workflow))?;
     let store = Store::open(&workflow.workflow.workspace)?;
-    Ok(Loaded {
-        path: path.clone(),
-        digest,
-        workflow,
-        dag,
-        store,
-    })
+    Ok(Loaded { path: path.clone(), digest, workflow, dag, store })
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run {
-            wf,
-            dry_run,
-            force,
-            jobs,
-            summary_json,
-            wait,
-            verify,
-        } => {
+        Command::Run { wf, dry_run, force, jobs, summary_json, wait, verify } => {
             let l = load(&wf)?;
             if dry_run {
                 let forced = pipeline::resolve_force(&l.dag, &force)?;
                 print_status(&pipeline::status(&l.dag, &l.store, &forced, verify)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            let opts = RunOptions {
-                jobs,
-                force,
-                verify,
-                wait,
-            };
+            let opts = RunOptions { jobs, force, verify, wait };
             let summary = pipeline::run(&l.dag, &l.store, &opts)?;
             pipeline::write_runs(&l.store, &summary, &l.workflow.workflow.name, &l.digest)?;
             for n in &summary.nodes {
@@ -103,14 +80,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             if let Some(file) = summary_json {
                 let json = serde_json::to_string_pretty(&summary)?;
-                std::fs::write(&file, json)
-                    .with_context(|| format!("writing {}", file.display()))?;
+                std::fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
             }
-            let failed = summary
-                .nodes
-                .iter()
-                .filter(|n| n.status == pipeline::Status::Failed)
-                .count();
+            let failed = summary.nodes.iter().filter(|n| n.status == pipeline::Status::Failed).count();
             println!(
                 "run {} of {}: {} node(s), {failed} failed",
                 summary.run_id,
@@ -118,16 +90,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 summary.nodes.len()
             );
             if failed > 0 {
-                for n in summary
-                    .nodes
-                    .iter()
-                    .filter(|n| n.status == pipeline::Status::Failed)
-                {
-                    eprintln!(
-                        "error: {} failed: {}",
-                        n.id,
-                        n.reason.as_deref().unwrap_or("")
-                    );
+                for n in summary.nodes.iter().filter(|n| n.status == pipeline::Status::Failed) {
+                    eprintln!("error: {} failed: {}", n.id, n.reason.as_deref().unwrap_or(""));
                 }
                 return Ok(ExitCode::FAILURE);
             }
@@ -140,14 +104,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let l = load(&wf)?;
             print!("{}", if dot { l.dag.to_dot() } else { l.dag.to_text() });
         }
-        Command::Synth {
-            out,
-            preset,
-            scale,
-            mean_instances,
-            dim,
-            seed,
-        } => synth(&out, &preset, scale, mean_instances, dim, seed)?,
+        Command::Synth { out, preset, scale, mean_instances, dim, seed } => {
+            synth(&out, &preset, scale, mean_instances, dim, seed)?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -161,26 +120,14 @@ fn print_status(status: &[pipeline::NodeStatus]) {
     }
 }
 
-fn synth(
-    out: &Path,
-    preset: &str,
-    scale: f64,
-    mean_instances: usize,
-    dim: usize,
-    seed: u64,
-) -> Result<()> {
+fn synth(out: &Path, preset: &str, scale: f64, mean_instances: usize, dim: usize, seed: u64) -> Result<()> {
     if preset != "bracs" {
         bail!("unknown preset `{preset}` (known: bracs)");
     }
     if !(scale > 0.0) || mean_instances == 0 || dim == 0 {
         bail!("--scale, --mean-instances and --dim must be positive");
     }
-    let opts = stages::synth::SynthOptions {
-        scale,
-        mean_instances,
-        dim,
-        seed,
-    };
+    let opts = stages::synth::SynthOptions { scale, mean_instances, dim, seed };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template(
         "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",

@@ -7,9 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pipeline::{
-    Context, Dag, Error, Freshness, Input, Node, RunOptions, Stage, StageError, Status, Store,
-};
+use pipeline::{Context, Dag, Error, Freshness, Input, Node, RunOptions, Stage, StageError, Status, Store};
 
 /// Concatenates its inputs and a `tag` parameter into `out.txt`; optionally waits for a file first.
 struct Concat {
@@ -55,38 +53,17 @@ impl Stage for Concat {
 /// Two sources (files a.txt, b.txt) → ab → abc, and b → bd; `c` and `d` in parallel branches.
 fn workflow(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Dag {
     let node = |name: &str, inputs: Vec<Input>, tag: &str, wait: Option<PathBuf>| {
-        Node::new(
-            name,
-            None,
-            Arc::new(Concat {
-                inputs,
-                tag: tag.into(),
-                wait_for: wait,
-            }),
-        )
+        Node::new(name, None, Arc::new(Concat { inputs, tag: tag.into(), wait_for: wait }))
     };
     Dag::new(vec![
         node(
             "ab",
-            vec![
-                Input::external("a", dir.join("a.txt")),
-                Input::external("b", dir.join("b.txt")),
-            ],
+            vec![Input::external("a", dir.join("a.txt")), Input::external("b", dir.join("b.txt"))],
             tag_ab,
             None,
         ),
-        node(
-            "abc",
-            vec![Input::artifact("ab", "ab", "out.txt")],
-            "c",
-            wait_for,
-        ),
-        node(
-            "bd",
-            vec![Input::external("b", dir.join("b.txt"))],
-            "d",
-            None,
-        ),
+        node("abc", vec![Input::artifact("ab", "ab", "out.txt")], "c", wait_for),
+        node("bd", vec![Input::external("b", dir.join("b.txt"))], "d", None),
     ])
     .unwrap()
 }
@@ -100,11 +77,7 @@ fn setup() -> (tempfile::TempDir, Store) {
 }
 
 fn statuses(summary: &pipeline::RunSummary) -> Vec<(String, Status)> {
-    summary
-        .nodes
-        .iter()
-        .map(|n| (n.id.clone(), n.status))
-        .collect()
+    summary.nodes.iter().map(|n| (n.id.clone(), n.status)).collect()
 }
 
 fn status_of(summary: &pipeline::RunSummary, id: &str) -> Status {
@@ -112,14 +85,7 @@ fn status_of(summary: &pipeline::RunSummary, id: &str) -> Status {
 }
 
 fn output(store: &Store, summary: &pipeline::RunSummary, id: &str) -> String {
-    let key = summary
-        .nodes
-        .iter()
-        .find(|n| n.id == id)
-        .unwrap()
-        .key
-        .clone()
-        .unwrap();
+    let key = summary.nodes.iter().find(|n| n.id == id).unwrap().key.clone().unwrap();
     fs::read_to_string(store.object_dir(&key).join("out.txt")).unwrap()
 }
 
@@ -128,30 +94,11 @@ fn second_run_executes_nothing() {
     let (dir, store) = setup();
     let dag = workflow(dir.path(), "x", None);
     let first = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
-    assert!(
-        first.nodes.iter().all(|n| n.status == Status::Executed),
-        "{first:?}"
-    );
+    assert!(first.nodes.iter().all(|n| n.status == Status::Executed), "{first:?}");
     assert_eq!(output(&store, &first, "abc"), "ABxc");
-    let second = pipeline::run(
-        &dag,
-        &store,
-        &RunOptions {
-            jobs: 3,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(
-        second.nodes.iter().all(|n| n.status == Status::Cached),
-        "{second:?}"
-    );
-    assert!(
-        pipeline::status(&dag, &store, &[], false)
-            .unwrap()
-            .iter()
-            .all(|s| s.freshness == Freshness::Fresh)
-    );
+    let second = pipeline::run(&dag, &store, &RunOptions { jobs: 3, ..Default::default() }).unwrap();
+    assert!(second.nodes.iter().all(|n| n.status == Status::Cached), "{second:?}");
+    assert!(pipeline::status(&dag, &store, &[], false).unwrap().iter().all(|s| s.freshness == Freshness::Fresh));
 }
 
 #[test]
@@ -161,69 +108,33 @@ fn changed_input_reruns_exactly_its_downstream() {
     pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
     fs::write(dir.path().join("a.txt"), "A2").unwrap();
     let status = pipeline::status(&dag, &store, &[], false).unwrap();
-    assert_eq!(
-        status[0].freshness,
-        Freshness::Stale(vec!["input a.txt changed".into()])
-    );
-    assert_eq!(
-        status[1].freshness,
-        Freshness::Stale(vec!["upstream ab will rerun".into()])
-    );
+    assert_eq!(status[0].freshness, Freshness::Stale(vec!["input a.txt changed".into()]));
+    assert_eq!(status[1].freshness, Freshness::Stale(vec!["upstream ab will rerun".into()]));
     assert_eq!(status[2].freshness, Freshness::Fresh);
     let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
     assert_eq!(
         statuses(&summary),
-        [
-            ("ab".into(), Status::Executed),
-            ("abc".into(), Status::Executed),
-            ("bd".into(), Status::Cached)
-        ]
+        [("ab".into(), Status::Executed), ("abc".into(), Status::Executed), ("bd".into(), Status::Cached)]
     );
-    assert_eq!(
-        summary.nodes[0].reason.as_deref(),
-        Some("input a.txt changed")
-    );
-    assert_eq!(
-        summary.nodes[1].reason.as_deref(),
-        Some("input out.txt of ab changed")
-    );
+    assert_eq!(summary.nodes[0].reason.as_deref(), Some("input a.txt changed"));
+    assert_eq!(summary.nodes[1].reason.as_deref(), Some("input out.txt of ab changed"));
     assert_eq!(output(&store, &summary, "abc"), "A2Bxc");
 }
 
 #[test]
 fn changed_param_reruns_node_and_dependents_and_reverting_hits_cache() {
     let (dir, store) = setup();
-    pipeline::run(
-        &workflow(dir.path(), "x", None),
-        &store,
-        &RunOptions::default(),
-    )
-    .unwrap();
+    pipeline::run(&workflow(dir.path(), "x", None), &store, &RunOptions::default()).unwrap();
     let dag = workflow(dir.path(), "y", None);
     let status = pipeline::status(&dag, &store, &[], false).unwrap();
-    assert_eq!(
-        status[0].freshness,
-        Freshness::Stale(vec!["param tag \"x\"→\"y\"".into()])
-    );
+    assert_eq!(status[0].freshness, Freshness::Stale(vec!["param tag \"x\"→\"y\"".into()]));
     let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
     assert_eq!(
         statuses(&summary),
-        [
-            ("ab".into(), Status::Executed),
-            ("abc".into(), Status::Executed),
-            ("bd".into(), Status::Cached)
-        ]
+        [("ab".into(), Status::Executed), ("abc".into(), Status::Executed), ("bd".into(), Status::Cached)]
     );
-    let back = pipeline::run(
-        &workflow(dir.path(), "x", None),
-        &store,
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(
-        back.nodes.iter().all(|n| n.status == Status::Cached),
-        "{back:?}"
-    );
+    let back = pipeline::run(&workflow(dir.path(), "x", None), &store, &RunOptions::default()).unwrap();
+    assert!(back.nodes.iter().all(|n| n.status == Status::Cached), "{back:?}");
 }
 
 #[test]
@@ -231,27 +142,12 @@ fn unchanged_output_stops_propagation_and_force_reruns() {
     let (dir, store) = setup();
     let dag = workflow(dir.path(), "x", None);
     pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
-    let forced = pipeline::run(
-        &dag,
-        &store,
-        &RunOptions {
-            force: vec!["ab".into()],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let forced = pipeline::run(&dag, &store, &RunOptions { force: vec!["ab".into()], ..Default::default() }).unwrap();
     assert_eq!(status_of(&forced, "ab"), Status::Executed);
     assert_eq!(forced.nodes[0].reason.as_deref(), Some("forced"));
     // Same bytes out, so its dependent stays cached.
     assert_eq!(status_of(&forced, "abc"), Status::Cached);
-    let err = pipeline::run(
-        &dag,
-        &store,
-        &RunOptions {
-            force: vec!["nope".into()],
-            ..Default::default()
-        },
-    );
+    let err = pipeline::run(&dag, &store, &RunOptions { force: vec!["nope".into()], ..Default::default() });
     assert!(matches!(err, Err(Error::UnknownForce(_))));
 }
 
@@ -264,48 +160,26 @@ fn damaged_output_is_detected_and_recomputed() {
     let path = store.object_dir(&key).join("out.txt");
     fs::write(&path, "garbage").unwrap();
     let status = pipeline::status(&dag, &store, &[], false).unwrap();
-    assert_eq!(
-        status[1].freshness,
-        Freshness::Stale(vec!["output out.txt does not match its digest".into()])
-    );
+    assert_eq!(status[1].freshness, Freshness::Stale(vec!["output out.txt does not match its digest".into()]));
     let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
     assert_eq!(status_of(&summary, "abc"), Status::Executed);
     assert_eq!(fs::read_to_string(&path).unwrap(), "ABxc");
     fs::remove_file(&path).unwrap();
     let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
-    assert_eq!(
-        summary.nodes[1].reason.as_deref(),
-        Some("output out.txt is missing")
-    );
+    assert_eq!(summary.nodes[1].reason.as_deref(), Some("output out.txt is missing"));
 }
 
 #[test]
 fn failure_skips_dependents_but_not_independent_nodes() {
     let (dir, store) = setup();
     fs::remove_file(dir.path().join("a.txt")).unwrap();
-    let summary = pipeline::run(
-        &workflow(dir.path(), "x", None),
-        &store,
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let summary = pipeline::run(&workflow(dir.path(), "x", None), &store, &RunOptions::default()).unwrap();
     assert!(summary.failed());
     assert_eq!(
         statuses(&summary),
-        [
-            ("ab".into(), Status::Failed),
-            ("abc".into(), Status::Skipped),
-            ("bd".into(), Status::Executed)
-        ]
+        [("ab".into(), Status::Failed), ("abc".into(), Status::Skipped), ("bd".into(), Status::Executed)]
     );
-    assert!(
-        summary.nodes[0]
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("a.txt"),
-        "{summary:?}"
-    );
+    assert!(summary.nodes[0].reason.as_deref().unwrap().contains("a.txt"), "{summary:?}");
 }
 
 /// Child side of `killed_run_resumes`: runs a workflow whose `abc` waits forever.
@@ -315,24 +189,14 @@ fn child_run_blocks_in_abc() {
     let dir = PathBuf::from(std::env::var("ENGINE_TEST_DIR").unwrap());
     let store = Store::open(&dir.join(".hmil-flow")).unwrap();
     let never = dir.join("never-created");
-    pipeline::run(
-        &workflow(&dir, "x", Some(never)),
-        &store,
-        &RunOptions::default(),
-    )
-    .unwrap();
+    pipeline::run(&workflow(&dir, "x", Some(never)), &store, &RunOptions::default()).unwrap();
 }
 
 #[test]
 fn killed_run_resumes() {
     let (dir, store) = setup();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_run_blocks_in_abc",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", "child_run_blocks_in_abc", "--ignored", "--nocapture"])
         .env("ENGINE_TEST_DIR", dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -342,11 +206,7 @@ fn killed_run_resumes() {
     let staging = dir.path().join(".hmil-flow/staging");
     let deadline = Instant::now() + Duration::from_secs(60);
     let partial = loop {
-        let found = fs::read_dir(&staging)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path().join("out.txt"))
-            .find(|p| p.exists());
+        let found = fs::read_dir(&staging).unwrap().flatten().map(|e| e.path().join("out.txt")).find(|p| p.exists());
         if let Some(p) = found {
             break p;
         }
@@ -355,30 +215,17 @@ fn killed_run_resumes() {
     };
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        partial.exists(),
-        "the killed stage left its partial output in staging"
-    );
+    assert!(partial.exists(), "the killed stage left its partial output in staging");
 
     let dag = workflow(dir.path(), "x", None);
     let status = pipeline::status(&dag, &store, &[], false).unwrap();
-    assert_eq!(
-        status[0].freshness,
-        Freshness::Fresh,
-        "ab finished before the kill"
-    );
-    assert!(
-        matches!(status[1].freshness, Freshness::Stale(_)),
-        "the partial abc is not accepted"
-    );
+    assert_eq!(status[0].freshness, Freshness::Fresh, "ab finished before the kill");
+    assert!(matches!(status[1].freshness, Freshness::Stale(_)), "the partial abc is not accepted");
     let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
     assert_eq!(status_of(&summary, "ab"), Status::Cached);
     assert_eq!(status_of(&summary, "abc"), Status::Executed);
     assert_eq!(output(&store, &summary, "abc"), "ABxc");
-    assert!(
-        !partial.exists(),
-        "staging left by the killed run is cleared"
-    );
+    assert!(!partial.exists(), "staging left by the killed run is cleared");
 }
 
 #[test]
@@ -388,13 +235,7 @@ fn concurrent_runs_are_refused_or_serialised() {
     let store = Arc::new(store);
     let blocking = {
         let (dir, store, flag) = (dir.path().to_path_buf(), store.clone(), flag.clone());
-        std::thread::spawn(move || {
-            pipeline::run(
-                &workflow(&dir, "x", Some(flag)),
-                &store,
-                &RunOptions::default(),
-            )
-        })
+        std::thread::spawn(move || pipeline::run(&workflow(&dir, "x", Some(flag)), &store, &RunOptions::default()))
     };
     // Wait for the first run to hold the lock (it is inside `abc`).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -403,27 +244,13 @@ fn concurrent_runs_are_refused_or_serialised() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let second = Store::open(&dir.path().join(".hmil-flow")).unwrap();
-    let refused = pipeline::run(
-        &workflow(dir.path(), "x", None),
-        &second,
-        &RunOptions::default(),
-    );
-    assert!(
-        matches!(&refused, Err(Error::Locked { holder, .. }) if holder.starts_with("pid")),
-        "{refused:?}"
-    );
+    let refused = pipeline::run(&workflow(dir.path(), "x", None), &second, &RunOptions::default());
+    assert!(matches!(&refused, Err(Error::Locked { holder, .. }) if holder.starts_with("pid")), "{refused:?}");
     let waiting = {
         let dir = dir.path().to_path_buf();
         std::thread::spawn(move || {
             let store = Store::open(&dir.join(".hmil-flow")).unwrap();
-            pipeline::run(
-                &workflow(&dir, "x", None),
-                &store,
-                &RunOptions {
-                    wait: true,
-                    ..Default::default()
-                },
-            )
+            pipeline::run(&workflow(&dir, "x", None), &store, &RunOptions { wait: true, ..Default::default() })
         })
     };
     std::thread::sleep(Duration::from_millis(100));
@@ -431,41 +258,23 @@ fn concurrent_runs_are_refused_or_serialised() {
     let first = blocking.join().unwrap().unwrap();
     let after = waiting.join().unwrap().unwrap();
     assert!(first.nodes.iter().all(|n| n.status == Status::Executed));
-    assert!(
-        after.nodes.iter().all(|n| n.status == Status::Cached),
-        "the waiting run reuses the first's outputs"
-    );
+    assert!(after.nodes.iter().all(|n| n.status == Status::Cached), "the waiting run reuses the first's outputs");
     let verified = pipeline::status(&workflow(dir.path(), "x", None), &store, &[], true).unwrap();
-    assert!(
-        verified.iter().all(|s| s.freshness == Freshness::Fresh),
-        "{verified:?}"
-    );
+    assert!(verified.iter().all(|s| s.freshness == Freshness::Fresh), "{verified:?}");
 }
 
 #[test]
 fn runs_are_recorded_as_parquet() {
     let (dir, store) = setup();
-    let summary = pipeline::run(
-        &workflow(dir.path(), "x", None),
-        &store,
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let summary = pipeline::run(&workflow(dir.path(), "x", None), &store, &RunOptions::default()).unwrap();
     pipeline::write_runs(&store, &summary, "test", "digest").unwrap();
     let path = store.runs_dir().join(format!("{}.parquet", summary.run_id));
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        fs::File::open(path).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    let batches: Vec<_> = reader.map(Result::unwrap).collect();
-    let text = arrow::util::pretty::pretty_format_batches(&batches)
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(fs::File::open(path).unwrap())
         .unwrap()
-        .to_string();
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
-    assert!(
-        text.contains("executed") && text.contains("abc") && text.contains(&summary.run_id),
-        "{text}"
-    );
+    assert!(text.contains("executed") && text.contains("abc") && text.contains(&summary.run_id), "{text}");
 }

@@ -36,12 +36,7 @@ impl Dag {
             let node = &graph[idx];
             let mut edges = Vec::new();
             for input in node.stage.inputs() {
-                let Input::Artifact {
-                    name,
-                    node: from,
-                    artifact,
-                } = input
-                else {
+                let Input::Artifact { name, node: from, artifact } = input else {
                     continue;
                 };
                 let &src = by_id.get(&from).ok_or_else(|| Error::DanglingInput {
@@ -141,13 +136,7 @@ impl Dag {
             let _ = writeln!(out, "  n{} [label={:?}];", idx.index(), self.graph[idx].id);
         }
         for e in self.graph.edge_references() {
-            let _ = writeln!(
-                out,
-                "  n{} -> n{} [label={:?}];",
-                e.source().index(),
-                e.target().index(),
-                e.weight()
-            );
+            let _ = writeln!(out, "  n{} -> n{} [label={:?}];", e.source().index(), e.target().index(), e.weight());
         }
         out.push_str("}\n");
         out
@@ -156,15 +145,10 @@ impl Dag {
 
 /// Kahn's algorithm taking the earliest-declared ready node first; `None` on a cycle.
 fn stable_toposort(graph: &DiGraph<Node, String>) -> Option<Vec<NodeIndex>> {
-    let mut waiting: Vec<usize> = graph
-        .node_indices()
-        .map(|i| graph.neighbors_directed(i, Direction::Incoming).count())
-        .collect();
-    let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph
-        .node_indices()
-        .filter(|i| waiting[i.index()] == 0)
-        .map(Reverse)
-        .collect();
+    let mut waiting: Vec<usize> =
+        graph.node_indices().map(|i| graph.neighbors_directed(i, Direction::Incoming).count()).collect();
+    let mut ready: BinaryHeap<Reverse<NodeIndex>> =
+        graph.node_indices().filter(|i| waiting[i.index()] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(graph.node_count());
     while let Some(Reverse(idx)) = ready.pop() {
         order.push(idx);
@@ -217,18 +201,8 @@ mod tests {
 
     #[test]
     fn orders_topologically() {
-        let dag = Dag::new(vec![
-            node("c", &["b"]),
-            node("x", &[]),
-            node("b", &["a"]),
-            node("a", &[]),
-        ])
-        .unwrap();
-        let ids: Vec<_> = dag
-            .order()
-            .iter()
-            .map(|&i| dag.node(i).id.as_str())
-            .collect();
+        let dag = Dag::new(vec![node("c", &["b"]), node("x", &[]), node("b", &["a"]), node("a", &[])]).unwrap();
+        let ids: Vec<_> = dag.order().iter().map(|&i| dag.node(i).id.as_str()).collect();
         assert_eq!(ids, ["x", "a", "b", "c"]);
         assert!(dag.to_dot().contains("->"));
         assert!(dag.to_text().contains("c (fake)  ← b:out"));
@@ -236,48 +210,22 @@ mod tests {
 
     #[test]
     fn cycle_names_its_nodes() {
-        let err = Dag::new(vec![
-            node("a", &["c"]),
-            node("b", &["a"]),
-            node("c", &["b"]),
-            node("d", &[]),
-        ])
-        .err()
-        .unwrap();
-        assert_eq!(
-            err.to_string(),
-            "the workflow has a cycle through: a ⇄ b ⇄ c"
-        );
+        let err =
+            Dag::new(vec![node("a", &["c"]), node("b", &["a"]), node("c", &["b"]), node("d", &[])]).err().unwrap();
+        assert_eq!(err.to_string(), "the workflow has a cycle through: a ⇄ b ⇄ c");
     }
 
     #[test]
     fn dangling_input_names_both_ends() {
         let err = Dag::new(vec![node("a", &["ghost"])]).err().unwrap();
-        assert!(
-            err.to_string()
-                .contains("node `a` reads input `ghost` from `ghost`"),
-            "{err}"
-        );
-        let bad = Node::new(
-            "b",
-            None,
-            Arc::new(Fake {
-                inputs: vec![Input::artifact("x", "a", "nope")],
-            }),
-        );
+        assert!(err.to_string().contains("node `a` reads input `ghost` from `ghost`"), "{err}");
+        let bad = Node::new("b", None, Arc::new(Fake { inputs: vec![Input::artifact("x", "a", "nope")] }));
         let err = Dag::new(vec![node("a", &[]), bad]).err().unwrap();
-        assert!(
-            err.to_string()
-                .contains("declares no such output (it writes: out)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("declares no such output (it writes: out)"), "{err}");
     }
 
     #[test]
     fn duplicate_ids_rejected() {
-        assert!(matches!(
-            Dag::new(vec![node("a", &[]), node("a", &[])]),
-            Err(Error::DuplicateNode(_))
-        ));
+        assert!(matches!(Dag::new(vec![node("a", &[]), node("a", &[])]), Err(Error::DuplicateNode(_))));
     }
 }

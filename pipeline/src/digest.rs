@@ -21,9 +21,7 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
 pub fn hash_file(path: &Path) -> Result<String> {
     let file = fs::File::open(path).map_err(io(path))?;
     let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_reader(BufReader::with_capacity(1 << 20, file))
-        .map_err(io(path))?;
+    hasher.update_reader(BufReader::with_capacity(1 << 20, file)).map_err(io(path))?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
@@ -38,15 +36,9 @@ impl Stat {
     /// Stats `path` (following links).
     pub fn of(path: &Path) -> Result<Stat> {
         let meta = fs::metadata(path).map_err(io(path))?;
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as i128);
-        Ok(Stat {
-            bytes: meta.len(),
-            mtime_ns,
-        })
+        let mtime_ns =
+            meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i128);
+        Ok(Stat { bytes: meta.len(), mtime_ns })
     }
 }
 
@@ -71,14 +63,8 @@ pub struct StatCache {
 impl StatCache {
     /// Loads the cache kept at `path`; a missing or unreadable cache starts empty.
     pub fn load(path: PathBuf) -> StatCache {
-        let entries = fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        StatCache {
-            path,
-            entries: Mutex::new(entries),
-        }
+        let entries = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        StatCache { path, entries: Mutex::new(entries) }
     }
 
     /// Digest of the file's content, read only if the file is new or its size or mtime changed.
@@ -91,15 +77,8 @@ impl StatCache {
             return Ok(e.digest.clone());
         }
         let digest = hash_file(&key)?;
-        let entry = Entry {
-            stat,
-            digest: digest.clone(),
-            facts: BTreeMap::new(),
-        };
-        self.entries
-            .lock()
-            .expect("stat cache poisoned")
-            .insert(key, entry);
+        let entry = Entry { stat, digest: digest.clone(), facts: BTreeMap::new() };
+        self.entries.lock().expect("stat cache poisoned").insert(key, entry);
         Ok(digest)
     }
 
@@ -126,17 +105,10 @@ impl StatCache {
         let facts = compute(&bytes)?;
         let value = serde_json::to_value(&facts).map_err(|e| e.to_string())?;
         let mut entries = self.entries.lock().expect("stat cache poisoned");
-        let entry = entries.entry(key).or_insert_with(|| Entry {
-            stat,
-            digest: digest.clone(),
-            facts: BTreeMap::new(),
-        });
+        let entry =
+            entries.entry(key).or_insert_with(|| Entry { stat, digest: digest.clone(), facts: BTreeMap::new() });
         if entry.stat != stat || entry.digest != digest {
-            *entry = Entry {
-                stat,
-                digest: digest.clone(),
-                facts: BTreeMap::new(),
-            };
+            *entry = Entry { stat, digest: digest.clone(), facts: BTreeMap::new() };
         }
         entry.facts.insert(kind.to_owned(), value);
         Ok((digest, facts))
@@ -173,11 +145,7 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         if fs::metadata(&path).map_err(io(&path))?.is_dir() {
             list_files(root, &path, out)?;
         } else {
-            out.push(
-                path.strip_prefix(root)
-                    .expect("walk stays under root")
-                    .to_path_buf(),
-            );
+            out.push(path.strip_prefix(root).expect("walk stays under root").to_path_buf());
         }
     }
     Ok(())
@@ -203,10 +171,7 @@ mod tests {
         let reloaded = StatCache::load(dir.path().join("cache.json"));
         assert_eq!(reloaded.file_digest(&f).unwrap(), "sentinel");
         fs::write(&f, b"hello, world").unwrap();
-        assert_eq!(
-            reloaded.file_digest(&f).unwrap(),
-            hash_bytes(b"hello, world")
-        );
+        assert_eq!(reloaded.file_digest(&f).unwrap(), hash_bytes(b"hello, world"));
     }
 
     #[test]
@@ -220,22 +185,11 @@ mod tests {
             calls.set(calls.get() + 1);
             Ok(b.len())
         };
-        assert_eq!(
-            cache.file_facts(&f, "len", len).unwrap(),
-            (hash_bytes(b"four"), 4)
-        );
+        assert_eq!(cache.file_facts(&f, "len", len).unwrap(), (hash_bytes(b"four"), 4));
         assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 4);
         assert_eq!(calls.get(), 1);
-        assert!(
-            cache
-                .file_facts(&f, "other", |_| Err::<u8, _>("bad".into()))
-                .is_err()
-        );
-        assert_eq!(
-            cache.file_facts(&f, "len", len).unwrap().1,
-            4,
-            "a failure forgets nothing"
-        );
+        assert!(cache.file_facts(&f, "other", |_| Err::<u8, _>("bad".into())).is_err());
+        assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 4, "a failure forgets nothing");
         fs::write(&f, b"fives").unwrap();
         assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 5);
         assert_eq!(calls.get(), 2);

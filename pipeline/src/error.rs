@@ -6,38 +6,19 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("two nodes share the id `{0}`")]
     DuplicateNode(String),
-    #[error(
-        "node `{node}` reads input `{input}` from `{from}`, which is not a node of this workflow"
-    )]
-    DanglingInput {
-        node: String,
-        input: String,
-        from: String,
-    },
-    #[error(
-        "node `{node}` reads `{artifact}` from `{from}`, which declares no such output (it writes: {available})"
-    )]
-    UnknownArtifact {
-        node: String,
-        artifact: String,
-        from: String,
-        available: String,
-    },
+    #[error("node `{node}` reads input `{input}` from `{from}`, which is not a node of this workflow")]
+    DanglingInput { node: String, input: String, from: String },
+    #[error("node `{node}` reads `{artifact}` from `{from}`, which declares no such output (it writes: {available})")]
+    UnknownArtifact { node: String, artifact: String, from: String, available: String },
     #[error("the workflow has a cycle through: {0}")]
     Cycle(String),
     #[error("the workspace {} is in use by another run ({holder}); wait for it, or pass --wait", path.display())]
     Locked { path: PathBuf, holder: String },
     #[error("{}: unreadable record: {source}", path.display())]
-    Record {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Record { path: PathBuf, source: serde_json::Error },
     #[error("{}: cannot write table: {message}", path.display())]
     Table { path: PathBuf, message: String },
     #[error("--force `{0}` matches no stage or node of this workflow")]

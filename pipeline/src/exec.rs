@@ -86,12 +86,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions {
-            jobs: 1,
-            force: Vec::new(),
-            verify: false,
-            wait: false,
-        }
+        RunOptions { jobs: 1, force: Vec::new(), verify: false, wait: false }
     }
 }
 
@@ -116,8 +111,7 @@ pub fn resolve_force(dag: &Dag, names: &[String]) -> Result<Vec<NodeIndex>> {
 /// A new run id: UTC time plus a short random suffix.
 pub fn new_run_id() -> String {
     let now = Utc::now();
-    let nonce =
-        crate::digest::hash_bytes(format!("{}{:?}", std::process::id(), Instant::now()).as_bytes());
+    let nonce = crate::digest::hash_bytes(format!("{}{:?}", std::process::id(), Instant::now()).as_bytes());
     format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &nonce[..6])
 }
 
@@ -131,22 +125,12 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let multi = MultiProgress::new();
     let overall = multi.add(ProgressBar::new(dag.len() as u64));
     overall.set_style(
-        ProgressStyle::with_template("{prefix:>24} {bar:30} {pos}/{len} nodes {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{prefix:>24} {bar:30} {pos}/{len} nodes {msg}").expect("valid template"),
     );
     overall.set_prefix("workflow");
 
-    let mut waiting: HashMap<NodeIndex, usize> = dag
-        .order()
-        .iter()
-        .map(|&i| (i, dag.parents(i).count()))
-        .collect();
-    let mut ready: VecDeque<NodeIndex> = dag
-        .order()
-        .iter()
-        .copied()
-        .filter(|i| waiting[i] == 0)
-        .collect();
+    let mut waiting: HashMap<NodeIndex, usize> = dag.order().iter().map(|&i| (i, dag.parents(i).count())).collect();
+    let mut ready: VecDeque<NodeIndex> = dag.order().iter().copied().filter(|i| waiting[i] == 0).collect();
     let mut manifests: HashMap<NodeIndex, Manifest> = HashMap::new();
     let mut outcomes: HashMap<NodeIndex, NodeOutcome> = HashMap::new();
     let jobs = opts.jobs.max(1);
@@ -167,35 +151,16 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
                         reason: Some(format!("upstream {} did not succeed", dag.node(bad).id)),
                         key: None,
                     };
-                    finish(
-                        dag,
-                        idx,
-                        outcome,
-                        &mut outcomes,
-                        &mut waiting,
-                        &mut ready,
-                        &overall,
-                    );
+                    finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
                     continue;
                 }
-                let upstream: HashMap<NodeIndex, Manifest> = dag
-                    .parents(idx)
-                    .map(|p| (p, manifests[&p].clone()))
-                    .collect();
+                let upstream: HashMap<NodeIndex, Manifest> =
+                    dag.parents(idx).map(|p| (p, manifests[&p].clone())).collect();
                 let (tx, multi, run_id) = (tx.clone(), &multi, run_id.as_str());
                 let force = forced.contains(&idx);
                 overall.set_message(node.id.clone());
                 scope.spawn(move || {
-                    let result = run_node(
-                        dag,
-                        idx,
-                        store,
-                        &upstream,
-                        force,
-                        opts.verify,
-                        multi,
-                        run_id,
-                    );
+                    let result = run_node(dag, idx, store, &upstream, force, opts.verify, multi, run_id);
                     let _ = tx.send((idx, result));
                 });
                 running += 1;
@@ -209,31 +174,14 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
             if let Some(m) = manifest {
                 manifests.insert(idx, m);
             }
-            finish(
-                dag,
-                idx,
-                outcome,
-                &mut outcomes,
-                &mut waiting,
-                &mut ready,
-                &overall,
-            );
+            finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
         }
         Ok(())
     })?;
     overall.finish_and_clear();
     store.stat_cache().save()?;
-    let nodes = dag
-        .order()
-        .iter()
-        .map(|i| outcomes.remove(i).expect("every node has an outcome"))
-        .collect();
-    Ok(RunSummary {
-        run_id,
-        started_at,
-        ended_at: Utc::now(),
-        nodes,
-    })
+    let nodes = dag.order().iter().map(|i| outcomes.remove(i).expect("every node has an outcome")).collect();
+    Ok(RunSummary { run_id, started_at, ended_at: Utc::now(), nodes })
 }
 
 fn finish(
@@ -320,9 +268,7 @@ fn run_node(
         .map(|input| {
             let path = match &input {
                 Input::External { path, .. } => path.clone(),
-                Input::Artifact {
-                    node: up, artifact, ..
-                } => {
+                Input::Artifact { node: up, artifact, .. } => {
                     let up = dag.index_of(up).expect("validated by Dag::new");
                     store.object_dir(&upstream[&up].key).join(artifact)
                 }
@@ -330,13 +276,7 @@ fn run_node(
             (input.name().to_owned(), path)
         })
         .collect();
-    let ctx = Context {
-        node_id: &node.id,
-        inputs,
-        out_dir: &staging,
-        progress: multi,
-        stat_cache: store.stat_cache(),
-    };
+    let ctx = Context { node_id: &node.id, inputs, out_dir: &staging, progress: multi, stat_cache: store.stat_cache() };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
     let outputs = node.stage.outputs();
@@ -346,14 +286,16 @@ fn run_node(
             .find(|o| !staging.join(o).is_file())
             .map(|o| format!("the stage did not write its declared output {o}")),
         Ok(Err(e)) => Some(error_chain(&*e)),
-        Err(panic) => Some(format!(
-            "the stage panicked: {}",
-            panic
+        Err(panic) => {
+            let message = panic
                 .downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)")
-        )),
+                .unwrap_or("(no message)");
+            tracing::debug!(node = %node.id, "panic: {message}");
+            // Native libraries append long backtraces; the first line says what went wrong.
+            Some(format!("the stage panicked: {}", message.lines().next().unwrap_or("")))
+        }
     };
     outcome.seconds = start.elapsed().as_secs_f64();
     if let Some(message) = failure {

@@ -31,11 +31,7 @@ pub struct NodeStatus {
 
 /// Digest of an external input: a file's content, or a directory's listing.
 pub(crate) fn external_digest(store: &Store, path: &Path) -> Result<String> {
-    if path.is_dir() {
-        store.stat_cache().dir_digest(path)
-    } else {
-        store.stat_cache().file_digest(path)
-    }
+    if path.is_dir() { store.stat_cache().dir_digest(path) } else { store.stat_cache().file_digest(path) }
 }
 
 /// The key parts of a node given its upstream manifests, or the inputs that cannot be known yet.
@@ -71,13 +67,7 @@ pub(crate) fn key_parts(
                 }
             }
         };
-        inputs.insert(
-            input.name().to_owned(),
-            InputDigest {
-                describe: input.describe(),
-                digest,
-            },
-        );
+        inputs.insert(input.name().to_owned(), InputDigest { describe: input.describe(), digest });
     }
     if !unknown.is_empty() {
         return Ok(Err(unknown));
@@ -102,10 +92,7 @@ pub fn reasons(
     };
     let mut out = Vec::new();
     if prev.parts.code_version != now_code {
-        out.push(format!(
-            "code version changed ({}→{})",
-            prev.parts.code_version, now_code
-        ));
+        out.push(format!("code version changed ({}→{})", prev.parts.code_version, now_code));
     }
     let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
     flatten("", &prev.parts.params, &mut old);
@@ -117,11 +104,7 @@ pub fn reasons(
             None => out.push(format!("param {k} added (={v})")),
         }
     }
-    out.extend(
-        old.keys()
-            .filter(|k| !new.contains_key(*k))
-            .map(|k| format!("param {k} removed")),
-    );
+    out.extend(old.keys().filter(|k| !new.contains_key(*k)).map(|k| format!("param {k} removed")));
     if let Some(now_inputs) = now_inputs {
         for (name, d) in now_inputs {
             match prev.parts.inputs.get(name) {
@@ -145,11 +128,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten(&key, v, out);
             }
         }
@@ -160,19 +139,9 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
 }
 
 /// Why a node whose key is known but not published would run.
-pub(crate) fn miss_reasons(
-    store: &Store,
-    id: &str,
-    parts: &KeyParts,
-    lookup: &Lookup,
-) -> Result<Vec<String>> {
+pub(crate) fn miss_reasons(store: &Store, id: &str, parts: &KeyParts, lookup: &Lookup) -> Result<Vec<String>> {
     let prev = store.record(id)?;
-    let mut out = reasons(
-        prev.as_ref(),
-        &parts.params,
-        &parts.code_version,
-        Some(&parts.inputs),
-    );
+    let mut out = reasons(prev.as_ref(), &parts.params, &parts.code_version, Some(&parts.inputs));
     if let Lookup::Damaged(why) = lookup {
         out.push(why.clone());
     } else if out.is_empty() {
@@ -182,12 +151,7 @@ pub(crate) fn miss_reasons(
 }
 
 /// Freshness of every node, in topological order. `forced` nodes are stale whatever the cache holds.
-pub fn status(
-    dag: &Dag,
-    store: &Store,
-    forced: &[NodeIndex],
-    verify: bool,
-) -> Result<Vec<NodeStatus>> {
+pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> Result<Vec<NodeStatus>> {
     let mut manifests = HashMap::new();
     let mut out = Vec::with_capacity(dag.len());
     for &idx in dag.order() {
@@ -217,12 +181,7 @@ pub fn status(
                 (Freshness::Stale(why), None)
             }
         };
-        out.push(NodeStatus {
-            id: node.id.clone(),
-            stage: node.stage_name.clone(),
-            freshness,
-            key,
-        });
+        out.push(NodeStatus { id: node.id.clone(), stage: node.stage_name.clone(), freshness, key });
     }
     Ok(out)
 }
@@ -233,54 +192,21 @@ mod tests {
 
     fn record(params: serde_json::Value, digest: &str) -> Record {
         let mut inputs = BTreeMap::new();
-        inputs.insert(
-            "labels".into(),
-            InputDigest {
-                describe: "labels.csv".into(),
-                digest: digest.into(),
-            },
-        );
-        let parts = KeyParts {
-            kind: "k".into(),
-            code_version: "1".into(),
-            params,
-            inputs,
-        };
-        Record {
-            key: parts.key(),
-            parts,
-        }
+        inputs.insert("labels".into(), InputDigest { describe: "labels.csv".into(), digest: digest.into() });
+        let parts = KeyParts { kind: "k".into(), code_version: "1".into(), params, inputs };
+        Record { key: parts.key(), parts }
     }
 
     #[test]
     fn names_each_difference() {
-        let prev = record(
-            serde_json::json!({"epochs": 200, "opt": {"lr": 0.001}}),
-            "a",
-        );
-        let now = record(
-            serde_json::json!({"epochs": 100, "opt": {"lr": 0.001}, "seed": 1}),
-            "b",
-        );
+        let prev = record(serde_json::json!({"epochs": 200, "opt": {"lr": 0.001}}), "a");
+        let now = record(serde_json::json!({"epochs": 100, "opt": {"lr": 0.001}, "seed": 1}), "b");
         let why = reasons(Some(&prev), &now.parts.params, "2", Some(&now.parts.inputs));
         assert_eq!(
             why,
-            [
-                "code version changed (1→2)",
-                "param epochs 200→100",
-                "param seed added (=1)",
-                "input labels.csv changed"
-            ]
+            ["code version changed (1→2)", "param epochs 200→100", "param seed added (=1)", "input labels.csv changed"]
         );
         assert_eq!(reasons(None, &now.parts.params, "1", None), ["never run"]);
-        assert!(
-            reasons(
-                Some(&prev),
-                &prev.parts.params,
-                "1",
-                Some(&prev.parts.inputs)
-            )
-            .is_empty()
-        );
+        assert!(reasons(Some(&prev), &prev.parts.params, "1", Some(&prev.parts.inputs)).is_empty());
     }
 }

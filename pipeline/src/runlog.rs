@@ -11,20 +11,12 @@ use crate::exec::RunSummary;
 use crate::store::Store;
 
 /// Writes `summary` as `runs/<run_id>.parquet` (atomically), for `hmil-flow query`.
-pub fn write_runs(
-    store: &Store,
-    summary: &RunSummary,
-    workflow: &str,
-    workflow_digest: &str,
-) -> Result<()> {
+pub fn write_runs(store: &Store, summary: &RunSummary, workflow: &str, workflow_digest: &str) -> Result<()> {
     let n = summary.nodes.len();
-    let strings = |f: &dyn Fn(usize) -> Option<String>| -> ArrayRef {
-        Arc::new((0..n).map(f).collect::<StringArray>())
-    };
+    let strings =
+        |f: &dyn Fn(usize) -> Option<String>| -> ArrayRef { Arc::new((0..n).map(f).collect::<StringArray>()) };
     let ts = |t: chrono::DateTime<chrono::Utc>| -> ArrayRef {
-        Arc::new(
-            TimestampMillisecondArray::from(vec![t.timestamp_millis(); n]).with_timezone("+00:00"),
-        )
+        Arc::new(TimestampMillisecondArray::from(vec![t.timestamp_millis(); n]).with_timezone("+00:00"))
     };
     let nodes = &summary.nodes;
     let columns = vec![
@@ -41,16 +33,11 @@ pub fn write_runs(
         Arc::new(nodes.iter().map(|n| n.seconds).collect::<Float64Array>()),
     ];
     let path = store.runs_dir().join(format!("{}.parquet", summary.run_id));
-    let table_err = |message: String| Error::Table {
-        path: path.clone(),
-        message,
-    };
-    let batch = RecordBatch::try_new(schemas::runs::schema(), columns)
-        .map_err(|e| table_err(e.to_string()))?;
+    let table_err = |message: String| Error::Table { path: path.clone(), message };
+    let batch = RecordBatch::try_new(schemas::runs::schema(), columns).map_err(|e| table_err(e.to_string()))?;
     let tmp = store.runs_dir().join(format!(".{}.tmp", summary.run_id));
     let file = fs::File::create(&tmp).map_err(io(&tmp))?;
-    let mut writer =
-        ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| table_err(e.to_string()))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), None).map_err(|e| table_err(e.to_string()))?;
     writer.write(&batch).map_err(|e| table_err(e.to_string()))?;
     writer.close().map_err(|e| table_err(e.to_string()))?;
     fs::rename(&tmp, &path).map_err(io(&path))

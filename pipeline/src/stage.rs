@@ -34,29 +34,18 @@ pub enum Input {
     /// mtime); directories by their listing (paths, sizes, mtimes), so no bytes are read.
     External { name: String, path: PathBuf },
     /// An output of another node.
-    Artifact {
-        name: String,
-        node: String,
-        artifact: String,
-    },
+    Artifact { name: String, node: String, artifact: String },
 }
 
 impl Input {
     /// An external file or directory.
     pub fn external(name: &str, path: impl Into<PathBuf>) -> Input {
-        Input::External {
-            name: name.into(),
-            path: path.into(),
-        }
+        Input::External { name: name.into(), path: path.into() }
     }
 
     /// The output `artifact` of node `node`.
     pub fn artifact(name: &str, node: &str, artifact: &str) -> Input {
-        Input::Artifact {
-            name: name.into(),
-            node: node.into(),
-            artifact: artifact.into(),
-        }
+        Input::Artifact { name: name.into(), node: node.into(), artifact: artifact.into() }
     }
 
     /// The name the stage reads this input by.
@@ -69,10 +58,9 @@ impl Input {
     /// How a person would name this input in a reason ("labels.csv", "splits.parquet of split_folds").
     pub fn describe(&self) -> String {
         match self {
-            Input::External { path, .. } => path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into(),
-            ),
+            Input::External { path, .. } => {
+                path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
+            }
             Input::Artifact { node, artifact, .. } => format!("{artifact} of {node}"),
         }
     }
@@ -94,11 +82,7 @@ impl Node {
             Some(l) => format!("{stage_name}[{l}]"),
             None => stage_name.to_owned(),
         };
-        Node {
-            id,
-            stage_name: stage_name.to_owned(),
-            stage,
-        }
+        Node { id, stage_name: stage_name.to_owned(), stage }
     }
 }
 
@@ -122,12 +106,7 @@ impl Context<'_> {
     /// # Panics
     /// If the stage did not declare `name`: that is a bug in the stage.
     pub fn input(&self, name: &str) -> &Path {
-        self.inputs.get(name).unwrap_or_else(|| {
-            panic!(
-                "stage of `{}` reads undeclared input `{name}`",
-                self.node_id
-            )
-        })
+        self.inputs.get(name).unwrap_or_else(|| panic!("stage of `{}` reads undeclared input `{name}`", self.node_id))
     }
 
     /// Path to write the declared output `name` to (a staging location, published atomically).
@@ -139,10 +118,8 @@ impl Context<'_> {
     pub fn progress(&self, len: u64, message: &str) -> ProgressBar {
         let bar = self.progress.add(ProgressBar::new(len));
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>24} {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("valid template"),
+            ProgressStyle::with_template("{prefix:>24} {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                .expect("valid template"),
         );
         bar.set_prefix(self.node_id.to_owned());
         bar.set_message(message.to_owned());

@@ -38,8 +38,7 @@ impl KeyParts {
     /// The cache key: BLAKE3 of the canonical JSON of the parts (object keys sorted).
     pub fn key(&self) -> String {
         let canonical =
-            serde_json::to_vec(&canonical(&serde_json::to_value(self).expect("serialises")))
-                .expect("serialises");
+            serde_json::to_vec(&canonical(&serde_json::to_value(self).expect("serialises"))).expect("serialises");
         hash_bytes(&canonical)
     }
 }
@@ -48,13 +47,10 @@ impl KeyParts {
 pub fn canonical(value: &serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::Object(map) => {
-            let sorted: BTreeMap<&String, serde_json::Value> =
-                map.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, serde_json::Value> = map.iter().map(|(k, v)| (k, canonical(v))).collect();
             serde_json::to_value(sorted).expect("serialises")
         }
-        serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.iter().map(canonical).collect())
-        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.iter().map(canonical).collect()),
         other => other.clone(),
     }
 }
@@ -111,10 +107,7 @@ impl Store {
             fs::create_dir_all(root.join(sub)).map_err(io(root.join(sub)))?;
         }
         let stat_cache = StatCache::load(root.join("stat-cache.json"));
-        Ok(Store {
-            root: root.to_path_buf(),
-            stat_cache,
-        })
+        Ok(Store { root: root.to_path_buf(), stat_cache })
     }
 
     /// The workspace directory.
@@ -154,9 +147,7 @@ impl Store {
                 return Ok(Lookup::Damaged(format!("output {name} is missing")));
             };
             if (verify || stat != rec.stat) && hash_file(&path)? != rec.digest {
-                return Ok(Lookup::Damaged(format!(
-                    "output {name} does not match its digest"
-                )));
+                return Ok(Lookup::Damaged(format!("output {name} does not match its digest")));
             }
         }
         Ok(Lookup::Hit(manifest))
@@ -164,14 +155,7 @@ impl Store {
 
     /// A fresh, empty staging directory for one stage execution.
     pub fn staging_dir(&self, node_id: &str) -> Result<PathBuf> {
-        let nonce = hash_bytes(
-            format!(
-                "{node_id}{}{:?}",
-                std::process::id(),
-                std::time::Instant::now()
-            )
-            .as_bytes(),
-        );
+        let nonce = hash_bytes(format!("{node_id}{}{:?}", std::process::id(), std::time::Instant::now()).as_bytes());
         let dir = self.root.join("staging").join(&nonce[..16]);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(dir)
@@ -186,31 +170,17 @@ impl Store {
 
     /// Digests the outputs in `staging`, writes the manifest, and publishes the directory under
     /// the manifest's key with one rename (replacing a damaged entry).
-    pub fn publish(
-        &self,
-        staging: &Path,
-        mut manifest: Manifest,
-        outputs: &[String],
-    ) -> Result<Manifest> {
+    pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[String]) -> Result<Manifest> {
         for name in outputs {
             let path = staging.join(name);
             let stat = Stat::of(&path)?;
-            manifest.outputs.insert(
-                name.clone(),
-                OutputRecord {
-                    digest: hash_file(&path)?,
-                    stat,
-                },
-            );
+            manifest.outputs.insert(name.clone(), OutputRecord { digest: hash_file(&path)?, stat });
         }
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_atomic(&staging.join("manifest.json"), &json)?;
         let target = self.object_dir(&manifest.key);
         if target.exists() {
-            let trash = self
-                .root
-                .join("staging")
-                .join(format!("damaged-{}", &manifest.key[..16]));
+            let trash = self.root.join("staging").join(format!("damaged-{}", &manifest.key[..16]));
             fs::rename(&target, &trash).map_err(io(&target))?;
             let _ = fs::remove_dir_all(&trash);
         }
@@ -220,39 +190,23 @@ impl Store {
     }
 
     fn record_path(&self, node_id: &str) -> PathBuf {
-        let safe: String = node_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_=.,".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.root.join("nodes").join(format!(
-            "{safe}-{}.json",
-            &hash_bytes(node_id.as_bytes())[..8]
-        ))
+        let safe: String =
+            node_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=.,".contains(c) { c } else { '_' }).collect();
+        self.root.join("nodes").join(format!("{safe}-{}.json", &hash_bytes(node_id.as_bytes())[..8]))
     }
 
     /// The last record of `node_id`, if it ever ran.
     pub fn record(&self, node_id: &str) -> Result<Option<Record>> {
         let path = self.record_path(node_id);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| Error::Record { path, source }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| Error::Record { path, source }),
             Err(_) => Ok(None),
         }
     }
 
     /// Remembers what `node_id` now corresponds to.
     pub fn write_record(&self, node_id: &str, record: &Record) -> Result<()> {
-        write_atomic(
-            &self.record_path(node_id),
-            &serde_json::to_vec_pretty(record).expect("serialises"),
-        )
+        write_atomic(&self.record_path(node_id), &serde_json::to_vec_pretty(record).expect("serialises"))
     }
 
     /// Takes the workspace lock, or waits for it with `wait`.
@@ -271,18 +225,13 @@ impl Store {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             return match e {
-                fs::TryLockError::WouldBlock => Err(Error::Locked {
-                    path: self.root.clone(),
-                    holder: holder.trim().into(),
-                }),
+                fs::TryLockError::WouldBlock => {
+                    Err(Error::Locked { path: self.root.clone(), holder: holder.trim().into() })
+                }
                 fs::TryLockError::Error(e) => Err(Error::Io { path, source: e }),
             };
         }
-        let holder = format!(
-            "pid {} since {}",
-            std::process::id(),
-            chrono::Utc::now().to_rfc3339()
-        );
+        let holder = format!("pid {} since {}", std::process::id(), chrono::Utc::now().to_rfc3339());
         file.set_len(0)
             .and_then(|_| file.rewind())
             .and_then(|_| file.write_all(holder.as_bytes()))
@@ -302,12 +251,7 @@ mod tests {
     use super::*;
 
     fn parts(p: serde_json::Value) -> KeyParts {
-        KeyParts {
-            kind: "k".into(),
-            code_version: "1".into(),
-            params: p,
-            inputs: BTreeMap::new(),
-        }
+        KeyParts { kind: "k".into(), code_version: "1".into(), params: p, inputs: BTreeMap::new() }
     }
 
     #[test]
@@ -315,10 +259,7 @@ mod tests {
         let a = parts(serde_json::json!({"a": 1, "b": {"x": 1, "y": 2}}));
         let b = parts(serde_json::json!({"b": {"y": 2, "x": 1}, "a": 1}));
         assert_eq!(a.key(), b.key());
-        assert_ne!(
-            a.key(),
-            parts(serde_json::json!({"a": 2, "b": {"x": 1, "y": 2}})).key()
-        );
+        assert_ne!(a.key(), parts(serde_json::json!({"a": 2, "b": {"x": 1, "y": 2}})).key());
     }
 
     #[test]
@@ -338,26 +279,14 @@ mod tests {
             seconds: 0.0,
             engine_version: "t".into(),
         };
-        store
-            .publish(&stage, manifest, &["out.txt".into()])
-            .unwrap();
-        assert!(matches!(
-            store.lookup(&p.key(), true).unwrap(),
-            Lookup::Hit(_)
-        ));
+        store.publish(&stage, manifest, &["out.txt".into()]).unwrap();
+        assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Hit(_)));
         let out = store.object_dir(&p.key()).join("out.txt");
         fs::write(&out, b"tampered").unwrap();
-        assert!(
-            matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("out.txt"))
-        );
+        assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("out.txt")));
         fs::remove_file(&out).unwrap();
-        assert!(
-            matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing"))
-        );
-        assert!(matches!(
-            store.lookup("nope", false).unwrap(),
-            Lookup::Missing
-        ));
+        assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing")));
+        assert!(matches!(store.lookup("nope", false).unwrap(), Lookup::Missing));
     }
 
     #[test]

@@ -69,10 +69,86 @@ pub fn dropped() -> SchemaRef {
 
 /// `splits.parquet` (split_folds): one row per fold and slide.
 pub fn splits() -> SchemaRef {
+    schema(vec![Field::new("fold", DataType::Int32, false), utf8("slide_id"), utf8("case_id"), utf8("split")])
+}
+
+/// `history.parquet` (train): one row per epoch.
+pub fn history() -> SchemaRef {
+    let f = |name: &str| Field::new(name, DataType::Float64, true);
+    let mut fields = vec![Field::new("fold", DataType::Int32, false), Field::new("epoch", DataType::Int32, false)];
+    fields.extend(HISTORY_VALUES.iter().map(|n| f(n)));
+    schema(fields)
+}
+
+/// The value columns of `history.parquet`, after `fold` and `epoch`.
+pub const HISTORY_VALUES: [&str; 19] = [
+    "alpha",
+    "tau",
+    "lr",
+    "loss",
+    "loss_ce_coarse",
+    "loss_ce_fine",
+    "loss_reg",
+    "loss_con",
+    "loss_align",
+    "train_acc_coarse",
+    "train_acc_fine",
+    "train_auc_coarse",
+    "train_auc_fine",
+    "val_loss",
+    "val_acc_coarse",
+    "val_acc_fine",
+    "val_auc_coarse",
+    "val_auc_fine",
+    "seconds",
+];
+
+/// `predictions.parquet` (evaluate): one row per slide of a fold's val and test splits, with
+/// `prob_fine_<class>`, `prob_coarse_<class>` and `prob_coarse_from_fine_<class>` columns.
+pub fn predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("fold", DataType::Int32, false),
+        utf8("split"),
+        utf8("slide_id"),
+        utf8("case_id"),
+        utf8("fine_true"),
+        utf8("fine_pred"),
+        utf8("coarse_true"),
+        utf8("coarse_pred"),
+        utf8("coarse_from_fine_pred"),
+    ];
+    let prob = |prefix: &str, c: &str| Field::new(format!("{prefix}_{c}"), DataType::Float64, false);
+    fields.extend(fine.iter().map(|c| prob("prob_fine", c)));
+    fields.extend(coarse.iter().map(|c| prob("prob_coarse", c)));
+    fields.extend(coarse.iter().map(|c| prob("prob_coarse_from_fine", c)));
+    schema(fields)
+}
+
+/// `metrics.parquet` (evaluate): one row per fold, split, level (`coarse`, `fine`,
+/// `coarse_from_fine`), metric and class (NULL for summaries). Confusion counts are metric
+/// `confusion[<predicted class>]` with `class` the true class.
+pub fn metrics() -> SchemaRef {
+    schema(vec![
+        Field::new("fold", DataType::Int32, false),
+        utf8("split"),
+        utf8("level"),
+        utf8("metric"),
+        Field::new("class", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, true),
+    ])
+}
+
+/// `attention.parquet` (evaluate): per slide, level and class, the top instances by attention.
+pub fn attention() -> SchemaRef {
     schema(vec![
         Field::new("fold", DataType::Int32, false),
         utf8("slide_id"),
-        utf8("case_id"),
-        utf8("split"),
+        utf8("level"),
+        utf8("class"),
+        Field::new("rank", DataType::Int32, false),
+        Field::new("instance", DataType::Int64, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("x", DataType::Float64, true),
+        Field::new("y", DataType::Float64, true),
     ])
 }

@@ -18,6 +18,10 @@ pub struct Workflow {
     pub labels: Labels,
     #[serde(default)]
     pub splits: Splits,
+    #[serde(default)]
+    pub train: Train,
+    #[serde(default)]
+    pub evaluate: Evaluate,
 }
 
 /// `[workflow]`: name, seed, where the cache lives.
@@ -110,10 +114,7 @@ pub struct Hierarchy(pub Vec<(String, Vec<String>)>);
 impl Hierarchy {
     /// Fine class names in order.
     pub fn fine(&self) -> Vec<&str> {
-        self.0
-            .iter()
-            .flat_map(|(_, f)| f.iter().map(String::as_str))
-            .collect()
+        self.0.iter().flat_map(|(_, f)| f.iter().map(String::as_str)).collect()
     }
 
     /// Coarse class names in order.
@@ -123,11 +124,7 @@ impl Hierarchy {
 
     /// For each fine class index, its coarse class index.
     pub fn fine_to_coarse(&self) -> Vec<usize> {
-        self.0
-            .iter()
-            .enumerate()
-            .flat_map(|(c, (_, f))| std::iter::repeat_n(c, f.len()))
-            .collect()
+        self.0.iter().enumerate().flat_map(|(c, (_, f))| std::iter::repeat_n(c, f.len())).collect()
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
@@ -155,10 +152,7 @@ impl<'de> Deserialize<'de> for Hierarchy {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a table of coarse class = [fine classes]")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Hierarchy, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Hierarchy, A::Error> {
                 let mut out = Vec::new();
                 while let Some(entry) = map.next_entry::<String, Vec<String>>()? {
                     out.push(entry);
@@ -220,22 +214,114 @@ impl Default for Splits {
     }
 }
 
+/// How bags are weighted against class imbalance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    None,
+    /// Draw training bags with probability inversely proportional to their fine class's size.
+    Sampling,
+    /// Weight the cross-entropy terms by inverse class frequency.
+    LossWeights,
+}
+
+/// The validation metric that picks the checkpoint kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectMetric {
+    #[default]
+    FineAuc,
+    FineAccuracy,
+    CoarseAuc,
+    Loss,
+}
+
+/// `[train.plateau]`: ReduceLROnPlateau on the validation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plateau {
+    pub factor: f64,
+    pub patience: usize,
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+/// `[train]`: the HMIL model and its optimisation (defaults are the published ones).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Train {
+    pub epochs: usize,
+    /// Bags per mini-batch.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Dropout after tanh/sigmoid in the attention (0 disables it).
+    pub dropout: f64,
+    /// Weight of the attention-alignment loss (computed but unused by the published code).
+    pub align_weight: f64,
+    /// `auto`, `cpu`, or `cuda:N`.
+    pub device: String,
+    /// bfloat16 autocast on CUDA.
+    pub bf16: bool,
+    pub select: SelectMetric,
+    pub balance: Balance,
+    pub plateau: Option<Plateau>,
+    /// Stop after this many epochs without a better validation score.
+    pub early_stopping: Option<usize>,
+    /// A safetensors checkpoint (published parameter names) to start from.
+    pub init_from: Option<PathBuf>,
+    /// CPU threads for libtorch (default: all cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for Train {
+    fn default() -> Self {
+        Train {
+            epochs: 200,
+            batch_size: 64,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            dropout: 0.0,
+            align_weight: 0.0,
+            device: "auto".into(),
+            bf16: false,
+            select: SelectMetric::FineAuc,
+            balance: Balance::None,
+            plateau: None,
+            early_stopping: None,
+            init_from: None,
+            threads: None,
+        }
+    }
+}
+
+/// `[evaluate]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Evaluate {
+    /// Instances per slide and class kept in `attention.parquet`.
+    pub attention_top_k: usize,
+    /// Bags per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for Evaluate {
+    fn default() -> Self {
+        Evaluate { attention_top_k: 16, batch_size: 64 }
+    }
+}
+
 impl Workflow {
     /// Reads, validates and resolves a workflow file, applying `key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Workflow> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::parse(&text, path, overrides)
     }
 
     /// Like [`Workflow::load`] for text read already from `path`.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Workflow> {
-        let parse_err = |e: toml::de::Error| Error::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        };
+        let parse_err = |e: toml::de::Error| Error::Parse { path: path.into(), message: e.to_string() };
         // Parse the text as written first, so errors carry its line numbers.
         let mut wf: Workflow = toml::from_str(text).map_err(parse_err)?;
         if !overrides.is_empty() {
@@ -243,18 +329,12 @@ impl Workflow {
             for o in overrides {
                 apply_override(&mut table, o)?;
             }
-            wf = table
-                .try_into()
-                .map_err(|e: toml::de::Error| Error::Override {
-                    setting: overrides.join(" "),
-                    message: e.message().to_owned(),
-                })?;
+            wf = table.try_into().map_err(|e: toml::de::Error| Error::Override {
+                setting: overrides.join(" "),
+                message: e.message().to_owned(),
+            })?;
         }
-        wf.validate().map_err(|(key, message)| Error::Invalid {
-            path: path.into(),
-            key,
-            message,
-        })?;
+        wf.validate().map_err(|(key, message)| Error::Invalid { path: path.into(), key, message })?;
         let base = path.parent().unwrap_or(Path::new("."));
         wf.resolve(base);
         Ok(wf)
@@ -262,30 +342,37 @@ impl Workflow {
 
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         let bad = |key: &str, message: String| Err((key.to_owned(), message));
-        self.labels
-            .hierarchy
-            .validate()
-            .or_else(|m| bad("labels.hierarchy", m))?;
+        self.labels.hierarchy.validate().or_else(|m| bad("labels.hierarchy", m))?;
         let s = &self.splits;
         if s.folds < 1 || (s.method == SplitMethod::Kfold && s.folds < 2) {
-            return bad(
-                "splits.folds",
-                format!("{} folds: kfold needs at least 2, other methods 1", s.folds),
-            );
+            return bad("splits.folds", format!("{} folds: kfold needs at least 2, other methods 1", s.folds));
         }
-        for (key, v) in [
-            ("splits.val_frac", s.val_frac),
-            ("splits.test_frac", s.test_frac),
-        ] {
+        for (key, v) in [("splits.val_frac", s.val_frac), ("splits.test_frac", s.test_frac)] {
             if !(0.0..1.0).contains(&v) {
                 return bad(key, format!("{v} is not in [0, 1)"));
             }
         }
+        let t = &self.train;
+        if t.epochs == 0 || t.batch_size == 0 {
+            return bad("train.epochs", "epochs and batch_size must be at least 1".into());
+        }
+        if !(t.lr > 0.0) {
+            return bad("train.lr", format!("{} is not a positive learning rate", t.lr));
+        }
+        if !(0.0..1.0).contains(&t.dropout) {
+            return bad("train.dropout", format!("{} is not in [0, 1)", t.dropout));
+        }
+        if !(t.device == "auto"
+            || t.device == "cpu"
+            || t.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            return bad("train.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", t.device));
+        }
+        if self.evaluate.batch_size == 0 {
+            return bad("evaluate.batch_size", "must be at least 1".into());
+        }
         if s.method == SplitMethod::Import && s.dir.is_none() {
-            return bad(
-                "splits.dir",
-                "method \"import\" needs the directory of splits_{k}.csv files".into(),
-            );
+            return bad("splits.dir", "method \"import\" needs the directory of splits_{k}.csv files".into());
         }
         Ok(())
     }
@@ -302,27 +389,22 @@ impl Workflow {
         if let Some(dir) = &mut self.splits.dir {
             join(dir);
         }
+        if let Some(file) = &mut self.train.init_from {
+            join(file);
+        }
     }
 }
 
 /// Sets `a.b.c=value` in `table`; the value is read as TOML, or else taken as a string.
 fn apply_override(table: &mut toml::Table, setting: &str) -> Result<()> {
-    let bad = |message: &str| Error::Override {
-        setting: setting.into(),
-        message: message.into(),
-    };
-    let (key, raw) = setting
-        .split_once('=')
-        .ok_or_else(|| bad("expected key=value"))?;
+    let bad = |message: &str| Error::Override { setting: setting.into(), message: message.into() };
+    let (key, raw) = setting.split_once('=').ok_or_else(|| bad("expected key=value"))?;
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
     let mut parts: Vec<&str> = key.trim().split('.').collect();
-    let last = parts
-        .pop()
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| bad("empty key"))?;
+    let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| bad("empty key"))?;
     let mut cur = table;
     for part in parts {
         cur = cur
@@ -358,36 +440,23 @@ malignant = ["DCIS", "IC"]
         let wf = Workflow::parse(MINIMAL, Path::new("/w/flow.toml"), &[]).unwrap();
         assert_eq!(wf.dataset.features, Path::new("/w/feats"));
         assert_eq!(wf.workflow.workspace, Path::new("/w/.hmil-flow"));
-        assert_eq!(
-            wf.labels.hierarchy.fine(),
-            ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"]
-        );
-        assert_eq!(
-            wf.labels.hierarchy.coarse(),
-            ["benign", "atypical", "malignant"]
-        );
+        assert_eq!(wf.labels.hierarchy.fine(), ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"]);
+        assert_eq!(wf.labels.hierarchy.coarse(), ["benign", "atypical", "malignant"]);
         assert_eq!(wf.labels.hierarchy.fine_to_coarse(), [0, 0, 0, 1, 1, 2, 2]);
         assert_eq!(wf.splits.folds, 5);
     }
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let text = MINIMAL.replace(
-            "labels = \"labels.csv\"",
-            "labels = \"labels.csv\"\nfeaturez = 1",
-        );
-        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
-            .unwrap_err()
-            .to_string();
+        let text = MINIMAL.replace("labels = \"labels.csv\"", "labels = \"labels.csv\"\nfeaturez = 1");
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[]).unwrap_err().to_string();
         assert!(err.contains("featurez") && err.contains("line 8"), "{err}");
     }
 
     #[test]
     fn wrong_type_names_key_and_line() {
         let text = format!("{MINIMAL}\n[splits]\nfolds = \"ten\"\n");
-        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
-            .unwrap_err()
-            .to_string();
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[]).unwrap_err().to_string();
         assert!(err.contains("line 15") && err.contains("folds"), "{err}");
     }
 
@@ -401,25 +470,16 @@ malignant = ["DCIS", "IC"]
         .unwrap();
         assert_eq!(wf.dataset.features, Path::new("/data/x"));
         assert_eq!(wf.splits.folds, 10);
-        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.fold=3".into()])
-            .unwrap_err()
-            .to_string();
+        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.fold=3".into()]).unwrap_err().to_string();
         assert!(err.contains("fold"), "{err}");
-        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.folds=1".into()])
-            .unwrap_err()
-            .to_string();
+        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.folds=1".into()]).unwrap_err().to_string();
         assert!(err.contains("splits.folds"), "{err}");
     }
 
     #[test]
     fn hierarchy_rejects_repeated_fine_class() {
         let text = MINIMAL.replace("\"DCIS\", \"IC\"", "\"DCIS\", \"N\"");
-        let err = Workflow::parse(&text, Path::new("f.toml"), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("labels.hierarchy") && err.contains("`N`"),
-            "{err}"
-        );
+        let err = Workflow::parse(&text, Path::new("f.toml"), &[]).unwrap_err().to_string();
+        assert!(err.contains("labels.hierarchy") && err.contains("`N`"), "{err}");
     }
 }

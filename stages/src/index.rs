@@ -64,10 +64,7 @@ fn walk(dir: &Path, out: &mut Vec<(String, PathBuf, Format)>) -> Result<()> {
         if path.is_dir() {
             walk(&path, out)?;
         } else if let Some(format) = Format::of(&path) {
-            let slide = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let slide = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             out.push((slide, path, format));
         }
     }
@@ -114,9 +111,7 @@ impl IndexFeatures {
     fn index(&self, ctx: &Context) -> Result<()> {
         let files = feature_files(ctx.input("features"))?;
         let bar = ctx.progress(files.len() as u64, "indexing feature files");
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(files.len());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len());
         let results: Vec<std::result::Result<Row, (PathBuf, String)>> = std::thread::scope(|s| {
             let chunks: Vec<_> = files
                 .chunks(files.len().div_ceil(threads))
@@ -130,9 +125,8 @@ impl IndexFeatures {
                                     .file_facts(path, "index_features/1", |b| facts(*format, b))
                                     .map_err(|e| (path.clone(), e))
                                     .and_then(|(digest, facts)| {
-                                        let bytes = std::fs::metadata(path)
-                                            .map_err(|e| (path.clone(), e.to_string()))?
-                                            .len();
+                                        let bytes =
+                                            std::fs::metadata(path).map_err(|e| (path.clone(), e.to_string()))?.len();
                                         Ok(Row {
                                             slide: slide.clone(),
                                             path: path.clone(),
@@ -149,24 +143,14 @@ impl IndexFeatures {
                     })
                 })
                 .collect();
-            chunks
-                .into_iter()
-                .flat_map(|h| h.join().expect("indexing thread panicked"))
-                .collect()
+            chunks.into_iter().flat_map(|h| h.join().expect("indexing thread panicked")).collect()
         });
         bar.finish_and_clear();
-        let (rows, bad): (Vec<_>, Vec<_>) =
-            results.into_iter().partition(std::result::Result::is_ok);
+        let (rows, bad): (Vec<_>, Vec<_>) = results.into_iter().partition(std::result::Result::is_ok);
         let rows: Vec<Row> = rows.into_iter().map(std::result::Result::unwrap).collect();
-        let bad: Vec<(PathBuf, String)> = bad
-            .into_iter()
-            .map(|r| r.err().expect("partitioned"))
-            .collect();
+        let bad: Vec<(PathBuf, String)> = bad.into_iter().map(|r| r.err().expect("partitioned")).collect();
         if !bad.is_empty() && self.on_bad_file == OnBadFile::Error {
-            let list: Vec<String> = bad
-                .iter()
-                .map(|(p, e)| format!("  {}: {e}", p.display()))
-                .collect();
+            let list: Vec<String> = bad.iter().map(|(p, e)| format!("  {}: {e}", p.display())).collect();
             return Err(Error::Features(format!(
                 "{} unreadable feature file(s) (set dataset.on_bad_file = \"skip\" to leave them out):\n{}",
                 bad.len(),
@@ -190,9 +174,7 @@ impl IndexFeatures {
         if rows.is_empty() {
             return Err(Error::Features("every feature file was unreadable".into()));
         }
-        let i64col = |f: &dyn Fn(&Row) -> i64| -> ArrayRef {
-            Arc::new(rows.iter().map(f).collect::<Int64Array>())
-        };
+        let i64col = |f: &dyn Fn(&Row) -> i64| -> ArrayRef { Arc::new(rows.iter().map(f).collect::<Int64Array>()) };
         table::write(
             &ctx.output("features.parquet"),
             schemas::tables::features(),
@@ -204,11 +186,7 @@ impl IndexFeatures {
                 i64col(&|r| r.facts.dim as i64),
                 table::string_col(rows.iter().map(|r| r.facts.dtype.as_str())),
                 i64col(&|r| r.bytes as i64),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.facts.has_coords))
-                        .collect::<BooleanArray>(),
-                ),
+                Arc::new(rows.iter().map(|r| Some(r.facts.has_coords)).collect::<BooleanArray>()),
                 table::string_col(rows.iter().map(|r| r.digest.as_str())),
             ],
         )?;

@@ -32,10 +32,7 @@ impl Stage for JoinLabels {
         serde_json::to_value(&self.labels).expect("labels serialise")
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![
-            Input::external("labels", &self.csv),
-            Input::artifact("index", &self.index_node, "features.parquet"),
-        ]
+        vec![Input::external("labels", &self.csv), Input::artifact("index", &self.index_node, "features.parquet")]
     }
     fn outputs(&self) -> Vec<String> {
         vec!["labels.parquet".into(), "dropped.parquet".into()]
@@ -61,14 +58,8 @@ pub struct CsvRow {
 
 /// Reads the configured columns of a label CSV; ids stay strings.
 pub fn read_csv(path: PathBuf, cfg: &Labels) -> Result<Vec<CsvRow>> {
-    let bad = |message: String| Error::BadFile {
-        path: path.clone(),
-        message,
-    };
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_path(&path)
-        .map_err(|e| bad(e.to_string()))?;
+    let bad = |message: String| Error::BadFile { path: path.clone(), message };
+    let mut reader = csv::ReaderBuilder::new().flexible(false).from_path(&path).map_err(|e| bad(e.to_string()))?;
     let header = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
     let col = |name: &str, key: &str| {
         header.iter().position(|h| h.trim() == name).ok_or_else(|| {
@@ -91,12 +82,7 @@ pub fn read_csv(path: PathBuf, cfg: &Labels) -> Result<Vec<CsvRow>> {
         if record.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
-        rows.push(CsvRow {
-            line,
-            case_id: field(c),
-            slide_id: field(s),
-            label: field(l),
-        });
+        rows.push(CsvRow { line, case_id: field(c), slide_id: field(s), label: field(l) });
     }
     Ok(rows)
 }
@@ -130,24 +116,10 @@ pub struct Joined {
 /// Joins label rows with the slides that have features. Problems fail the join under
 /// `on_missing = "error"`, listing every offending row; under `"drop"` they are recorded.
 pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result<Joined> {
-    let fine_names: Vec<String> = cfg
-        .hierarchy
-        .fine()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    let coarse_names: Vec<String> = cfg
-        .hierarchy
-        .coarse()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+    let fine_names: Vec<String> = cfg.hierarchy.fine().into_iter().map(str::to_owned).collect();
+    let coarse_names: Vec<String> = cfg.hierarchy.coarse().into_iter().map(str::to_owned).collect();
     let to_coarse = cfg.hierarchy.fine_to_coarse();
-    let fine_idx: HashMap<&str, usize> = fine_names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
+    let fine_idx: HashMap<&str, usize> = fine_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let has_features: HashSet<&str> = with_features.iter().map(String::as_str).collect();
 
     let mut problems: BTreeMap<usize, String> = BTreeMap::new();
@@ -157,10 +129,7 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
     }
     let mut case_labels: HashMap<&str, HashSet<&str>> = HashMap::new();
     for r in &rows {
-        case_labels
-            .entry(r.case_id.as_str())
-            .or_default()
-            .insert(r.label.as_str());
+        case_labels.entry(r.case_id.as_str()).or_default().insert(r.label.as_str());
     }
     for (i, r) in rows.iter().enumerate() {
         let problem = if r.slide_id.is_empty() {
@@ -168,25 +137,13 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
         } else if r.case_id.is_empty() {
             Some("empty case id".to_owned())
         } else if count[r.slide_id.as_str()] > 1 {
-            Some(format!(
-                "slide id {} appears {} times",
-                r.slide_id,
-                count[r.slide_id.as_str()]
-            ))
+            Some(format!("slide id {} appears {} times", r.slide_id, count[r.slide_id.as_str()]))
         } else if !fine_idx.contains_key(r.label.as_str()) {
-            Some(format!(
-                "label `{}` is not in labels.hierarchy ({})",
-                r.label,
-                fine_names.join(", ")
-            ))
+            Some(format!("label `{}` is not in labels.hierarchy ({})", r.label, fine_names.join(", ")))
         } else if case_labels[r.case_id.as_str()].len() > 1 {
             let mut ls: Vec<&str> = case_labels[r.case_id.as_str()].iter().copied().collect();
             ls.sort();
-            Some(format!(
-                "case {} has conflicting labels ({})",
-                r.case_id,
-                ls.join(", ")
-            ))
+            Some(format!("case {} has conflicting labels ({})", r.case_id, ls.join(", ")))
         } else if !has_features.contains(r.slide_id.as_str()) {
             Some("has a label but no feature file".to_owned())
         } else {
@@ -197,10 +154,7 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
         }
     }
     let labelled: HashSet<&str> = rows.iter().map(|r| r.slide_id.as_str()).collect();
-    let mut unlabelled: Vec<&String> = with_features
-        .iter()
-        .filter(|s| !labelled.contains(s.as_str()))
-        .collect();
+    let mut unlabelled: Vec<&String> = with_features.iter().filter(|s| !labelled.contains(s.as_str())).collect();
     unlabelled.sort();
 
     if cfg.on_missing == OnMissing::Error && (!problems.is_empty() || !unlabelled.is_empty()) {
@@ -208,11 +162,7 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
             .iter()
             .map(|(&i, p)| format!("  line {}: slide {}: {p}", rows[i].line, rows[i].slide_id))
             .collect();
-        lines.extend(
-            unlabelled
-                .iter()
-                .map(|s| format!("  slide {s}: has a feature file but no label")),
-        );
+        lines.extend(unlabelled.iter().map(|s| format!("  slide {s}: has a feature file but no label")));
         return Err(Error::Labels(format!(
             "{} label problem(s) (set labels.on_missing = \"drop\" to leave these slides out):\n{}",
             lines.len(),
@@ -221,11 +171,7 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
     }
     let mut dropped: Vec<Dropped> = problems
         .iter()
-        .map(|(&i, p)| Dropped {
-            slide_id: rows[i].slide_id.clone(),
-            row: Some(rows[i].clone()),
-            problem: p.clone(),
-        })
+        .map(|(&i, p)| Dropped { slide_id: rows[i].slide_id.clone(), row: Some(rows[i].clone()), problem: p.clone() })
         .collect();
     dropped.extend(unlabelled.iter().map(|s| Dropped {
         slide_id: (*s).clone(),
@@ -238,29 +184,17 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
         .filter(|(i, _)| !problems.contains_key(i))
         .map(|(_, r)| {
             let fine = fine_idx[r.label.as_str()];
-            LabelledSlide {
-                slide_id: r.slide_id.clone(),
-                case_id: r.case_id.clone(),
-                fine,
-                coarse: to_coarse[fine],
-            }
+            LabelledSlide { slide_id: r.slide_id.clone(), case_id: r.case_id.clone(), fine, coarse: to_coarse[fine] }
         })
         .collect();
     slides.sort_by(|a, b| a.slide_id.cmp(&b.slide_id));
     if slides.is_empty() {
-        return Err(Error::Labels(
-            "no slide has both a valid label and features".into(),
-        ));
+        return Err(Error::Labels("no slide has both a valid label and features".into()));
     }
     for d in &dropped {
         tracing::warn!("dropped slide {}: {}", d.slide_id, d.problem);
     }
-    Ok(Joined {
-        slides,
-        dropped,
-        fine_names,
-        coarse_names,
-    })
+    Ok(Joined { slides, dropped, fine_names, coarse_names })
 }
 
 fn write(ctx: &Context, j: &Joined) -> Result<()> {
@@ -279,11 +213,7 @@ fn write(ctx: &Context, j: &Joined) -> Result<()> {
     )?;
     let d = &j.dropped;
     let opt = |f: &dyn Fn(&CsvRow) -> String| -> arrow::array::ArrayRef {
-        Arc::new(
-            d.iter()
-                .map(|x| x.row.as_ref().map(f))
-                .collect::<arrow::array::StringArray>(),
-        )
+        Arc::new(d.iter().map(|x| x.row.as_ref().map(f)).collect::<arrow::array::StringArray>())
     };
     table::write(
         &ctx.output("dropped.parquet"),
@@ -292,11 +222,7 @@ fn write(ctx: &Context, j: &Joined) -> Result<()> {
             table::string_col(d.iter().map(|x| x.slide_id.as_str())),
             opt(&|r| r.case_id.clone()),
             opt(&|r| r.label.clone()),
-            Arc::new(
-                d.iter()
-                    .map(|x| x.row.as_ref().map(|r| r.line as i64))
-                    .collect::<Int64Array>(),
-            ),
+            Arc::new(d.iter().map(|x| x.row.as_ref().map(|r| r.line as i64)).collect::<Int64Array>()),
             table::string_col(d.iter().map(|x| x.problem.as_str())),
         ],
     )
@@ -322,12 +248,7 @@ mod tests {
     }
 
     fn row(line: u64, case: &str, slide: &str, label: &str) -> CsvRow {
-        CsvRow {
-            line,
-            case_id: case.into(),
-            slide_id: slide.into(),
-            label: label.into(),
-        }
+        CsvRow { line, case_id: case.into(), slide_id: slide.into(), label: label.into() }
     }
 
     fn feats(ids: &[&str]) -> Vec<String> {
@@ -336,17 +257,9 @@ mod tests {
 
     #[test]
     fn joins_through_hierarchy_with_string_ids() {
-        let rows = vec![
-            row(2, "c1", "007", "IC"),
-            row(3, "c2", "10", "PB"),
-            row(4, "c2", "11", "PB"),
-        ];
+        let rows = vec![row(2, "c1", "007", "IC"), row(3, "c2", "10", "PB"), row(4, "c2", "11", "PB")];
         let j = join(rows, &feats(&["007", "10", "11"]), &cfg(OnMissing::Error)).unwrap();
-        let got: Vec<_> = j
-            .slides
-            .iter()
-            .map(|s| (s.slide_id.as_str(), s.fine, s.coarse))
-            .collect();
+        let got: Vec<_> = j.slides.iter().map(|s| (s.slide_id.as_str(), s.fine, s.coarse)).collect();
         assert_eq!(got, [("007", 2, 1), ("10", 1, 0), ("11", 1, 0)]);
     }
 
@@ -360,13 +273,8 @@ mod tests {
             row(6, "c5", "e", "XX"),
             row(7, "c6", "f", "N"),
         ];
-        let err = join(
-            rows.clone(),
-            &feats(&["a", "b", "d", "e", "g"]),
-            &cfg(OnMissing::Error),
-        )
-        .unwrap_err()
-        .to_string();
+        let err =
+            join(rows.clone(), &feats(&["a", "b", "d", "e", "g"]), &cfg(OnMissing::Error)).unwrap_err().to_string();
         for needle in [
             "line 2: slide a: case c1 has conflicting labels (IC, N)",
             "line 3: slide b: case c1 has conflicting labels",
@@ -379,28 +287,17 @@ mod tests {
         ] {
             assert!(err.contains(needle), "missing {needle:?} in\n{err}");
         }
-        let j = join(
-            rows,
-            &feats(&["a", "b", "d", "e", "g"]),
-            &cfg(OnMissing::Drop),
-        );
+        let j = join(rows, &feats(&["a", "b", "d", "e", "g"]), &cfg(OnMissing::Drop));
         assert!(j.is_err(), "nothing valid is left");
     }
 
     #[test]
     fn drop_policy_keeps_the_rest_and_records_drops() {
-        let rows = vec![
-            row(2, "c1", "a", "N"),
-            row(3, "c2", "b", "XX"),
-            row(4, "c3", "c", "IC"),
-        ];
+        let rows = vec![row(2, "c1", "a", "N"), row(3, "c2", "b", "XX"), row(4, "c3", "c", "IC")];
         let j = join(rows, &feats(&["a", "b", "z"]), &cfg(OnMissing::Drop)).unwrap();
         assert_eq!(j.slides.len(), 1);
-        let problems: Vec<_> = j
-            .dropped
-            .iter()
-            .map(|d| (d.slide_id.as_str(), d.row.as_ref().map(|r| r.line)))
-            .collect();
+        let problems: Vec<_> =
+            j.dropped.iter().map(|d| (d.slide_id.as_str(), d.row.as_ref().map(|r| r.line))).collect();
         assert_eq!(problems, [("b", Some(3)), ("c", Some(4)), ("z", None)]);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod features;
+pub mod hmil;
 pub mod index;
 pub mod labels;
 pub mod pack;
@@ -26,35 +27,28 @@ pub const JOIN: &str = "join_labels";
 /// See [`INDEX`].
 pub const SPLIT: &str = "split_folds";
 
-/// The nodes of `wf`, ready for [`pipeline::Dag::new`].
+/// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`
+/// and `evaluate[fold=k]` per fold.
 pub fn nodes(wf: &Workflow) -> Vec<Node> {
     let d = &wf.dataset;
-    vec![
-        Node::new(
-            INDEX,
-            None,
-            Arc::new(index::IndexFeatures {
-                dir: d.features.clone(),
-                on_bad_file: d.on_bad_file,
-            }),
-        ),
+    let h = &wf.labels.hierarchy;
+    let classes = hmil::train::Classes {
+        coarse: h.coarse().into_iter().map(str::to_owned).collect(),
+        fine: h.fine().into_iter().map(str::to_owned).collect(),
+        fine_to_coarse: h.fine_to_coarse(),
+    };
+    let sources = hmil::train::Sources { pack_node: PACK.into(), labels_node: JOIN.into(), splits_node: SPLIT.into() };
+    let mut nodes = vec![
+        Node::new(INDEX, None, Arc::new(index::IndexFeatures { dir: d.features.clone(), on_bad_file: d.on_bad_file })),
         Node::new(
             PACK,
             None,
-            Arc::new(pack::PackFeatures {
-                dir: d.features.clone(),
-                dtype: d.pack_dtype,
-                index_node: INDEX.into(),
-            }),
+            Arc::new(pack::PackFeatures { dir: d.features.clone(), dtype: d.pack_dtype, index_node: INDEX.into() }),
         ),
         Node::new(
             JOIN,
             None,
-            Arc::new(labels::JoinLabels {
-                csv: d.labels.clone(),
-                labels: wf.labels.clone(),
-                index_node: INDEX.into(),
-            }),
+            Arc::new(labels::JoinLabels { csv: d.labels.clone(), labels: wf.labels.clone(), index_node: INDEX.into() }),
         ),
         Node::new(
             SPLIT,
@@ -65,5 +59,51 @@ pub fn nodes(wf: &Workflow) -> Vec<Node> {
                 labels_node: JOIN.into(),
             }),
         ),
-    ]
+    ];
+    for fold in 0..fold_count(wf) {
+        let label = format!("fold={fold}");
+        let train = Node::new(
+            "train",
+            Some(&label),
+            Arc::new(hmil::train::TrainFold {
+                fold,
+                config: wf.train.clone(),
+                seed: wf.workflow.seed,
+                classes: classes.clone(),
+                sources: sources.clone(),
+            }),
+        );
+        let evaluate = hmil::evaluate::EvaluateFold {
+            fold,
+            config: wf.evaluate.clone(),
+            device: wf.train.device.clone(),
+            classes: classes.clone(),
+            sources: sources.clone(),
+            train_node: train.id.clone(),
+        };
+        nodes.push(train);
+        nodes.push(Node::new("evaluate", Some(&label), Arc::new(evaluate)));
+    }
+    nodes
+}
+
+/// How many folds the workflow trains: as configured, or as many `splits_{k}.csv` as the
+/// import directory holds.
+fn fold_count(wf: &Workflow) -> usize {
+    match (&wf.splits.method, &wf.splits.dir) {
+        (schemas::workflow::SplitMethod::Import, Some(dir)) => std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_prefix("splits_")
+                            .and_then(|r| r.strip_suffix(".csv"))
+                            .is_some_and(|k| k.parse::<usize>().is_ok())
+                    })
+                    .count()
+            })
+            .unwrap_or(0),
+        _ => wf.splits.folds,
+    }
 }

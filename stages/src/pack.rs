@@ -36,17 +36,10 @@ impl Stage for PackFeatures {
         serde_json::json!({ "dtype": self.dtype })
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![
-            Input::external("features_dir", &self.dir),
-            Input::artifact("index", &self.index_node, "features.parquet"),
-        ]
+        vec![Input::external("features_dir", &self.dir), Input::artifact("index", &self.index_node, "features.parquet")]
     }
     fn outputs(&self) -> Vec<String> {
-        vec![
-            "features.bin".into(),
-            "coords.bin".into(),
-            "packed.parquet".into(),
-        ]
+        vec!["features.bin".into(), "coords.bin".into(), "packed.parquet".into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.pack(ctx)?)
@@ -61,31 +54,22 @@ impl PackFeatures {
         let formats = table::strings(&index, "format");
         let feat_path = ctx.output("features.bin");
         let coord_path = ctx.output("coords.bin");
-        let mut feats = BufWriter::with_capacity(
-            1 << 22,
-            File::create(&feat_path).map_err(|e| Error::io(&feat_path, e))?,
-        );
-        let mut coords = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&coord_path).map_err(|e| Error::io(&coord_path, e))?,
-        );
-        let (mut offsets, mut counts, mut dims, mut has_coords) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut feats =
+            BufWriter::with_capacity(1 << 22, File::create(&feat_path).map_err(|e| Error::io(&feat_path, e))?);
+        let mut coords =
+            BufWriter::with_capacity(1 << 20, File::create(&coord_path).map_err(|e| Error::io(&coord_path, e))?);
+        let (mut offsets, mut counts, mut dims, mut has_coords) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut row = 0i64;
         let bar = ctx.progress(slides.len() as u64, "packing features");
         for (path, format) in paths.iter().zip(&formats) {
             let path = PathBuf::from(path);
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-            let format = Format::of(&path)
-                .filter(|f| f.name() == format)
-                .ok_or_else(|| Error::BadFile {
-                    path: path.clone(),
-                    message: format!("indexed as {format}, which its name no longer says"),
-                })?;
-            let arrays = features::parse(format, &bytes).map_err(|message| Error::BadFile {
+            let format = Format::of(&path).filter(|f| f.name() == format).ok_or_else(|| Error::BadFile {
                 path: path.clone(),
-                message,
+                message: format!("indexed as {format}, which its name no longer says"),
             })?;
+            let arrays =
+                features::parse(format, &bytes).map_err(|message| Error::BadFile { path: path.clone(), message })?;
             let values = arrays.features.to_f32();
             let write_err = |e| Error::io(&feat_path, e);
             match self.dtype {
@@ -96,20 +80,13 @@ impl PackFeatures {
                 }
                 PackDtype::F16 => {
                     for v in &values {
-                        feats
-                            .write_all(&f16::from_f32(*v).to_le_bytes())
-                            .map_err(write_err)?;
+                        feats.write_all(&f16::from_f32(*v).to_le_bytes()).map_err(write_err)?;
                     }
                 }
             }
-            let xy = arrays
-                .coords
-                .map(|c| c.to_f64())
-                .unwrap_or_else(|| vec![f64::NAN; arrays.features.rows * 2]);
+            let xy = arrays.coords.map(|c| c.to_f64()).unwrap_or_else(|| vec![f64::NAN; arrays.features.rows * 2]);
             for v in xy {
-                coords
-                    .write_all(&v.to_le_bytes())
-                    .map_err(|e| Error::io(&coord_path, e))?;
+                coords.write_all(&v.to_le_bytes()).map_err(|e| Error::io(&coord_path, e))?;
             }
             offsets.push(row);
             counts.push(arrays.features.rows as i64);

@@ -91,22 +91,15 @@ fn take_val(rng: &mut Rng, mut pool: Vec<String>, frac: f64, part_of: &mut HashM
 
 /// Stratified, case-grouped k-fold: each case is in exactly one test fold; per class, test
 /// counts of two folds differ by at most one. Validation cases come from the remaining cases.
-pub fn kfold(
-    slides: &[Slide],
-    folds: usize,
-    val_frac: f64,
-    seed: u64,
-) -> (Vec<Assignment>, Vec<String>) {
+pub fn kfold(slides: &[Slide], folds: usize, val_frac: f64, seed: u64) -> (Vec<Assignment>, Vec<String>) {
     let classes = cases_by_class(slides);
     let mut warnings = Vec::new();
     let mut test_fold: HashMap<String, usize> = HashMap::new();
     let mut offset = 0;
     for (&class, cases) in &classes {
         if cases.len() < folds {
-            warnings.push(format!(
-                "class {class} has {} case(s) for {folds} folds: some test folds lack it",
-                cases.len()
-            ));
+            warnings
+                .push(format!("class {class} has {} case(s) for {folds} folds: some test folds lack it", cases.len()));
         }
         let mut shuffled = cases.clone();
         Rng::new(seed, class as u64).shuffle(&mut shuffled);
@@ -157,9 +150,7 @@ pub fn monte_carlo(
             let n_test = (test_frac * n as f64).round() as usize;
             let n_val = (val_frac * n as f64).round() as usize;
             if fold == 0 && (n_test == 0 || n_val == 0 || n_test + n_val >= n) {
-                warnings.push(format!(
-                    "class {class} has {n} case(s): {n_test} test and {n_val} val per fold"
-                ));
+                warnings.push(format!("class {class} has {n} case(s): {n_test} test and {n_val} val per fold"));
             }
             for (i, case) in shuffled.into_iter().enumerate() {
                 let part = if i < n_test {
@@ -181,29 +172,19 @@ pub fn monte_carlo(
 /// Reads CLAM `splits_{k}.csv` files (first header cell empty, then columns train, val, test,
 /// blank-padded) from `dir`. Every slide must be labelled; a case split across parts is an error.
 pub fn import_clam(dir: &Path, slides: &[Slide]) -> Result<Vec<Assignment>> {
-    let case_of: HashMap<&str, &str> = slides
-        .iter()
-        .map(|s| (s.slide_id.as_str(), s.case_id.as_str()))
-        .collect();
+    let case_of: HashMap<&str, &str> = slides.iter().map(|s| (s.slide_id.as_str(), s.case_id.as_str())).collect();
     let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let k = name
-                .strip_prefix("splits_")?
-                .strip_suffix(".csv")?
-                .parse()
-                .ok()?;
+            let k = name.strip_prefix("splits_")?.strip_suffix(".csv")?.parse().ok()?;
             Some((k, e.path()))
         })
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Splits(format!(
-            "{}: no splits_{{k}}.csv files",
-            dir.display()
-        )));
+        return Err(Error::Splits(format!("{}: no splits_{{k}}.csv files", dir.display())));
     }
     let mut out = Vec::new();
     for (fold, (k, path)) in files.iter().enumerate() {
@@ -213,29 +194,19 @@ pub fn import_clam(dir: &Path, slides: &[Slide]) -> Result<Vec<Assignment>> {
                 dir.display()
             )));
         }
-        let bad = |message: String| Error::BadFile {
-            path: path.clone(),
-            message,
-        };
-        let mut reader = csv::ReaderBuilder::new()
-            .flexible(true)
-            .from_path(path)
-            .map_err(|e| bad(e.to_string()))?;
+        let bad = |message: String| Error::BadFile { path: path.clone(), message };
+        let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).map_err(|e| bad(e.to_string()))?;
         let header = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
-        let cols: Vec<(usize, Part)> = [
-            ("train", Part::Train),
-            ("val", Part::Val),
-            ("test", Part::Test),
-        ]
-        .iter()
-        .map(|(name, part)| {
-            header
-                .iter()
-                .position(|h| h.trim() == *name)
-                .map(|i| (i, *part))
-                .ok_or_else(|| bad(format!("no `{name}` column")))
-        })
-        .collect::<Result<_>>()?;
+        let cols: Vec<(usize, Part)> = [("train", Part::Train), ("val", Part::Val), ("test", Part::Test)]
+            .iter()
+            .map(|(name, part)| {
+                header
+                    .iter()
+                    .position(|h| h.trim() == *name)
+                    .map(|i| (i, *part))
+                    .ok_or_else(|| bad(format!("no `{name}` column")))
+            })
+            .collect::<Result<_>>()?;
         let mut part_of_case: HashMap<String, Part> = HashMap::new();
         for record in reader.records() {
             let record = record.map_err(|e| bad(e.to_string()))?;
@@ -245,24 +216,15 @@ pub fn import_clam(dir: &Path, slides: &[Slide]) -> Result<Vec<Assignment>> {
                 if id.is_empty() {
                     continue;
                 }
-                let case = case_of.get(id).ok_or_else(|| {
-                    bad(format!(
-                        "line {line}: slide {id} has no label (or no features)"
-                    ))
-                })?;
+                let case = case_of
+                    .get(id)
+                    .ok_or_else(|| bad(format!("line {line}: slide {id} has no label (or no features)")))?;
                 if let Some(prev) = part_of_case.insert(case.to_string(), part)
                     && prev != part
                 {
-                    return Err(bad(format!(
-                        "line {line}: case {case} is in both {prev} and {part}"
-                    )));
+                    return Err(bad(format!("line {line}: case {case} is in both {prev} and {part}")));
                 }
-                out.push(Assignment {
-                    fold,
-                    slide_id: id.to_owned(),
-                    case_id: case.to_string(),
-                    part,
-                });
+                out.push(Assignment { fold, slide_id: id.to_owned(), case_id: case.to_string(), part });
             }
         }
     }
@@ -278,37 +240,20 @@ pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<()> {
         let cols: Vec<Vec<&str>> = [Part::Train, Part::Val, Part::Test]
             .iter()
             .map(|p| {
-                assignments
-                    .iter()
-                    .filter(|a| a.fold == fold && a.part == *p)
-                    .map(|a| a.slide_id.as_str())
-                    .collect()
+                assignments.iter().filter(|a| a.fold == fold && a.part == *p).map(|a| a.slide_id.as_str()).collect()
             })
             .collect();
         let rows = cols.iter().map(Vec::len).max().unwrap_or(0);
         let path = dir.join(format!("splits_{fold}.csv"));
-        let mut w = csv::Writer::from_path(&path).map_err(|e| Error::BadFile {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let mut w =
+            csv::Writer::from_path(&path).map_err(|e| Error::BadFile { path: path.clone(), message: e.to_string() })?;
         let mut write = |r: Vec<String>| {
-            w.write_record(r).map_err(|e| Error::BadFile {
-                path: path.clone(),
-                message: e.to_string(),
-            })
+            w.write_record(r).map_err(|e| Error::BadFile { path: path.clone(), message: e.to_string() })
         };
-        write(vec![
-            String::new(),
-            "train".into(),
-            "val".into(),
-            "test".into(),
-        ])?;
+        write(vec![String::new(), "train".into(), "val".into(), "test".into()])?;
         for i in 0..rows {
             let mut r = vec![i.to_string()];
-            r.extend(
-                cols.iter()
-                    .map(|c| c.get(i).map_or(String::new(), |s| s.to_string())),
-            );
+            r.extend(cols.iter().map(|c| c.get(i).map_or(String::new(), |s| s.to_string())));
             write(r)?;
         }
     }
@@ -343,11 +288,7 @@ impl Stage for SplitFolds {
         }
     }
     fn inputs(&self) -> Vec<Input> {
-        let mut v = vec![Input::artifact(
-            "labels",
-            &self.labels_node,
-            "labels.parquet",
-        )];
+        let mut v = vec![Input::artifact("labels", &self.labels_node, "labels.parquet")];
         if let (SplitMethod::Import, Some(dir)) = (self.splits.method, &self.splits.dir) {
             v.push(Input::external("clam_splits", dir));
         }
@@ -362,18 +303,12 @@ impl Stage for SplitFolds {
             .into_iter()
             .zip(table::strings(&labels, "case_id"))
             .zip(table::i32s(&labels, "fine_idx"))
-            .map(|((slide_id, case_id), fine)| Slide {
-                slide_id,
-                case_id,
-                fine: fine as usize,
-            })
+            .map(|((slide_id, case_id), fine)| Slide { slide_id, case_id, fine: fine as usize })
             .collect();
         let s = &self.splits;
         let (rows, warnings) = match s.method {
             SplitMethod::Kfold => kfold(&slides, s.folds, s.val_frac, self.seed),
-            SplitMethod::MonteCarlo => {
-                monte_carlo(&slides, s.folds, s.val_frac, s.test_frac, self.seed)
-            }
+            SplitMethod::MonteCarlo => monte_carlo(&slides, s.folds, s.val_frac, s.test_frac, self.seed),
             SplitMethod::Import => (import_clam(ctx.input("clam_splits"), &slides)?, Vec::new()),
         };
         for w in warnings {
@@ -411,17 +346,9 @@ mod tests {
         for (class, &n) in sizes.iter().enumerate() {
             for i in 0..n {
                 let case = format!("c{class}-{i}");
-                out.push(Slide {
-                    slide_id: format!("s{class}-{i}"),
-                    case_id: case.clone(),
-                    fine: class,
-                });
+                out.push(Slide { slide_id: format!("s{class}-{i}"), case_id: case.clone(), fine: class });
                 if i % 5 == 0 {
-                    out.push(Slide {
-                        slide_id: format!("s{class}-{i}b"),
-                        case_id: case,
-                        fine: class,
-                    });
+                    out.push(Slide { slide_id: format!("s{class}-{i}b"), case_id: case, fine: class });
                 }
             }
         }
@@ -432,11 +359,7 @@ mod tests {
         let mut parts: HashMap<(usize, &str), Part> = HashMap::new();
         for a in rows {
             if let Some(p) = parts.insert((a.fold, &a.case_id), a.part) {
-                assert_eq!(
-                    p, a.part,
-                    "case {} in two parts of fold {}",
-                    a.case_id, a.fold
-                );
+                assert_eq!(p, a.part, "case {} in two parts of fold {}", a.case_id, a.fold);
             }
         }
     }
@@ -454,36 +377,22 @@ mod tests {
         }
         let cases: HashSet<&str> = s.iter().map(|x| x.case_id.as_str()).collect();
         assert_eq!(tested.len(), cases.len());
-        let tests_per_case = rows
-            .iter()
-            .filter(|a| a.part == Part::Test)
-            .map(|a| (&a.case_id, a.fold))
-            .collect::<HashSet<_>>();
-        assert_eq!(
-            tests_per_case.len(),
-            cases.len(),
-            "no case is tested in two folds"
-        );
+        let tests_per_case =
+            rows.iter().filter(|a| a.part == Part::Test).map(|a| (&a.case_id, a.fold)).collect::<HashSet<_>>();
+        assert_eq!(tests_per_case.len(), cases.len(), "no case is tested in two folds");
         // Stratified: per class, test case counts across folds within ±1.
         for class in 0..7 {
             let counts: Vec<usize> = (0..5)
                 .map(|f| {
                     let c: HashSet<&str> = rows
                         .iter()
-                        .filter(|a| {
-                            a.fold == f
-                                && a.part == Part::Test
-                                && a.case_id.starts_with(&format!("c{class}-"))
-                        })
+                        .filter(|a| a.fold == f && a.part == Part::Test && a.case_id.starts_with(&format!("c{class}-")))
                         .map(|a| a.case_id.as_str())
                         .collect();
                     c.len()
                 })
                 .collect();
-            assert!(
-                counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
-                "class {class}: {counts:?}"
-            );
+            assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "class {class}: {counts:?}");
         }
         // Every fold holds every slide once, and has a validation set.
         for f in 0..5 {
@@ -496,18 +405,10 @@ mod tests {
 
     #[test]
     fn kfold_warns_about_tiny_classes() {
-        let s: Vec<Slide> = (0..3)
-            .map(|i| Slide {
-                slide_id: format!("s{i}"),
-                case_id: format!("c{i}"),
-                fine: 0,
-            })
-            .collect();
+        let s: Vec<Slide> =
+            (0..3).map(|i| Slide { slide_id: format!("s{i}"), case_id: format!("c{i}"), fine: 0 }).collect();
         let (_, warnings) = kfold(&s, 5, 0.1, 1);
-        assert_eq!(
-            warnings,
-            ["class 0 has 3 case(s) for 5 folds: some test folds lack it"]
-        );
+        assert_eq!(warnings, ["class 0 has 3 case(s) for 5 folds: some test folds lack it"]);
     }
 
     #[test]
@@ -516,11 +417,8 @@ mod tests {
         let (rows, _) = monte_carlo(&s, 10, 0.1, 0.1, 3);
         check_no_case_leak(&rows);
         for f in 0..10 {
-            let test: HashSet<&str> = rows
-                .iter()
-                .filter(|a| a.fold == f && a.part == Part::Test)
-                .map(|a| a.case_id.as_str())
-                .collect();
+            let test: HashSet<&str> =
+                rows.iter().filter(|a| a.fold == f && a.part == Part::Test).map(|a| a.case_id.as_str()).collect();
             // round(0.1 * n) per class: 1+3+2+1+1+1+3 = 12 cases.
             assert_eq!(test.len(), 12, "fold {f}");
         }
@@ -537,9 +435,6 @@ mod tests {
         assert!(text.starts_with(",train,val,test\n0,"), "{text}");
         assert_eq!(import_clam(dir.path(), &s).unwrap(), rows);
         let err = import_clam(dir.path(), &s[1..]).unwrap_err().to_string();
-        assert!(
-            err.contains("splits_") && err.contains("slide s0-0 has no label"),
-            "{err}"
-        );
+        assert!(err.contains("splits_") && err.contains("slide s0-0 has no label"), "{err}");
     }
 }

@@ -41,11 +41,7 @@ pub struct SynthSummary {
 }
 
 /// Writes `out/pt_files/*.pt` and `out/labels.csv`.
-pub fn generate(
-    out: &Path,
-    opts: &SynthOptions,
-    progress: &dyn Fn(usize, usize),
-) -> Result<SynthSummary> {
+pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)) -> Result<SynthSummary> {
     let pt_dir = out.join("pt_files");
     std::fs::create_dir_all(&pt_dir).map_err(|e| Error::io(&pt_dir, e))?;
     let mut rng = Rng::new(opts.seed, 0);
@@ -74,11 +70,7 @@ pub fn generate(
             case_no += 1;
             let slides_in_case = if case_no % 7 == 0 && i + 1 < n { 2 } else { 1 };
             for _ in 0..slides_in_case {
-                slides.push((
-                    format!("{:06}", slides.len() + 1),
-                    format!("case_{case_no:04}"),
-                    fine,
-                ));
+                slides.push((format!("{:06}", slides.len() + 1), format!("case_{case_no:04}"), fine));
                 i += 1;
             }
         }
@@ -92,14 +84,10 @@ pub fn generate(
     for (k, (slide, case, fine)) in slides.iter().enumerate() {
         writeln!(csv, "{case},{slide},{}", BRACS[*fine].0).map_err(|e| Error::io(&csv_path, e))?;
         let z = rng.normal();
-        let n = ((opts.mean_instances as f64).ln() + sigma * z)
-            .exp()
-            .round()
-            .clamp(8.0, 8.0 * opts.mean_instances as f64) as usize;
-        let coarse = coarse_names
-            .iter()
-            .position(|c| *c == BRACS[*fine].1)
-            .expect("coarse listed");
+        let n =
+            ((opts.mean_instances as f64).ln() + sigma * z).exp().round().clamp(8.0, 8.0 * opts.mean_instances as f64)
+                as usize;
+        let coarse = coarse_names.iter().position(|c| *c == BRACS[*fine].1).expect("coarse listed");
         feats.clear();
         for _ in 0..n {
             let informative = rng.uniform() < 0.1;
@@ -116,34 +104,19 @@ pub fn generate(
         progress(k + 1, slides.len());
     }
     csv.flush().map_err(|e| Error::io(&csv_path, e))?;
-    let cases = slides
-        .iter()
-        .map(|s| &s.1)
-        .collect::<std::collections::HashSet<_>>()
-        .len();
-    Ok(SynthSummary {
-        slides: slides.len(),
-        cases,
-        instances,
-    })
+    let cases = slides.iter().map(|s| &s.1).collect::<std::collections::HashSet<_>>().len();
+    Ok(SynthSummary { slides: slides.len(), cases, instances })
 }
 
 /// Writes a float32 (rows × cols) tensor exactly as `torch.save(tensor, path)` lays it out.
 pub fn write_pt(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
     let io = |e: std::io::Error| Error::io(path, e);
-    let zerr = |e: zip::result::ZipError| Error::BadFile {
-        path: path.into(),
-        message: e.to_string(),
-    };
-    let archive = path
-        .file_stem()
-        .map_or("archive".into(), |s| s.to_string_lossy().into_owned());
+    let zerr = |e: zip::result::ZipError| Error::BadFile { path: path.into(), message: e.to_string() };
+    let archive = path.file_stem().map_or("archive".into(), |s| s.to_string_lossy().into_owned());
     let mut zip = zip::ZipWriter::new(BufWriter::new(File::create(path).map_err(io)?));
-    let opts =
-        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut entry = |name: &str, bytes: &[u8], large: bool| -> Result<()> {
-        zip.start_file_aligned(format!("{archive}/{name}"), opts.large_file(large), 64)
-            .map_err(zerr)?;
+        zip.start_file_aligned(format!("{archive}/{name}"), opts.large_file(large), 64).map_err(zerr)?;
         zip.write_all(bytes).map_err(io)
     };
     entry("data.pkl", &tensor_pickle(rows, cols), false)?;
@@ -200,28 +173,17 @@ mod tests {
     #[test]
     fn bracs_shape_and_determinism() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SynthOptions {
-            scale: 0.1,
-            mean_instances: 16,
-            dim: 8,
-            seed: 3,
-        };
+        let opts = SynthOptions { scale: 0.1, mean_instances: 16, dim: 8, seed: 3 };
         let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
         // max(3, round(0.1 * count)) per class: 4+15+7+4+5+6+13.
         assert_eq!(s.slides, 54);
         assert!(s.cases < s.slides, "some cases have two slides");
         let csv = std::fs::read_to_string(dir.path().join("labels.csv")).unwrap();
-        assert!(
-            csv.starts_with("case_id,slide_id,label\ncase_0001,000001,N\n"),
-            "{csv}"
-        );
+        assert!(csv.starts_with("case_id,slide_id,label\ncase_0001,000001,N\n"), "{csv}");
         let again = tempfile::tempdir().unwrap();
         generate(again.path(), &opts, &|_, _| {}).unwrap();
         for f in ["labels.csv", "pt_files/000007.pt"] {
-            assert_eq!(
-                std::fs::read(dir.path().join(f)).unwrap(),
-                std::fs::read(again.path().join(f)).unwrap()
-            );
+            assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), std::fs::read(again.path().join(f)).unwrap());
         }
     }
 }

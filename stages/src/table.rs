@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{Int32Type, SchemaRef};
+use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -16,15 +16,10 @@ use crate::error::{Error, Result};
 
 /// Writes `columns` under `schema` to `path` as one Parquet file (snappy).
 pub fn write(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| Error::Table {
-        path: path.into(),
-        message: e.to_string(),
-    };
+    let err = |e: &dyn std::fmt::Display| Error::Table { path: path.into(), message: e.to_string() };
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
     let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| err(&e))?;
     w.write(&batch).map_err(|e| err(&e))?;
     w.close().map_err(|e| err(&e))?;
@@ -33,36 +28,29 @@ pub fn write(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<(
 
 /// Reads a whole Parquet file as one batch.
 pub fn read(path: &Path) -> Result<RecordBatch> {
-    let err = |e: &dyn std::fmt::Display| Error::Table {
-        path: path.into(),
-        message: e.to_string(),
-    };
+    let err = |e: &dyn std::fmt::Display| Error::Table { path: path.into(), message: e.to_string() };
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(&e))?;
     let schema = builder.schema().clone();
-    let batches = builder
-        .build()
-        .map_err(|e| err(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(&e))?;
+    let batches = builder.build().map_err(|e| err(&e))?.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))?;
     concat_batches(&schema, &batches).map_err(|e| err(&e))
 }
 
 /// A string column of `batch` as owned values (nulls as empty strings).
 pub fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
-    let col = batch
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("table lacks column {name}"));
+    let col = batch.column_by_name(name).unwrap_or_else(|| panic!("table lacks column {name}"));
     let col = col.as_string::<i32>();
-    (0..col.len())
-        .map(|i| {
-            if col.is_null(i) {
-                String::new()
-            } else {
-                col.value(i).to_owned()
-            }
-        })
-        .collect()
+    (0..col.len()).map(|i| if col.is_null(i) { String::new() } else { col.value(i).to_owned() }).collect()
+}
+
+/// An Int64 column of `batch`.
+pub fn i64s(batch: &RecordBatch, name: &str) -> Vec<i64> {
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("table lacks column {name}"))
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec()
 }
 
 /// An Int32 column of `batch`.

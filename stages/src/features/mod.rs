@@ -120,16 +120,12 @@ impl Array2<'_> {
     /// Converts every element to `f64` (for coordinates).
     pub fn to_f64(&self) -> Vec<f64> {
         match self.dtype {
-            Dtype::I64 => self
-                .bytes
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
-                .collect(),
-            Dtype::F64 => self
-                .bytes
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect(),
+            Dtype::I64 => {
+                self.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect()
+            }
+            Dtype::F64 => {
+                self.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+            }
             _ => self.to_f32().into_iter().map(f64::from).collect(),
         }
     }
@@ -147,66 +143,42 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<FeatureArrays<'_>, String> 
     let arrays = match format {
         Format::Pt => pt::parse(bytes)?,
         Format::Safetensors => safetensors::parse(bytes)?,
-        Format::Npy => FeatureArrays {
-            features: npy::parse(bytes)?,
-            coords: None,
-        },
+        Format::Npy => FeatureArrays { features: npy::parse(bytes)?, coords: None },
     };
     let f = &arrays.features;
     if !f.dtype.is_float() {
-        return Err(format!(
-            "features have dtype {}, expected a floating-point type",
-            f.dtype.name()
-        ));
+        return Err(format!("features have dtype {}, expected a floating-point type", f.dtype.name()));
     }
     if f.rows == 0 {
         return Err("features have no instances (0 rows)".into());
     }
     if let Some(c) = &arrays.coords {
         if c.cols != 2 || c.rows != f.rows {
-            return Err(format!(
-                "coords have shape ({}, {}), expected ({}, 2)",
-                c.rows, c.cols, f.rows
-            ));
+            return Err(format!("coords have shape ({}, {}), expected ({}, 2)", c.rows, c.cols, f.rows));
         }
     }
     Ok(arrays)
 }
 
 /// Builds an [`Array2`] over `bytes` from a shape, checking that the sizes agree.
-pub(crate) fn array2<'a>(
-    dtype: Dtype,
-    shape: &[usize],
-    bytes: &'a [u8],
-    what: &str,
-) -> Result<Array2<'a>, String> {
+pub(crate) fn array2<'a>(dtype: Dtype, shape: &[usize], bytes: &'a [u8], what: &str) -> Result<Array2<'a>, String> {
     let (rows, cols) = match *shape {
         [r, c] => (r, c),
         [r] if what == "features" => {
             return Err(format!("features are 1-D ({r}), expected (instances, dim)"));
         }
         _ => {
-            return Err(format!(
-                "{what} have shape {shape:?}, expected 2 dimensions"
-            ));
+            return Err(format!("{what} have shape {shape:?}, expected 2 dimensions"));
         }
     };
-    let need = rows
-        .checked_mul(cols)
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .ok_or("shape overflows")?;
+    let need = rows.checked_mul(cols).and_then(|n| n.checked_mul(dtype.size())).ok_or("shape overflows")?;
     if bytes.len() < need {
         return Err(format!(
             "{what} need {need} bytes for shape ({rows}, {cols}) but the file holds {}: truncated?",
             bytes.len()
         ));
     }
-    Ok(Array2 {
-        dtype,
-        rows,
-        cols,
-        bytes: &bytes[..need],
-    })
+    Ok(Array2 { dtype, rows, cols, bytes: &bytes[..need] })
 }
 
 #[cfg(test)]
@@ -216,9 +188,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/features")
-            .join(name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/features").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
@@ -230,22 +200,14 @@ mod tests {
         let bytes = fixture(name);
         let format = Format::of(Path::new(name)).unwrap();
         let a = parse(format, &bytes)?;
-        Ok((
-            a.features.to_f32(),
-            a.features.dtype,
-            a.coords.map(|c| c.to_f64()),
-        ))
+        Ok((a.features.to_f32(), a.features.dtype, a.coords.map(|c| c.to_f64())))
     }
 
     const COORDS: [f64; 10] = [0.0, 0.0, 0.0, 256.0, 256.0, 0.0, 256.0, 256.0, 512.0, 0.0];
 
     #[test]
     fn reads_torch_save_tensors_of_each_float_dtype() {
-        for (name, dtype) in [
-            ("f32.pt", Dtype::F32),
-            ("f16.pt", Dtype::F16),
-            ("bf16.pt", Dtype::BF16),
-        ] {
+        for (name, dtype) in [("f32.pt", Dtype::F32), ("f16.pt", Dtype::F16), ("bf16.pt", Dtype::BF16)] {
             let (values, got, coords) = read(name).unwrap();
             assert_eq!(values, expected(5, 4), "{name}");
             assert_eq!(got, dtype);
@@ -282,10 +244,6 @@ mod tests {
             assert!(err.contains(needle), "{name}: {err}");
         }
         assert!(parse(Format::Pt, b"").is_err());
-        assert!(
-            parse(Format::Safetensors, &fixture("f32.pt"))
-                .unwrap_err()
-                .contains("safetensors")
-        );
+        assert!(parse(Format::Safetensors, &fixture("f32.pt")).unwrap_err().contains("safetensors"));
     }
 }

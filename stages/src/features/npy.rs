@@ -9,24 +9,14 @@ pub fn parse(bytes: &[u8]) -> Result<Array2<'_>, String> {
     }
     let (len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize, 12),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = bytes
-        .get(start..start + len)
-        .ok_or(".npy header is truncated")?;
+    let header = bytes.get(start..start + len).ok_or(".npy header is truncated")?;
     let header = std::str::from_utf8(header).map_err(|_| ".npy header is not text")?;
     let field = |name: &str| -> Result<&str, String> {
-        let at = header
-            .find(&format!("'{name}'"))
-            .ok_or_else(|| format!(".npy header lacks '{name}'"))?;
-        Ok(header[at + name.len() + 2..]
-            .trim_start()
-            .trim_start_matches(':')
-            .trim_start())
+        let at = header.find(&format!("'{name}'")).ok_or_else(|| format!(".npy header lacks '{name}'"))?;
+        Ok(header[at + name.len() + 2..].trim_start().trim_start_matches(':').trim_start())
     };
     if field("fortran_order")?.starts_with("True") {
         return Err("Fortran-ordered .npy is not supported; save with order='C'".into());
@@ -56,8 +46,7 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (header.len() + 11) % 64 != 0 {
             header.push(' ');
         }
@@ -71,10 +60,7 @@ mod tests {
 
     #[test]
     fn reads_2d_float32() {
-        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let bytes = npy("<f4", "(3, 2)", &data);
         let a = parse(&bytes).unwrap();
         assert_eq!((a.rows, a.cols), (3, 2));
@@ -85,16 +71,8 @@ mod tests {
     fn truncated_and_wrong_shape_are_errors() {
         let bytes = npy("<f4", "(3, 2)", &[0; 20]);
         assert!(parse(&bytes).unwrap_err().contains("truncated"));
-        assert!(
-            parse(&npy("<f4", "(6,)", &[0; 24]))
-                .unwrap_err()
-                .contains("1-D")
-        );
-        assert!(
-            parse(&npy("<i4", "(3, 2)", &[0; 24]))
-                .unwrap_err()
-                .contains("<i4")
-        );
+        assert!(parse(&npy("<f4", "(6,)", &[0; 24])).unwrap_err().contains("1-D"));
+        assert!(parse(&npy("<i4", "(3, 2)", &[0; 24])).unwrap_err().contains("<i4"));
         assert!(parse(b"garbage").unwrap_err().contains("magic"));
     }
 }

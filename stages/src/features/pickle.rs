@@ -63,12 +63,7 @@ enum Slot {
 
 /// Decodes one pickle. Errors are plain messages; the caller adds the file name.
 pub fn load(bytes: &[u8]) -> Result<Value, String> {
-    let mut vm = Vm {
-        bytes,
-        pos: 0,
-        stack: Vec::new(),
-        memo: HashMap::new(),
-    };
+    let mut vm = Vm { bytes, pos: 0, stack: Vec::new(), memo: HashMap::new() };
     vm.run()
 }
 
@@ -81,11 +76,7 @@ struct Vm<'a> {
 
 impl Vm<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or("pickle is truncated")?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("pickle is truncated")?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -96,23 +87,16 @@ impl Vm<'_> {
     }
 
     fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
 
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
 
     fn line(&mut self) -> Result<String, String> {
         let rest = &self.bytes[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or("pickle is truncated")?;
+        let n = rest.iter().position(|&b| b == b'\n').ok_or("pickle is truncated")?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
@@ -154,10 +138,7 @@ impl Vm<'_> {
     }
 
     fn memo_get(&self, i: u32) -> Result<Value, String> {
-        self.memo
-            .get(&i)
-            .cloned()
-            .ok_or_else(|| format!("pickle memo {i} missing"))
+        self.memo.get(&i).cloned().ok_or_else(|| format!("pickle memo {i} missing"))
     }
 
     fn run(&mut self) -> Result<Value, String> {
@@ -188,20 +169,12 @@ impl Vm<'_> {
                     self.push(Value::Int(v.into()))
                 }
                 0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.u8()? as usize
-                    } else {
-                        self.u32()? as usize
-                    };
+                    let n = if op == 0x8a { self.u8()? as usize } else { self.u32()? as usize };
                     let b = self.take(n)?;
                     if n > 8 {
                         return Err("pickle integer too large".into());
                     }
-                    let fill = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        0xff
-                    } else {
-                        0
-                    };
+                    let fill = if b.last().is_some_and(|&x| x & 0x80 != 0) { 0xff } else { 0 };
                     let mut buf = [fill; 8];
                     buf[..n].copy_from_slice(b);
                     self.push(Value::Int(i64::from_le_bytes(buf)))
@@ -226,11 +199,7 @@ impl Vm<'_> {
                     self.push(Value::Str(s))
                 }
                 b'B' | b'C' => {
-                    let n = if op == b'B' {
-                        self.u32()? as usize
-                    } else {
-                        self.u8()? as usize
-                    };
+                    let n = if op == b'B' { self.u32()? as usize } else { self.u8()? as usize };
                     let b = self.take(n)?.to_vec();
                     self.push(Value::Bytes(b))
                 }
@@ -281,9 +250,7 @@ impl Vm<'_> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => {
-                            self.push(Value::Global(format!("{m}.{n}")))
-                        }
+                        (Value::Str(m), Value::Str(n)) => self.push(Value::Global(format!("{m}.{n}"))),
                         _ => return Err("pickle STACK_GLOBAL without names".into()),
                     }
                 }
@@ -337,10 +304,7 @@ impl Vm<'_> {
                     self.pop()?;
                 }
                 other => {
-                    return Err(format!(
-                        "unsupported pickle opcode 0x{other:02x} at byte {}",
-                        self.pos - 1
-                    ));
+                    return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1));
                 }
             }
         }
@@ -369,8 +333,7 @@ fn persistent(pid: Value) -> Result<Value, String> {
     };
     match items.as_slice() {
         [Value::Str(tag), Value::Global(class), key, ..] if tag == "storage" => {
-            let dtype =
-                storage_dtype(class).ok_or_else(|| format!("unsupported storage type {class}"))?;
+            let dtype = storage_dtype(class).ok_or_else(|| format!("unsupported storage type {class}"))?;
             let key = match key {
                 Value::Str(s) => s.clone(),
                 Value::Int(i) => i.to_string(),
@@ -403,15 +366,14 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
                 stride: stride.as_usizes().ok_or_else(bad)?,
             }))
         }
-        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => args
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("{name} without data")),
+        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
+            args.into_iter().next().ok_or_else(|| format!("{name} without data"))
+        }
         "collections.OrderedDict" => Ok(Value::Dict(Vec::new())),
         "builtins.set" | "builtins.frozenset" => Ok(Value::List(Vec::new())),
-        other => Err(format!(
-            "the file holds a Python object of type {other}, which is not a tensor or a dict of tensors"
-        )),
+        other => {
+            Err(format!("the file holds a Python object of type {other}, which is not a tensor or a dict of tensors"))
+        }
     }
 }
 
@@ -429,37 +391,18 @@ mod tests {
             items[0],
             (
                 Value::Str("a".into()),
-                Value::List(vec![
-                    Value::Int(1),
-                    Value::Int(-2),
-                    Value::Int(300),
-                    Value::Int(70000)
-                ])
+                Value::List(vec![Value::Int(1), Value::Int(-2), Value::Int(300), Value::Int(70000)])
             )
         );
-        assert_eq!(
-            items[1].1,
-            Value::Tuple(vec![Value::Float(1.5), Value::Bool(true), Value::None])
-        );
-        assert_eq!(
-            items[2].1,
-            Value::Str("a".into()),
-            "BINGET returns the memoised value"
-        );
+        assert_eq!(items[1].1, Value::Tuple(vec![Value::Float(1.5), Value::Bool(true), Value::None]));
+        assert_eq!(items[2].1, Value::Str("a".into()), "BINGET returns the memoised value");
     }
 
     #[test]
     fn truncated_and_unknown_input_are_errors_not_panics() {
-        assert_eq!(
-            load(b"\x80\x02X\x05\x00\x00\x00ab").unwrap_err(),
-            "pickle is truncated"
-        );
+        assert_eq!(load(b"\x80\x02X\x05\x00\x00\x00ab").unwrap_err(), "pickle is truncated");
         assert!(load(b"\x80\x02\xff").unwrap_err().contains("opcode 0xff"));
-        assert!(
-            load(b"cos\nsystem\n(X\x02\x00\x00\x00lstR.")
-                .unwrap_err()
-                .contains("os.system")
-        );
+        assert!(load(b"cos\nsystem\n(X\x02\x00\x00\x00lstR.").unwrap_err().contains("os.system"));
         assert!(load(b"").is_err());
     }
 }

@@ -19,21 +19,12 @@ fn dtype(d: St) -> Result<Dtype, String> {
 
 /// Parses a `.safetensors` file's bytes.
 pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'_>, String> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let get = |name: &str, what: &str| -> Result<Array2<'_>, String> {
         let t = st.tensor(name).map_err(|e| e.to_string())?;
         // The view's data borrows `st`; re-slice `bytes` so the array outlives it.
-        let (offset, len) = (
-            t.data().as_ptr() as usize - bytes.as_ptr() as usize,
-            t.data().len(),
-        );
-        array2(
-            dtype(t.dtype())?,
-            t.shape(),
-            &bytes[offset..offset + len],
-            what,
-        )
+        let (offset, len) = (t.data().as_ptr() as usize - bytes.as_ptr() as usize, t.data().len());
+        array2(dtype(t.dtype())?, t.shape(), &bytes[offset..offset + len], what)
     };
     let names = st.names();
     let features = if names.iter().any(|n| *n == "features") {
@@ -43,17 +34,9 @@ pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'_>, String> {
     } else {
         return Err(format!(
             "no tensor named `features` (found: {})",
-            names
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         ));
     };
-    let coords = if names.iter().any(|n| *n == "coords") {
-        Some(get("coords", "coords")?)
-    } else {
-        None
-    };
+    let coords = if names.iter().any(|n| *n == "coords") { Some(get("coords", "coords")?) } else { None };
     Ok(FeatureArrays { features, coords })
 }

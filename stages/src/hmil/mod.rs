@@ -1,0 +1,9 @@
+//! HMIL: the model, its loss, metrics, and the per-fold `train` and `evaluate` stages.
+
+pub mod data;
+pub mod evaluate;
+pub mod infer;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod train;

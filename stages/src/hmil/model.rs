@@ -1,0 +1,162 @@
+//! The HMIL network. A mini-batch of bags is one pass over the concatenated instances: attention
+//! is a per-bag segment softmax (scatter max, index_add sums), computed once; class logits are
+//! attention-weighted sums of per-instance classifier scores (equal to the classifier applied to
+//! the class-wise bag embeddings, without materialising them).
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// Sizes of the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Instance feature dimension D.
+    pub input: i64,
+    pub n_coarse: i64,
+    pub n_fine: i64,
+}
+
+/// Hidden sizes fixed by the published model.
+const HIDDEN: i64 = 256;
+const FINE_ATTN_HIDDEN: i64 = 64;
+
+/// Class-wise gated attention: `W_c(tanh(W_a h) ⊙ sigmoid(W_b h))`, one score per class.
+#[derive(Debug)]
+struct GatedAttention {
+    a: nn::Linear,
+    b: nn::Linear,
+    c: nn::Linear,
+}
+
+impl GatedAttention {
+    fn new(p: &nn::Path, input: i64, hidden: i64, classes: i64) -> GatedAttention {
+        let p = p / "0";
+        GatedAttention {
+            a: nn::linear(&p / "attention_a" / "0", input, hidden, linear_config()),
+            b: nn::linear(&p / "attention_b" / "0", input, hidden, linear_config()),
+            c: nn::linear(&p / "attention_c", hidden, classes, linear_config()),
+        }
+    }
+
+    /// Raw scores (T × classes).
+    fn scores(&self, h: &Tensor, dropout: f64, train: bool) -> Tensor {
+        let a = self.a.forward(h).tanh().dropout(dropout, train);
+        let b = self.b.forward(h).sigmoid().dropout(dropout, train);
+        self.c.forward(&(a * b))
+    }
+}
+
+fn linear_config() -> nn::LinearConfig {
+    nn::LinearConfig { ws_init: nn::init::DEFAULT_KAIMING_NORMAL, bs_init: Some(nn::Init::Const(0.0)), bias: true }
+}
+
+/// The HMIL network; parameter names are those of the published PyTorch model.
+#[derive(Debug)]
+pub struct Hmil {
+    pub dims: Dims,
+    fe0: nn::Linear,
+    fe2: nn::Linear,
+    reducer: nn::Linear,
+    coarse_attention: GatedAttention,
+    fine_attention: GatedAttention,
+    coarse_classifier: nn::Linear,
+    fine_classifier: nn::Linear,
+    /// Dropout probability after tanh/sigmoid in the attention (0 disables it).
+    pub dropout: f64,
+}
+
+/// A batch of bags: concatenated instances and the bag each belongs to.
+pub struct Batch {
+    /// T × D instance features (float32).
+    pub x: Tensor,
+    /// T bag indices in `0..bags` (int64), non-decreasing.
+    pub seg: Tensor,
+    pub bags: i64,
+}
+
+/// What a forward pass yields.
+pub struct Output {
+    /// B × n_c.
+    pub coarse_logits: Tensor,
+    /// B × n_f.
+    pub fine_logits: Tensor,
+    /// T × n_c coarse attention (softmax over each bag's instances).
+    pub coarse_attention: Tensor,
+    /// T × n_f fine attention.
+    pub fine_attention: Tensor,
+    /// T × 256 reduced instance features, for the fine bag embeddings.
+    h2: Tensor,
+}
+
+impl Hmil {
+    /// Creates the network's variables under `p` (Kaiming-normal weights, zero biases).
+    pub fn new(p: &nn::Path, dims: Dims, dropout: f64) -> Hmil {
+        let d = dims.input;
+        Hmil {
+            dims,
+            fe0: nn::linear(p / "feature_extractor" / "0", d, HIDDEN, linear_config()),
+            fe2: nn::linear(p / "feature_extractor" / "2", HIDDEN, d, linear_config()),
+            reducer: nn::linear(p / "feature_reducer" / "0", d, HIDDEN, linear_config()),
+            coarse_attention: GatedAttention::new(&(p / "coarse_attention"), d, HIDDEN, dims.n_coarse),
+            fine_attention: GatedAttention::new(&(p / "fine_attention"), HIDDEN, FINE_ATTN_HIDDEN, dims.n_fine),
+            coarse_classifier: nn::linear(p / "coarse_classifier", d, 1, linear_config()),
+            fine_classifier: nn::linear(p / "fine_classifier", HIDDEN, 1, linear_config()),
+            dropout,
+        }
+    }
+
+    /// One pass over a batch of bags.
+    pub fn forward(&self, batch: &Batch, train: bool) -> Output {
+        let h1 = self.fe2.forward(&self.fe0.forward(&batch.x).relu());
+        let h2 = self.reducer.forward(&h1);
+        let a1 = segment_softmax(&self.coarse_attention.scores(&h1, self.dropout, train), &batch.seg, batch.bags);
+        let a2 = segment_softmax(&self.fine_attention.scores(&h2, self.dropout, train), &batch.seg, batch.bags);
+        // classifier(A·h) = A·(classifier h): weight each instance's score by its attention.
+        let s1 = h1.matmul(&self.coarse_classifier.ws.tr());
+        let s2 = h2.matmul(&self.fine_classifier.ws.tr());
+        let coarse_logits =
+            segment_sum(&(&a1 * s1), &batch.seg, batch.bags) + self.coarse_classifier.bs.as_ref().expect("bias");
+        let fine_logits =
+            segment_sum(&(&a2 * s2), &batch.seg, batch.bags) + self.fine_classifier.bs.as_ref().expect("bias");
+        Output { coarse_logits, fine_logits, coarse_attention: a1, fine_attention: a2, h2 }
+    }
+}
+
+impl Output {
+    /// Fine class-wise bag embeddings `A2·h2` (B × n_f × 256), each row L2-normalised: the
+    /// contrastive views.
+    pub fn fine_views(&self, seg: &Tensor, bags: i64) -> Tensor {
+        let n_fine = self.fine_attention.size()[1];
+        let rows: Vec<Tensor> =
+            (0..n_fine).map(|f| segment_sum(&(&self.h2 * self.fine_attention.narrow(1, f, 1)), seg, bags)).collect();
+        let m2 = Tensor::stack(&rows, 1);
+        let norm = m2.norm_scalaropt_dim(2, [-1].as_slice(), true).clamp_min(1e-12);
+        m2 / norm
+    }
+}
+
+/// Softmax of `scores` (T × C) over the instances of each bag.
+pub fn segment_softmax(scores: &Tensor, seg: &Tensor, bags: i64) -> Tensor {
+    // Bags are contiguous runs of `seg`, so a segment max by run length shifts each bag.
+    let lengths = seg.bincount::<Tensor>(None, bags);
+    let max = Tensor::segment_reduce(&scores.detach(), "max", Some(&lengths), None, None, 0, false, f64::NEG_INFINITY);
+    let e = (scores - max.index_select(0, seg)).exp();
+    let sum = segment_sum(&e, seg, bags);
+    e / sum.index_select(0, seg)
+}
+
+/// Per-bag sums of the rows of `values` (T × C) → B × C.
+pub fn segment_sum(values: &Tensor, seg: &Tensor, bags: i64) -> Tensor {
+    let size = values.size();
+    Tensor::zeros([bags, size[1]], (values.kind(), values.device())).index_add(0, seg, values)
+}
+
+/// The fine→coarse group matrix (n_f × n_c, one-hot rows).
+pub fn group_matrix(fine_to_coarse: &[usize], n_coarse: i64, device: tch::Device) -> Tensor {
+    let n_fine = fine_to_coarse.len() as i64;
+    let idx: Vec<i64> = fine_to_coarse.iter().map(|&c| c as i64).collect();
+    Tensor::zeros([n_fine, n_coarse], (Kind::Float, device)).scatter_value(
+        1,
+        &Tensor::from_slice(&idx).view([-1, 1]).to(device),
+        1.0,
+    )
+}

@@ -1,0 +1,404 @@
+//! `train[fold=k]`: trains HMIL on a fold's training bags, keeps the checkpoint that scores best
+//! on its validation bags (the test bags are never looked at), and records every epoch.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Float64Array, Int32Array};
+use pipeline::{Context, Input, Stage, StageError};
+use schemas::workflow::{Balance, SelectMetric, Train};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::data::{Bag, FoldBags, Store, fold_bags};
+use super::infer::{argmax, predict};
+use super::loss::{self, LossConfig};
+use super::metrics::binary_auc;
+use super::model::{Dims, Hmil, group_matrix};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::table;
+
+/// Where the shared inputs of the per-fold stages come from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub pack_node: String,
+    pub labels_node: String,
+    pub splits_node: String,
+}
+
+impl Sources {
+    /// The packed store, labels and splits as declared inputs.
+    pub fn inputs(&self) -> Vec<Input> {
+        vec![
+            Input::artifact("features", &self.pack_node, "features.bin"),
+            Input::artifact("coords", &self.pack_node, "coords.bin"),
+            Input::artifact("packed", &self.pack_node, "packed.parquet"),
+            Input::artifact("labels", &self.labels_node, "labels.parquet"),
+            Input::artifact("splits", &self.splits_node, "splits.parquet"),
+        ]
+    }
+
+    /// Loads the store on `device` and the fold's bags.
+    pub fn load(ctx: &Context, fold: usize, device: Device) -> Result<(Store, FoldBags)> {
+        let store = Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device)?;
+        let bags = fold_bags(ctx.input("labels"), ctx.input("splits"), fold, &store)?;
+        Ok((store, bags))
+    }
+}
+
+/// The class hierarchy as the model needs it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Classes {
+    pub coarse: Vec<String>,
+    pub fine: Vec<String>,
+    pub fine_to_coarse: Vec<usize>,
+}
+
+/// Resolves `auto` / `cpu` / `cuda:N`.
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::Features(format!("bad device {other}")))?;
+            if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
+                return Err(Error::Features(format!("device {other} is not available on this machine")));
+            }
+            Ok(Device::Cuda(n))
+        }
+    }
+}
+
+/// The `train[fold=k]` stage.
+pub struct TrainFold {
+    pub fold: usize,
+    pub config: Train,
+    pub seed: u64,
+    pub classes: Classes,
+    pub sources: Sources,
+}
+
+impl Stage for TrainFold {
+    fn kind(&self) -> &str {
+        "train"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    fn params(&self) -> serde_json::Value {
+        let mut config = serde_json::to_value(&self.config).expect("serialises");
+        // The checkpoint is an input (by content), not a path parameter.
+        config.as_object_mut().expect("object").remove("init_from");
+        serde_json::json!({ "fold": self.fold, "seed": self.seed, "train": config, "classes": self.classes })
+    }
+    fn inputs(&self) -> Vec<Input> {
+        let mut v = self.sources.inputs();
+        if let Some(init) = &self.config.init_from {
+            v.push(Input::external("init_from", init));
+        }
+        v
+    }
+    fn outputs(&self) -> Vec<String> {
+        vec!["model.safetensors".into(), "history.parquet".into()]
+    }
+    fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        Ok(self.train(ctx)?)
+    }
+}
+
+/// Builds the network with deterministic, seeded Kaiming-normal weights (independent of
+/// libtorch's global generator, so folds trained side by side stay reproducible).
+pub fn build_model(vs: &nn::VarStore, dims: Dims, dropout: f64, seed: u64) -> Hmil {
+    let model = Hmil::new(&vs.root(), dims, dropout);
+    let mut rng = Rng::new(seed, 0x1417);
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let _guard = tch::no_grad_guard();
+    for (name, mut t) in vars {
+        let size = t.size();
+        let values: Vec<f32> = if name.ends_with(".weight") {
+            let std = (2.0 / size[1] as f64).sqrt();
+            (0..size.iter().product::<i64>()).map(|_| (rng.normal() * std) as f32).collect()
+        } else {
+            vec![0.0; size.iter().product::<i64>() as usize]
+        };
+        t.copy_(&Tensor::from_slice(&values).view(size.as_slice()).to(t.device()));
+    }
+    model
+}
+
+/// Writes the network's parameters (published names) as safetensors.
+pub fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })
+}
+
+/// Accuracy and one-vs-rest macro AUC of probabilities against labels.
+fn acc_auc(probs: &[Vec<f64>], y: &[i64]) -> (f64, f64) {
+    if y.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let acc = probs.iter().zip(y).filter(|(p, t)| argmax(p) as i64 == **t).count() as f64 / y.len() as f64;
+    let aucs: Vec<f64> = (0..probs[0].len())
+        .map(|c| {
+            binary_auc(
+                &y.iter().map(|&t| t == c as i64).collect::<Vec<_>>(),
+                &probs.iter().map(|p| p[c]).collect::<Vec<_>>(),
+            )
+        })
+        .filter(|a| a.is_finite())
+        .collect();
+    let auc = if aucs.len() >= 2 { aucs.iter().sum::<f64>() / aucs.len() as f64 } else { f64::NAN };
+    (acc, auc)
+}
+
+/// Mean cross-entropy of probabilities.
+fn mean_nll(probs: &[Vec<f64>], y: &[i64]) -> f64 {
+    probs.iter().zip(y).map(|(p, &t)| -(p[t as usize].max(1e-12)).ln()).sum::<f64>() / y.len().max(1) as f64
+}
+
+#[derive(Default)]
+struct History {
+    columns: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl History {
+    fn push(&mut self, row: &[(&'static str, f64)]) {
+        if self.columns.is_empty() {
+            self.columns = row.iter().map(|(n, _)| (*n, Vec::new())).collect();
+        }
+        for (col, (_, v)) in self.columns.iter_mut().zip(row) {
+            col.1.push(*v);
+        }
+    }
+
+    fn write(&self, path: &Path, fold: usize) -> Result<()> {
+        let n = self.columns.first().map_or(0, |c| c.1.len());
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(Int32Array::from(vec![fold as i32; n]))];
+        for (name, values) in &self.columns {
+            if *name == "epoch" {
+                cols.push(Arc::new(Int32Array::from_iter_values(values.iter().map(|v| *v as i32))));
+            } else {
+                cols.push(Arc::new(Float64Array::from(values.clone())));
+            }
+        }
+        table::write(path, schemas::tables::history(), cols)
+    }
+}
+
+impl TrainFold {
+    fn train(&self, ctx: &Context) -> Result<()> {
+        let cfg = &self.config;
+        if let Some(t) = cfg.threads {
+            tch::set_num_threads(t as i32);
+        }
+        let device = device(&cfg.device)?;
+        let (store, bags) = Sources::load(ctx, self.fold, device)?;
+        let c = &self.classes;
+        let dims = Dims { input: store.dim, n_coarse: c.coarse.len() as i64, n_fine: c.fine.len() as i64 };
+        let mut vs = nn::VarStore::new(device);
+        let model = build_model(&vs, dims, cfg.dropout, self.seed.wrapping_add(self.fold as u64));
+        if cfg.init_from.is_some() {
+            let path = ctx.input("init_from");
+            vs.load(path)
+                .map_err(|e| Error::BadFile { path: path.into(), message: format!("cannot load checkpoint: {e}") })?;
+        }
+        let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }
+            .build(&vs, cfg.lr)
+            .map_err(|e| Error::Features(format!("optimiser: {e}")))?;
+        let groups = group_matrix(&c.fine_to_coarse, dims.n_coarse, device);
+        let weights = (cfg.balance == Balance::LossWeights).then(|| class_weights(&bags.train, dims, device));
+        if bags.val.is_empty() {
+            tracing::warn!("fold {}: no validation slides; the last epoch's checkpoint is kept", self.fold);
+        }
+        let mut best: Option<(f64, Vec<(String, Tensor)>)> = None;
+        let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
+        let mut history = History::default();
+        let bar = ctx.progress(cfg.epochs as u64, "epochs");
+        for epoch in 0..cfg.epochs {
+            let start = Instant::now();
+            let (alpha, tau) = (loss::alpha(epoch, cfg.epochs), loss::tau(epoch, cfg.epochs));
+            let order = self.epoch_order(&bags.train, epoch);
+            let mut sums = [0.0f64; 6];
+            let (mut train_coarse, mut train_fine, mut y_c, mut y_f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for chunk in order.chunks(cfg.batch_size) {
+                let refs: Vec<&Bag> = chunk.iter().map(|&i| &bags.train[i]).collect();
+                let batch = store.batch(&refs);
+                let coarse = Tensor::from_slice(&refs.iter().map(|b| b.coarse).collect::<Vec<_>>()).to(device);
+                let fine = Tensor::from_slice(&refs.iter().map(|b| b.fine).collect::<Vec<_>>()).to(device);
+                let loss_cfg = LossConfig {
+                    alpha,
+                    tau,
+                    align_weight: cfg.align_weight,
+                    groups: &groups,
+                    class_weights: weights.as_ref().map(|(a, b)| (a, b)),
+                };
+                let bf16 = cfg.bf16 && device.is_cuda();
+                let (terms, out) = tch::autocast(bf16, || {
+                    let out = model.forward(&batch, true);
+                    (loss::terms(&out, &batch.seg, batch.bags, &coarse, &fine, &loss_cfg), out)
+                });
+                opt.backward_step(&terms.total);
+                let n = refs.len() as f64;
+                for (s, t) in sums.iter_mut().zip([
+                    &terms.total,
+                    &terms.ce_coarse,
+                    &terms.ce_fine,
+                    &terms.reg,
+                    &terms.con,
+                    &terms.align,
+                ]) {
+                    *s += t.double_value(&[]) * n;
+                }
+                let probs = |t: &Tensor| {
+                    let t = t.detach().softmax(-1, Kind::Double).to_device(Device::Cpu);
+                    let cols = t.size()[1] as usize;
+                    let flat: Vec<f64> = Vec::try_from(t.contiguous().view([-1])).expect("double tensor");
+                    flat.chunks(cols).map(<[f64]>::to_vec).collect::<Vec<_>>()
+                };
+                train_coarse.extend(probs(&out.coarse_logits));
+                train_fine.extend(probs(&out.fine_logits));
+                y_c.extend(refs.iter().map(|b| b.coarse));
+                y_f.extend(refs.iter().map(|b| b.fine));
+            }
+            let n_train = order.len().max(1) as f64;
+            let val = predict(&model, &store, &bags.val, cfg.batch_size, 0);
+            let vc: Vec<Vec<f64>> = val.iter().map(|p| p.coarse_probs.clone()).collect();
+            let vf: Vec<Vec<f64>> = val.iter().map(|p| p.fine_probs.clone()).collect();
+            let vy_c: Vec<i64> = bags.val.iter().map(|b| b.coarse).collect();
+            let vy_f: Vec<i64> = bags.val.iter().map(|b| b.fine).collect();
+            let val_loss = if val.is_empty() { f64::NAN } else { mean_nll(&vc, &vy_c) + mean_nll(&vf, &vy_f) };
+            let (tac, tauc_c) = acc_auc(&train_coarse, &y_c);
+            let (taf, tauc_f) = acc_auc(&train_fine, &y_f);
+            let (vac, vauc_c) = acc_auc(&vc, &vy_c);
+            let (vaf, vauc_f) = acc_auc(&vf, &vy_f);
+            let score = match cfg.select {
+                SelectMetric::FineAuc => vauc_f,
+                SelectMetric::FineAccuracy => vaf,
+                SelectMetric::CoarseAuc => vauc_c,
+                SelectMetric::Loss => -val_loss,
+            };
+            let improved =
+                best.as_ref().is_none_or(|(b, _)| score > *b || (b.is_nan() && !score.is_nan())) || val.is_empty();
+            if improved {
+                let snapshot = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+                best = Some((score, snapshot));
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+            history.push(&[
+                ("epoch", epoch as f64),
+                ("alpha", alpha),
+                ("tau", tau),
+                ("lr", lr),
+                ("loss", sums[0] / n_train),
+                ("loss_ce_coarse", sums[1] / n_train),
+                ("loss_ce_fine", sums[2] / n_train),
+                ("loss_reg", sums[3] / n_train),
+                ("loss_con", sums[4] / n_train),
+                ("loss_align", sums[5] / n_train),
+                ("train_acc_coarse", tac),
+                ("train_acc_fine", taf),
+                ("train_auc_coarse", tauc_c),
+                ("train_auc_fine", tauc_f),
+                ("val_loss", val_loss),
+                ("val_acc_coarse", vac),
+                ("val_acc_fine", vaf),
+                ("val_auc_coarse", vauc_c),
+                ("val_auc_fine", vauc_f),
+                ("seconds", start.elapsed().as_secs_f64()),
+            ]);
+            bar.set_message(format!("loss {:.3} val fine AUC {vauc_f:.3}", sums[0] / n_train));
+            bar.inc(1);
+            tracing::debug!(fold = self.fold, epoch, loss = sums[0] / n_train, val_auc_fine = vauc_f, "epoch done");
+            if let Some(p) = cfg.plateau.filter(|_| !val_loss.is_nan()) {
+                if val_loss < best_val_loss {
+                    best_val_loss = val_loss;
+                    plateau_wait = 0;
+                } else {
+                    plateau_wait += 1;
+                    if plateau_wait > p.patience {
+                        lr = (lr * p.factor).max(p.min_lr);
+                        opt.set_lr(lr);
+                        plateau_wait = 0;
+                    }
+                }
+            }
+            if cfg.early_stopping.is_some_and(|patience| since_best > patience) {
+                tracing::info!(fold = self.fold, epoch, "early stopping");
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if let Some((_, snapshot)) = best {
+            let mut vars = vs.variables();
+            let _guard = tch::no_grad_guard();
+            for (name, t) in snapshot {
+                vars.get_mut(&name).expect("same variables").copy_(&t);
+            }
+        }
+        save_checkpoint(&vs, &ctx.output("model.safetensors"))?;
+        history.write(&ctx.output("history.parquet"), self.fold)?;
+        Ok(())
+    }
+
+    /// This epoch's bag order: a seeded shuffle, or class-balanced draws with replacement.
+    fn epoch_order(&self, train: &[Bag], epoch: usize) -> Vec<usize> {
+        let mut rng = Rng::new(self.seed, ((self.fold as u64) << 32) | (1 << 20) | epoch as u64);
+        match self.config.balance {
+            Balance::Sampling => {
+                let mut count = std::collections::HashMap::new();
+                for b in train {
+                    *count.entry(b.fine).or_insert(0usize) += 1;
+                }
+                let weights: Vec<f64> = train.iter().map(|b| 1.0 / count[&b.fine] as f64).collect();
+                let total: f64 = weights.iter().sum();
+                (0..train.len())
+                    .map(|_| {
+                        let mut u = rng.uniform() * total;
+                        weights
+                            .iter()
+                            .position(|w| {
+                                u -= w;
+                                u < 0.0
+                            })
+                            .unwrap_or(train.len() - 1)
+                    })
+                    .collect()
+            }
+            _ => {
+                let mut order: Vec<usize> = (0..train.len()).collect();
+                rng.shuffle(&mut order);
+                order
+            }
+        }
+    }
+}
+
+/// Inverse-frequency class weights (coarse, fine), normalised to mean 1 over present classes.
+fn class_weights(train: &[Bag], dims: Dims, device: Device) -> (Tensor, Tensor) {
+    let weights = |n: i64, of: &dyn Fn(&Bag) -> i64| {
+        let mut count = vec![0.0f32; n as usize];
+        for b in train {
+            count[of(b) as usize] += 1.0;
+        }
+        let present = count.iter().filter(|&&c| c > 0.0).count() as f32;
+        let w: Vec<f32> =
+            count.iter().map(|&c| if c > 0.0 { train.len() as f32 / (present * c) } else { 0.0 }).collect();
+        Tensor::from_slice(&w).to(device)
+    };
+    (weights(dims.n_coarse, &|b| b.coarse), weights(dims.n_fine, &|b| b.fine))
+}
+
+/// Checkpoint path helper for `predict`: accepts a file or a train node's object directory.
+pub fn checkpoint_file(path: &Path) -> PathBuf {
+    if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() }
+}
