@@ -128,3 +128,32 @@ mod tests {
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
     }
 }
+
+#[cfg(test)]
+mod reference {
+    use super::*;
+    use crate::hmil::model::group_matrix;
+    use crate::hmil::model::tests::{fixture, get};
+
+    #[test]
+    fn loss_terms_match_pytorch() {
+        let (_vs, model, batch, expected) = fixture();
+        let schedule: Vec<i64> = Vec::try_from(get(&expected, "schedule")).unwrap();
+        let (epoch, epochs) = (schedule[0] as usize, schedule[1] as usize);
+        let groups = group_matrix(&[0, 0, 0, 1, 1, 2, 2], 3, tch::Device::Cpu);
+        let cfg = LossConfig {
+            alpha: alpha(epoch, epochs),
+            tau: tau(epoch, epochs),
+            align_weight: 0.0,
+            groups: &groups,
+            class_weights: None,
+        };
+        let out = model.forward(&batch, false);
+        let t = terms(&out, &batch.seg, 2, &get(&expected, "coarse"), &get(&expected, "fine"), &cfg);
+        let want: Vec<f32> = Vec::try_from(get(&expected, "terms")).unwrap();
+        let got = [&t.ce_coarse, &t.ce_fine, &t.reg, &t.con, &t.total].map(|x| x.double_value(&[]) as f32);
+        for (name, (g, w)) in ["ce_coarse", "ce_fine", "reg", "con", "total"].iter().zip(got.iter().zip(&want)) {
+            assert!((g - w).abs() < 1e-4, "{name}: {g} vs {w}");
+        }
+    }
+}

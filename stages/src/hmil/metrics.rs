@@ -146,8 +146,41 @@ mod tests {
 
     #[test]
     fn auc_with_ties() {
-        assert_eq!(binary_auc(&[false, true, false, true], &[0.1, 0.4, 0.35, 0.8]), 0.75);
+        assert_eq!(binary_auc(&[false, false, true, true], &[0.1, 0.4, 0.35, 0.8]), 0.75);
         assert_eq!(binary_auc(&[false, true], &[0.5, 0.5]), 0.5);
         assert!(binary_auc(&[true, true], &[0.1, 0.2]).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod sklearn {
+    use super::*;
+
+    #[test]
+    fn equals_scikit_learn() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/metrics.json");
+        let cases: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            let ints = |k: &str| -> Vec<usize> { serde_json::from_value(case[k].clone()).unwrap() };
+            let probs: Vec<Vec<f64>> = serde_json::from_value(case["probs"].clone()).unwrap();
+            let n_classes = case["n_classes"].as_u64().unwrap() as usize;
+            let (y_true, y_pred) = (ints("y_true"), ints("y_pred"));
+            let got = all(&Scored { y_true: &y_true, y_pred: &y_pred, probs: &probs, n_classes });
+            let value = |name: &str, class: Option<usize>| {
+                got.iter().find(|m| m.name == name && m.class == class && m.predicted.is_none()).unwrap().value
+            };
+            for name in ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auc_macro", "kappa_quadratic"] {
+                let want = case[name].as_f64().unwrap();
+                assert!((value(name, None) - want).abs() < 1e-12, "case {i} {name}: {} vs {want}", value(name, None));
+            }
+            for name in ["precision", "recall", "f1", "auc"] {
+                for c in 0..n_classes {
+                    let want = case[name][c].as_f64().unwrap();
+                    assert!((value(name, Some(c)) - want).abs() < 1e-12, "case {i} {name}[{c}]");
+                }
+            }
+            let confusion: f64 = got.iter().filter(|m| m.name == "confusion").map(|m| m.value).sum();
+            assert_eq!(confusion as usize, y_true.len());
+        }
     }
 }

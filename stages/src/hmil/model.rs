@@ -160,3 +160,96 @@ pub fn group_matrix(fine_to_coarse: &[usize], n_coarse: i64, device: tch::Device
         1.0,
     )
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use tch::{Device, nn};
+
+    use super::*;
+
+    /// The PyTorch fixture: a state_dict, a two-bag batch, and what PyTorch computed.
+    pub(crate) fn fixture() -> (nn::VarStore, Hmil, Batch, Vec<(String, Tensor)>) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hmil");
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let model = Hmil::new(&vs.root(), Dims { input: 16, n_coarse: 3, n_fine: 7 }, 0.0);
+        vs.load(dir.join("state_dict.safetensors")).unwrap();
+        let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();
+        let get = |n: &str| expected.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let batch = Batch { x: get("x"), seg: get("seg"), bags: 2 };
+        (vs, model, batch, expected)
+    }
+
+    pub(crate) fn get(expected: &[(String, Tensor)], name: &str) -> Tensor {
+        expected.iter().find(|(k, _)| k == name).unwrap().1.shallow_clone()
+    }
+
+    #[test]
+    fn pytorch_state_dict_loads_by_name_and_gives_the_same_logits() {
+        let (_vs, model, batch, expected) = fixture();
+        let out = model.forward(&batch, false);
+        for (name, got) in [("coarse_logits", &out.coarse_logits), ("fine_logits", &out.fine_logits)] {
+            let diff = (got - get(&expected, name)).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn segment_softmax_and_sum_by_hand() {
+        let scores = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 5.0, 5.0]).view([5, 1]);
+        let seg = Tensor::from_slice(&[0i64, 0, 0, 1, 1]);
+        let a: Vec<f32> = Vec::try_from(segment_softmax(&scores, &seg, 2).view([-1])).unwrap();
+        let z = 1.0 + 1f32.exp() + 2f32.exp();
+        let expected = [1.0 / z, 1f32.exp() / z, 2f32.exp() / z, 0.5, 0.5];
+        for (g, e) in a.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-6, "{a:?}");
+        }
+        let sums: Vec<f32> = Vec::try_from(segment_sum(&scores, &seg, 2).view([-1])).unwrap();
+        assert_eq!(sums, [3.0, 10.0]);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // Directional derivatives of the loss along the gradient and along a fixed random
+        // direction, over every parameter at once, against central differences.
+        let (vs, model, batch, expected) = fixture();
+        let fine = get(&expected, "fine");
+        let coarse = get(&expected, "coarse");
+        let loss_of = |m: &Hmil| {
+            let out = m.forward(&batch, false);
+            out.fine_logits.cross_entropy_for_logits(&fine) + out.coarse_logits.cross_entropy_for_logits(&coarse)
+        };
+        loss_of(&model).backward();
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let grads: Vec<Tensor> = vars.iter().map(|(_, v)| v.grad().copy()).collect();
+        let mut rng = crate::rng::Rng::new(5, 0);
+        let random: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| {
+                let r: Vec<f32> = (0..v.numel()).map(|_| rng.normal() as f32).collect();
+                Tensor::from_slice(&r).view(v.size().as_slice())
+            })
+            .collect();
+        let _g = tch::no_grad_guard();
+        for (label, dir) in [("gradient", &grads), ("random", &random)] {
+            let norm = dir.iter().map(|d| d.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+            let analytic = grads.iter().zip(dir).map(|(g, d)| (g * d).sum(Kind::Double).double_value(&[])).sum::<f64>() / norm;
+            let h = 1e-2;
+            let shift = |sign: f64| {
+                for ((_, v), d) in vars.iter().zip(dir) {
+                    let mut v = v.shallow_clone();
+                    let _ = v.g_add_(&(d * (sign * h / norm)));
+                }
+            };
+            shift(1.0);
+            let up = loss_of(&model).double_value(&[]);
+            shift(-2.0);
+            let down = loss_of(&model).double_value(&[]);
+            shift(1.0);
+            let numeric = (up - down) / (2.0 * h);
+            assert!((numeric - analytic).abs() < 2e-3 + 1e-2 * analytic.abs(), "{label}: {numeric} vs {analytic}");
+        }
+    }
+}
