@@ -94,7 +94,7 @@ pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)
             for j in 0..d {
                 let mut x = rng.normal() * 0.5;
                 if informative {
-                    x += scale * (0.6 * coarse_dir[coarse][j] + 0.35 * fine_dir[*fine][j]);
+                    x += scale * (0.3 * coarse_dir[coarse][j] + 0.2 * fine_dir[*fine][j]);
                 }
                 feats.push(x.max(0.0) as f32);
             }

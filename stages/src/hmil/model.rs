@@ -235,7 +235,8 @@ pub(crate) mod tests {
         let _g = tch::no_grad_guard();
         for (label, dir) in [("gradient", &grads), ("random", &random)] {
             let norm = dir.iter().map(|d| d.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
-            let analytic = grads.iter().zip(dir).map(|(g, d)| (g * d).sum(Kind::Double).double_value(&[])).sum::<f64>() / norm;
+            let analytic =
+                grads.iter().zip(dir).map(|(g, d)| (g * d).sum(Kind::Double).double_value(&[])).sum::<f64>() / norm;
             let h = 1e-2;
             let shift = |sign: f64| {
                 for ((_, v), d) in vars.iter().zip(dir) {

@@ -1,0 +1,203 @@
+//! The whole HMIL workflow through the `hmil-flow` binary on a small synthetic BRACS-shaped
+//! dataset: it learns, reruns nothing when nothing changed, and after a change reruns exactly
+//! what depends on it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::Float64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hmil-flow");
+
+fn hmil_flow(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "hmil-flow {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs the workflow and returns node id → status.
+fn run(wf: &Path, extra: &[&str]) -> BTreeMap<String, String> {
+    let summary = wf.with_file_name("summary.json");
+    let mut args = vec!["run", wf.to_str().unwrap(), "--jobs", "2", "--summary-json", summary.to_str().unwrap()];
+    args.extend(extra);
+    hmil_flow(&args);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(summary).unwrap()).unwrap();
+    json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap().to_owned(), n["status"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn executed(statuses: &BTreeMap<String, String>) -> Vec<&str> {
+    statuses.iter().filter(|(_, s)| *s == "executed").map(|(id, _)| id.as_str()).collect()
+}
+
+/// The current output `file` of node `id`, found through the node's record.
+fn artifact(dir: &Path, id: &str, file: &str) -> PathBuf {
+    let ws = dir.join(".hmil-flow");
+    for entry in fs::read_dir(ws.join("nodes")).unwrap().flatten() {
+        let record: serde_json::Value = serde_json::from_slice(&fs::read(entry.path()).unwrap()).unwrap();
+        let manifest = ws.join("objects").join(record["key"].as_str().unwrap()).join("manifest.json");
+        let manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+        if manifest["node"] == id {
+            return manifest_dir(&ws, &record).join(file);
+        }
+    }
+    panic!("no record of {id}");
+}
+
+fn manifest_dir(ws: &Path, record: &serde_json::Value) -> PathBuf {
+    ws.join("objects").join(record["key"].as_str().unwrap())
+}
+
+fn read(path: &Path) -> RecordBatch {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(fs::File::open(path).unwrap()).unwrap().build().unwrap();
+    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+/// Mean over folds of a test-split summary metric at one level.
+fn mean_test_metric(dir: &Path, folds: usize, level: &str, metric: &str) -> f64 {
+    let mut values = Vec::new();
+    for fold in 0..folds {
+        let m = read(&artifact(dir, &format!("evaluate[fold={fold}]"), "metrics.parquet"));
+        let col = |n: &str| m.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let (split, lvl, name, class) =
+            (col("split"), col("level"), col("metric"), m.column_by_name("class").unwrap().clone());
+        let value = m.column_by_name("value").unwrap().as_primitive::<Float64Type>();
+        for i in 0..m.num_rows() {
+            if split.value(i) == "test" && lvl.value(i) == level && name.value(i) == metric && class.is_null(i) {
+                values.push(value.value(i));
+            }
+        }
+    }
+    assert_eq!(values.len(), folds);
+    values.iter().sum::<f64>() / folds as f64
+}
+
+fn setup(dir: &Path, epochs: usize) -> PathBuf {
+    let data = dir.join("data");
+    hmil_flow(&[
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--scale",
+        "0.2",
+        "--mean-instances",
+        "48",
+        "--dim",
+        "48",
+        "--seed",
+        "3",
+    ]);
+    let wf = dir.join("flow.toml");
+    fs::write(
+        &wf,
+        format!(
+            r#"[workflow]
+name = "test"
+seed = 11
+
+[dataset]
+features = "data/pt_files"
+labels = "data/labels.csv"
+
+[labels.hierarchy]
+benign = ["N", "PB", "UDH"]
+atypical = ["FEA", "ADH"]
+malignant = ["DCIS", "IC"]
+
+[splits]
+folds = 3
+val_frac = 0.15
+
+[train]
+epochs = {epochs}
+batch_size = 16
+lr = 1e-3
+device = "cpu"
+threads = 1
+"#
+        ),
+    )
+    .unwrap();
+    wf
+}
+
+#[test]
+fn learns_caches_and_reruns_exactly_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 25);
+    let first = run(&wf, &[]);
+    assert!(first.values().all(|s| s == "executed"), "{first:?}");
+    assert_eq!(first.len(), 4 + 2 * 3);
+
+    // It learns: fine-level macro AUC on held-out test slides well above chance (0.5).
+    let auc = mean_test_metric(dir.path(), 3, "fine", "auc_macro");
+    eprintln!("test fine macro AUC {auc:.3}");
+    assert!(auc > 0.7, "test fine macro AUC {auc}");
+
+    // Nothing changed: nothing runs.
+    let again = run(&wf, &[]);
+    assert!(again.values().all(|s| s == "cached"), "{again:?}");
+
+    // One slide's label changes (a single-slide case, so no case conflict).
+    let csv_path = dir.path().join("data/labels.csv");
+    let csv = fs::read_to_string(&csv_path).unwrap();
+    let line = csv.lines().find(|l| l.starts_with("case_0001,")).unwrap().to_owned();
+    fs::write(&csv_path, csv.replace(&line, &line.replace(",N", ",PB"))).unwrap();
+    let status = hmil_flow(&["status", wf.to_str().unwrap()]);
+    assert!(status.contains("stale  join_labels: input labels.csv changed"), "{status}");
+    assert!(status.contains("fresh  index_features") && status.contains("fresh  pack_features"), "{status}");
+    assert!(status.contains("stale  train[fold=0]: upstream"), "{status}");
+    let after_label = run(&wf, &[]);
+    assert_eq!(after_label["index_features"], "cached");
+    assert_eq!(after_label["pack_features"], "cached");
+    let mut expected = vec!["join_labels", "split_folds"];
+    expected.extend([
+        "evaluate[fold=0]",
+        "evaluate[fold=1]",
+        "evaluate[fold=2]",
+        "train[fold=0]",
+        "train[fold=1]",
+        "train[fold=2]",
+    ]);
+    expected.sort();
+    assert_eq!(executed(&after_label), expected);
+
+    // An evaluation-only setting: only evaluation reruns.
+    let eval_only = run(&wf, &["--set", "evaluate.attention_top_k=4"]);
+    assert_eq!(executed(&eval_only), ["evaluate[fold=0]", "evaluate[fold=1]", "evaluate[fold=2]"]);
+
+    // Epochs: training and evaluation rerun, the splits do not.
+    let status = hmil_flow(&["status", wf.to_str().unwrap(), "--set", "train.epochs=3"]);
+    assert!(status.contains("stale  train[fold=1]: param train.epochs 25→3"), "{status}");
+    let fewer = run(&wf, &["--set", "train.epochs=3"]);
+    assert_eq!(fewer["split_folds"], "cached");
+    assert_eq!(executed(&fewer).len(), 6, "{fewer:?}");
+}
+
+#[test]
+fn same_seed_gives_identical_splits_and_cpu_results() {
+    let digests = |dir: &Path| {
+        ["split_folds/splits.parquet", "train[fold=1]/model.safetensors", "evaluate[fold=1]/predictions.parquet"].map(
+            |p| {
+                let (id, file) = p.split_once('/').unwrap();
+                fs::read(artifact(dir, id, file)).unwrap()
+            },
+        )
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [a.path(), b.path()] {
+        let wf = setup(dir, 3);
+        run(&wf, &[]);
+    }
+    assert!(digests(a.path()) == digests(b.path()), "two runs of the same workflow differ");
+}
