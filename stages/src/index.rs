@@ -51,7 +51,7 @@ pub fn feature_files(dir: &Path) -> Result<Vec<(String, PathBuf, Format)>> {
     }
     if out.is_empty() {
         return Err(Error::Features(format!(
-            "{}: no feature files (.pt, .pth, .safetensors, .npy) found",
+            "{}: no feature files (.pt, .pth, .h5, .hdf5, .safetensors, .npy) found",
             dir.display()
         )));
     }

@@ -84,6 +84,7 @@ impl PackFeatures {
                     }
                 }
             }
+            let with_coords = arrays.coords.is_some();
             let xy = arrays.coords.map(|c| c.to_f64()).unwrap_or_else(|| vec![f64::NAN; arrays.features.rows * 2]);
             for v in xy {
                 coords.write_all(&v.to_le_bytes()).map_err(|e| Error::io(&coord_path, e))?;
@@ -91,7 +92,7 @@ impl PackFeatures {
             offsets.push(row);
             counts.push(arrays.features.rows as i64);
             dims.push(arrays.features.cols as i64);
-            has_coords.push(Some(arrays.coords.is_some()));
+            has_coords.push(Some(with_coords));
             row += arrays.features.rows as i64;
             bar.inc(1);
         }

@@ -1,11 +1,13 @@
-//! Readers of per-slide feature files: PyTorch `.pt` (torch.save), `.safetensors`, `.npy`
-//! (and HDF5 where supported). Each reader works on the file's bytes, so a file is read once.
+//! Readers of per-slide feature files: PyTorch `.pt` (torch.save), HDF5 (CLAM, TRIDENT, STAMP),
+//! `.safetensors` and `.npy`. Each reader works on the file's bytes, so a file is read once.
 
+mod h5;
 mod npy;
 mod pickle;
 mod pt;
 mod safetensors;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -61,6 +63,7 @@ impl Dtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Pt,
+    H5,
     Safetensors,
     Npy,
 }
@@ -70,6 +73,7 @@ impl Format {
     pub fn of(path: &Path) -> Option<Format> {
         match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
             "pt" | "pth" => Some(Format::Pt),
+            "h5" | "hdf5" => Some(Format::H5),
             "safetensors" => Some(Format::Safetensors),
             "npy" => Some(Format::Npy),
             _ => None,
@@ -80,27 +84,28 @@ impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Pt => "pt",
+            Format::H5 => "h5",
             Format::Safetensors => "safetensors",
             Format::Npy => "npy",
         }
     }
 }
 
-/// A typed, row-major view of a 2-D array inside a file's bytes.
-#[derive(Debug, Clone, Copy)]
+/// A typed, row-major 2-D array: a view into a file's bytes, or assembled from them (HDF5 chunks).
+#[derive(Debug, Clone)]
 pub struct Array2<'a> {
     pub dtype: Dtype,
     pub rows: usize,
     pub cols: usize,
     /// Exactly `rows * cols * dtype.size()` little-endian bytes.
-    pub bytes: &'a [u8],
+    pub bytes: Cow<'a, [u8]>,
 }
 
 impl Array2<'_> {
     /// Converts every element to `f32`.
     pub fn to_f32(&self) -> Vec<f32> {
         let n = self.rows * self.cols;
-        let b = self.bytes;
+        let b = &self.bytes;
         let at = |i: usize, w: usize| &b[i * w..(i + 1) * w];
         (0..n)
             .map(|i| match self.dtype {
@@ -132,7 +137,7 @@ impl Array2<'_> {
 }
 
 /// The arrays of one feature file: features (N × D) and optional coordinates (N × 2).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FeatureArrays<'a> {
     pub features: Array2<'a>,
     pub coords: Option<Array2<'a>>,
@@ -142,6 +147,7 @@ pub struct FeatureArrays<'a> {
 pub fn parse(format: Format, bytes: &[u8]) -> Result<FeatureArrays<'_>, String> {
     let arrays = match format {
         Format::Pt => pt::parse(bytes)?,
+        Format::H5 => h5::parse(bytes)?,
         Format::Safetensors => safetensors::parse(bytes)?,
         Format::Npy => FeatureArrays { features: npy::parse(bytes)?, coords: None },
     };
@@ -161,7 +167,13 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<FeatureArrays<'_>, String> 
 }
 
 /// Builds an [`Array2`] over `bytes` from a shape, checking that the sizes agree.
-pub(crate) fn array2<'a>(dtype: Dtype, shape: &[usize], bytes: &'a [u8], what: &str) -> Result<Array2<'a>, String> {
+pub(crate) fn array2<'a>(
+    dtype: Dtype,
+    shape: &[usize],
+    bytes: impl Into<Cow<'a, [u8]>>,
+    what: &str,
+) -> Result<Array2<'a>, String> {
+    let bytes = bytes.into();
     let (rows, cols) = match *shape {
         [r, c] => (r, c),
         [r] if what == "features" => {
@@ -178,7 +190,14 @@ pub(crate) fn array2<'a>(dtype: Dtype, shape: &[usize], bytes: &'a [u8], what: &
             bytes.len()
         ));
     }
-    Ok(Array2 { dtype, rows, cols, bytes: &bytes[..need] })
+    let bytes = match bytes {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..need]),
+        Cow::Owned(mut v) => {
+            v.truncate(need);
+            Cow::Owned(v)
+        }
+    };
+    Ok(Array2 { dtype, rows, cols, bytes })
 }
 
 #[cfg(test)]
@@ -222,6 +241,17 @@ mod tests {
         assert_eq!(coords.unwrap(), COORDS);
         let (values, _, _) = read("offset.pt").unwrap();
         assert_eq!(values, (20..40).map(|i| i as f32 / 8.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reads_clam_and_stamp_h5() {
+        let (values, dtype, coords) = read("clam.h5").unwrap();
+        assert_eq!((values, dtype), (expected(5, 4), Dtype::F32));
+        assert_eq!(coords.unwrap(), COORDS);
+        let (values, dtype, coords) = read("stamp.h5").unwrap();
+        assert_eq!((values, dtype), (expected(5, 4), Dtype::F16));
+        assert_eq!(coords.unwrap(), COORDS.map(|c| c * 0.5));
+        assert!(parse(Format::H5, &fixture("f32.pt")).unwrap_err().contains("HDF5"));
     }
 
     #[test]

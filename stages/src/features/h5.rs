@@ -1,0 +1,43 @@
+//! HDF5 feature files: CLAM / TRIDENT (`features` N × D, `coords` N × 2 int64 pixels) and STAMP
+//! (`feats` float16, `coords` float µm). Chunked and deflate-compressed datasets are assembled.
+
+use hdf5_pure::{DType, Datatype, DatatypeByteOrder, File};
+
+use super::{Array2, Dtype, FeatureArrays, array2};
+
+fn dtype(ds: &hdf5_pure::Dataset, name: &str) -> Result<Dtype, String> {
+    let err = |e: hdf5_pure::Error| format!("dataset `{name}`: {e}");
+    Ok(match ds.dtype().map_err(err)? {
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        DType::I64 => Dtype::I64,
+        DType::I32 => Dtype::I32,
+        DType::Other(t) => match *t {
+            Datatype::FloatingPoint { size: 2, byte_order: DatatypeByteOrder::LittleEndian, .. } => Dtype::F16,
+            other => return Err(format!("dataset `{name}` has an unsupported type {other:?}")),
+        },
+        other => return Err(format!("dataset `{name}` has an unsupported type {other}")),
+    })
+}
+
+fn read(file: &File, name: &str, what: &str) -> Result<Array2<'static>, String> {
+    let ds = file.dataset(name).map_err(|e| format!("dataset `{name}`: {e}"))?;
+    let dtype = dtype(&ds, name)?;
+    let shape: Vec<usize> =
+        ds.shape().map_err(|e| format!("dataset `{name}`: {e}"))?.into_iter().map(|d| d as usize).collect();
+    let raw = ds.read_raw().map_err(|e| format!("dataset `{name}`: {e}"))?;
+    array2(dtype, &shape, raw, what)
+}
+
+/// Parses an HDF5 file's bytes.
+pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'static>, String> {
+    let file = File::from_bytes(bytes.to_vec()).map_err(|e| format!("not a readable HDF5 file: {e}"))?;
+    let names = file.root().datasets().map_err(|e| format!("HDF5: {e}"))?;
+    let has = |n: &str| names.iter().any(|d| d.trim_start_matches('/') == n);
+    let features = match ["features", "feats"].into_iter().find(|n| has(n)) {
+        Some(n) => read(&file, n, "features")?,
+        None => return Err(format!("no `features` or `feats` dataset (found: {})", names.join(", "))),
+    };
+    let coords = if has("coords") { Some(read(&file, "coords", "coords")?) } else { None };
+    Ok(FeatureArrays { features, coords })
+}
