@@ -76,6 +76,11 @@ pub enum Command {
         #[arg(long)]
         dot: bool,
     },
+    /// Measure: feature indexing against plain reads, or a training epoch against the matmul floor.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// Write a synthetic dataset in CLAM layout (pt_files/ and labels.csv).
     Synth {
         /// Output directory.
@@ -95,5 +100,32 @@ pub enum Command {
         dim: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Index a directory of feature files: plain read vs first index vs unchanged re-index.
+    Index {
+        /// The features directory.
+        dir: PathBuf,
+    },
+    /// Time training epochs on synthetic bags resident on the device, beside the matmul floor.
+    Epoch {
+        #[arg(long, default_value_t = 545)]
+        slides: usize,
+        /// Median instances per slide.
+        #[arg(long, default_value_t = 1000)]
+        instances: usize,
+        #[arg(long, default_value_t = 1024)]
+        dim: i64,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        /// CPU threads for libtorch (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// `cpu`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use cli::{Cli, Command, LogFormat, WorkflowArgs};
+use cli::{Bench, Cli, Command, LogFormat, WorkflowArgs};
 use pipeline::{Dag, Freshness, RunOptions, Store};
 use schemas::workflow::Workflow;
 
@@ -107,6 +107,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Synth { out, preset, scale, mean_instances, dim, seed } => {
             synth(&out, &preset, scale, mean_instances, dim, seed)?
         }
+        Command::Bench { what } => bench(what)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -145,4 +146,57 @@ fn synth(out: &Path, preset: &str, scale: f64, mean_instances: usize, dim: usize
         out.display()
     );
     Ok(())
+}
+
+fn bench(what: Bench) -> Result<()> {
+    match what {
+        Bench::Index { dir } => {
+            let scratch = tempfile_dir()?;
+            let r = stages::bench::index(&dir, &scratch)?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            let mb = r.bytes as f64 / 1e6;
+            println!("{} files, {mb:.1} MB (page cache warm for both)", r.files);
+            println!("plain read        {:>8.3}s  {:>8.1} MB/s", r.plain_read_s, mb / r.plain_read_s);
+            println!(
+                "first index       {:>8.3}s  {:>8.1} MB/s  ({:.0}% of plain read)",
+                r.first_index_s,
+                mb / r.first_index_s,
+                100.0 * r.plain_read_s / r.first_index_s
+            );
+            println!("unchanged reindex {:>8.3}s  files read: {}", r.reindex_s, r.reindex_files_read);
+        }
+        Bench::Epoch { slides, instances, dim, epochs, threads, device } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t as i32);
+            }
+            let device = stages::hmil::train::device(&device)?;
+            let r = stages::bench::epoch(slides, instances, dim, epochs, device)?;
+            println!(
+                "{} slides, {} instances, dim {}, {} on {} ({} threads)",
+                r.slides,
+                r.instances,
+                r.dim,
+                if epochs == 1 { "1 epoch".into() } else { format!("{epochs} epochs") },
+                r.device,
+                r.threads
+            );
+            println!(
+                "training FLOPs per instance {:.2} M; fp32 matmul {:.1} GFLOP/s",
+                r.flops_per_instance / 1e6,
+                r.matmul_gflops
+            );
+            println!("matmul floor      {:>8.2}s per epoch", r.floor_s);
+            for (i, s) in r.epoch_s.iter().enumerate() {
+                println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fresh scratch directory under the system temp dir.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("hmil-flow-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

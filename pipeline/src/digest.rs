@@ -1,8 +1,10 @@
-//! Content digests (BLAKE3) and a stat cache that avoids re-reading unchanged files.
+//! Content digests and a stat cache that avoids re-reading unchanged files. File contents are
+//! digested with XXH3-128 (several GB/s, so hashing keeps up with reading); cache keys and other
+//! short canonical strings with BLAKE3.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
@@ -12,17 +14,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, io};
 
-/// Hex BLAKE3 digest of a file's bytes, or of any canonical byte string.
+/// Hex BLAKE3 digest of a canonical byte string (cache keys, ids).
 pub fn hash_bytes(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// Reads a whole file and returns its hex BLAKE3 digest.
+/// Hex XXH3-128 digest of content held in memory.
+pub fn content_digest(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// Streams a whole file through XXH3-128 and returns its hex digest.
 pub fn hash_file(path: &Path) -> Result<String> {
-    let file = fs::File::open(path).map_err(io(path))?;
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(BufReader::with_capacity(1 << 20, file)).map_err(io(path))?;
-    Ok(hasher.finalize().to_hex().to_string())
+    let mut file = BufReader::with_capacity(1 << 20, fs::File::open(path).map_err(io(path))?);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    loop {
+        let chunk = file.fill_buf().map_err(io(path))?;
+        if chunk.is_empty() {
+            break;
+        }
+        hasher.update(chunk);
+        let n = chunk.len();
+        file.consume(n);
+    }
+    Ok(format!("{:032x}", hasher.digest128()))
 }
 
 /// Size and modification time of a file, the pair a cached digest is trusted on.
@@ -101,7 +116,7 @@ impl StatCache {
             return Ok((e.digest.clone(), facts));
         }
         let bytes = fs::read(&key).map_err(|e| e.to_string())?;
-        let digest = hash_bytes(&bytes);
+        let digest = content_digest(&bytes);
         let facts = compute(&bytes)?;
         let value = serde_json::to_value(&facts).map_err(|e| e.to_string())?;
         let mut entries = self.entries.lock().expect("stat cache poisoned");
@@ -162,7 +177,7 @@ mod tests {
         fs::write(&f, b"hello").unwrap();
         let cache = StatCache::load(dir.path().join("cache.json"));
         let d1 = cache.file_digest(&f).unwrap();
-        assert_eq!(d1, hash_bytes(b"hello"));
+        assert_eq!(d1, content_digest(b"hello"));
         // Swap the cached digest: a hit must return it without reading the file.
         let key = fs::canonicalize(&f).unwrap();
         cache.entries.lock().unwrap().get_mut(&key).unwrap().digest = "sentinel".into();
@@ -171,7 +186,7 @@ mod tests {
         let reloaded = StatCache::load(dir.path().join("cache.json"));
         assert_eq!(reloaded.file_digest(&f).unwrap(), "sentinel");
         fs::write(&f, b"hello, world").unwrap();
-        assert_eq!(reloaded.file_digest(&f).unwrap(), hash_bytes(b"hello, world"));
+        assert_eq!(reloaded.file_digest(&f).unwrap(), content_digest(b"hello, world"));
     }
 
     #[test]
@@ -185,7 +200,7 @@ mod tests {
             calls.set(calls.get() + 1);
             Ok(b.len())
         };
-        assert_eq!(cache.file_facts(&f, "len", len).unwrap(), (hash_bytes(b"four"), 4));
+        assert_eq!(cache.file_facts(&f, "len", len).unwrap(), (content_digest(b"four"), 4));
         assert_eq!(cache.file_facts(&f, "len", len).unwrap().1, 4);
         assert_eq!(calls.get(), 1);
         assert!(cache.file_facts(&f, "other", |_| Err::<u8, _>("bad".into())).is_err());

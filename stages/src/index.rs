@@ -98,53 +98,69 @@ impl Stage for IndexFeatures {
     }
 }
 
-struct Row {
-    slide: String,
-    path: PathBuf,
-    format: Format,
-    bytes: u64,
-    digest: String,
-    facts: FileFacts,
+/// Under which name indexing facts are remembered per file version.
+pub const FACTS_KIND: &str = "index_features/1";
+
+/// One indexed file.
+pub struct Row {
+    pub slide: String,
+    pub path: PathBuf,
+    pub format: Format,
+    pub bytes: u64,
+    pub digest: String,
+    pub facts: FileFacts,
+}
+
+/// Digests and facts of `files`, on all cores; `facts_of` supplies (digest, facts) of one file
+/// (reading it only when needed), `done` is called after each file.
+pub fn scan<F>(
+    files: &[(String, PathBuf, Format)],
+    facts_of: F,
+    done: impl Fn() + Sync,
+) -> Vec<std::result::Result<Row, (PathBuf, String)>>
+where
+    F: Fn(&Path, Format) -> std::result::Result<(String, FileFacts), String> + Sync,
+{
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len()).max(1);
+    let (facts_of, done) = (&facts_of, &done);
+    std::thread::scope(|s| {
+        let chunks: Vec<_> = files
+            .chunks(files.len().div_ceil(threads).max(1))
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(slide, path, format)| {
+                            let row =
+                                facts_of(path, *format).map_err(|e| (path.clone(), e)).and_then(|(digest, facts)| {
+                                    let bytes =
+                                        std::fs::metadata(path).map_err(|e| (path.clone(), e.to_string()))?.len();
+                                    Ok(Row {
+                                        slide: slide.clone(),
+                                        path: path.clone(),
+                                        format: *format,
+                                        bytes,
+                                        digest,
+                                        facts,
+                                    })
+                                });
+                            done();
+                            row
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        chunks.into_iter().flat_map(|h| h.join().expect("indexing thread panicked")).collect()
+    })
 }
 
 impl IndexFeatures {
     fn index(&self, ctx: &Context) -> Result<()> {
         let files = feature_files(ctx.input("features"))?;
         let bar = ctx.progress(files.len() as u64, "indexing feature files");
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len());
-        let results: Vec<std::result::Result<Row, (PathBuf, String)>> = std::thread::scope(|s| {
-            let chunks: Vec<_> = files
-                .chunks(files.len().div_ceil(threads))
-                .map(|chunk| {
-                    let bar = bar.clone();
-                    s.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(slide, path, format)| {
-                                let r = ctx
-                                    .file_facts(path, "index_features/1", |b| facts(*format, b))
-                                    .map_err(|e| (path.clone(), e))
-                                    .and_then(|(digest, facts)| {
-                                        let bytes =
-                                            std::fs::metadata(path).map_err(|e| (path.clone(), e.to_string()))?.len();
-                                        Ok(Row {
-                                            slide: slide.clone(),
-                                            path: path.clone(),
-                                            format: *format,
-                                            bytes,
-                                            digest,
-                                            facts,
-                                        })
-                                    });
-                                bar.inc(1);
-                                r
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            chunks.into_iter().flat_map(|h| h.join().expect("indexing thread panicked")).collect()
-        });
+        let results =
+            scan(&files, |path, format| ctx.file_facts(path, FACTS_KIND, |b| facts(format, b)), || bar.inc(1));
         bar.finish_and_clear();
         let (rows, bad): (Vec<_>, Vec<_>) = results.into_iter().partition(std::result::Result::is_ok);
         let rows: Vec<Row> = rows.into_iter().map(std::result::Result::unwrap).collect();

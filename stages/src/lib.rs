@@ -1,5 +1,6 @@
 //! The stages of an HMIL workflow and how a workflow file becomes their DAG.
 
+pub mod bench;
 pub mod error;
 pub mod features;
 pub mod hmil;

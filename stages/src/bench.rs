@@ -1,0 +1,196 @@
+//! Benchmarks shipped with the tool (`hmil-flow bench …`): feature indexing against plain reads,
+//! and a training epoch against the machine's matrix-multiply floor.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::hmil::loss::{self, LossConfig};
+use crate::hmil::model::{Batch, Dims, group_matrix};
+use crate::hmil::train::build_model;
+use crate::index::{FACTS_KIND, FileFacts, facts, feature_files, scan};
+use crate::rng::Rng;
+
+/// Indexing throughput against plain reading, and the cost of an unchanged re-index.
+#[derive(Debug)]
+pub struct IndexReport {
+    pub files: usize,
+    pub bytes: u64,
+    pub plain_read_s: f64,
+    pub first_index_s: f64,
+    pub reindex_s: f64,
+    /// Files whose bytes the unchanged re-index read.
+    pub reindex_files_read: usize,
+}
+
+/// Reads every feature file under `dir` plainly, then indexes them with an empty digest cache
+/// (reading, hashing, parsing), then again with the cache warm; both on all cores. The page cache
+/// is warmed first so both sides read from memory alike.
+pub fn index(dir: &Path, scratch: &Path) -> Result<IndexReport> {
+    let files = feature_files(dir)?;
+    // Plain reading on the same threads as indexing: each file read whole, nothing else.
+    let plain = || -> Result<u64> {
+        let bytes = AtomicUsize::new(0);
+        let rows = scan(
+            &files,
+            |path, _| {
+                let n = std::fs::read(path).map_err(|e| e.to_string())?.len();
+                bytes.fetch_add(n, Ordering::Relaxed);
+                Ok((String::new(), FileFacts { n_instances: 0, dim: 0, dtype: String::new(), has_coords: false }))
+            },
+            || {},
+        );
+        if let Some(Err((path, message))) = rows.into_iter().find(std::result::Result::is_err) {
+            return Err(Error::BadFile { path, message });
+        }
+        Ok(bytes.load(Ordering::Relaxed) as u64)
+    };
+    plain()?;
+    let start = Instant::now();
+    let bytes = plain()?;
+    let plain_read_s = start.elapsed().as_secs_f64();
+    let cache = pipeline::StatCache::load(scratch.join("bench-stat-cache.json"));
+    let reads = AtomicUsize::new(0);
+    let run = || -> Result<f64> {
+        let start = Instant::now();
+        let rows = scan(
+            &files,
+            |path, format| {
+                cache.file_facts(path, FACTS_KIND, |b| {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    facts(format, b)
+                })
+            },
+            || {},
+        );
+        if let Some(Err((path, message))) = rows.into_iter().find(std::result::Result::is_err) {
+            return Err(Error::BadFile { path, message });
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let first_index_s = run()?;
+    reads.store(0, Ordering::Relaxed);
+    let reindex_s = run()?;
+    Ok(IndexReport {
+        files: files.len(),
+        bytes,
+        plain_read_s,
+        first_index_s,
+        reindex_s,
+        reindex_files_read: reads.load(Ordering::Relaxed),
+    })
+}
+
+/// One training epoch against the floor the machine's fp32 matmul throughput sets.
+#[derive(Debug)]
+pub struct EpochReport {
+    pub slides: usize,
+    pub instances: i64,
+    pub dim: i64,
+    pub threads: usize,
+    pub device: String,
+    /// Training FLOPs per instance (forward and backward of every layer).
+    pub flops_per_instance: f64,
+    /// Measured fp32 matmul throughput, GFLOP/s.
+    pub matmul_gflops: f64,
+    pub floor_s: f64,
+    pub epoch_s: Vec<f64>,
+}
+
+/// Multiply–accumulates per instance of every linear layer (forward).
+fn macs_per_instance(d: f64, n_coarse: f64, n_fine: f64) -> (f64, f64) {
+    let first = d * 256.0; // feature_extractor.0: its input needs no gradient
+    let rest =
+        256.0 * d + d * 256.0 + 2.0 * d * 256.0 + 256.0 * n_coarse + 2.0 * 256.0 * 64.0 + 64.0 * n_fine + d + 256.0;
+    (first, rest)
+}
+
+/// Times `epochs` training epochs over `slides` synthetic bags of about `instances` instances
+/// (lognormal) of dimension `dim`, all resident on `device`, in batches of 64.
+pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: Device) -> Result<EpochReport> {
+    let mut rng = Rng::new(1, 0);
+    let lens: Vec<i64> = (0..slides)
+        .map(|_| ((instances as f64).ln() + 0.5 * rng.normal() - 0.125).exp().round().max(8.0) as i64)
+        .collect();
+    let total: i64 = lens.iter().sum();
+    let x = Tensor::randn([total, dim], (Kind::Float, device)).relu();
+    let fine: Vec<i64> = (0..slides).map(|i| (i % 7) as i64).collect();
+    let f2c = [0usize, 0, 0, 1, 1, 2, 2];
+    let vs = nn::VarStore::new(device);
+    let model = build_model(&vs, Dims { input: dim, n_coarse: 3, n_fine: 7 }, 0.0, 1);
+    let mut opt = nn::Adam::default().build(&vs, 1e-4).map_err(|e| Error::Features(e.to_string()))?;
+    let groups = group_matrix(&f2c, 3, device);
+    let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
+    let mut epoch_s = Vec::new();
+    for e in 0..epochs {
+        let start = Instant::now();
+        let mut order: Vec<usize> = (0..slides).collect();
+        rng.shuffle(&mut order);
+        for chunk in order.chunks(64) {
+            let mut rows = Vec::new();
+            let mut seg = Vec::new();
+            for (b, &i) in chunk.iter().enumerate() {
+                rows.extend(starts[i]..starts[i] + lens[i]);
+                seg.extend(std::iter::repeat_n(b as i64, lens[i] as usize));
+            }
+            let batch = Batch {
+                x: x.index_select(0, &Tensor::from_slice(&rows).to(device)),
+                seg: Tensor::from_slice(&seg).to(device),
+                bags: chunk.len() as i64,
+            };
+            let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
+            let y_c =
+                Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
+            let cfg = LossConfig {
+                alpha: loss::alpha(e + 1, epochs + 1),
+                tau: loss::tau(e + 1, epochs + 1),
+                align_weight: 0.0,
+                groups: &groups,
+                class_weights: None,
+            };
+            let out = model.forward(&batch, true);
+            let terms = loss::terms(&out, &batch.seg, batch.bags, &y_c, &y_f, &cfg);
+            opt.backward_step(&terms.total);
+        }
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        epoch_s.push(start.elapsed().as_secs_f64());
+    }
+    let (first, rest) = macs_per_instance(dim as f64, 3.0, 7.0);
+    let flops_per_instance = 2.0 * (2.0 * first + 3.0 * rest);
+    let matmul_gflops = matmul_throughput(dim, device);
+    Ok(EpochReport {
+        slides,
+        instances: total,
+        dim,
+        threads: tch::get_num_threads() as usize,
+        device: format!("{device:?}"),
+        flops_per_instance,
+        matmul_gflops,
+        floor_s: flops_per_instance * total as f64 / (matmul_gflops * 1e9),
+        epoch_s,
+    })
+}
+
+/// Best fp32 GFLOP/s of the model's dominant product (16384 instances × D by D × 256).
+fn matmul_throughput(dim: i64, device: Device) -> f64 {
+    let a = Tensor::randn([16384, dim], (Kind::Float, device));
+    let b = Tensor::randn([dim, 256], (Kind::Float, device));
+    let flops = 2.0 * 16384.0 * dim as f64 * 256.0;
+    let mut best = 0.0f64;
+    for _ in 0..10 {
+        let start = Instant::now();
+        let c = a.matmul(&b);
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        let _ = c.double_value(&[0, 0]);
+        best = best.max(flops / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
