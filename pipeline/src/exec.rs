@@ -253,7 +253,7 @@ fn run_node(
             store.write_record(&node.id, &Record { key, parts })?;
             outcome.status = Status::Cached;
             outcome.seconds = start.elapsed().as_secs_f64();
-            return Ok((outcome, Some(manifest)));
+            return Ok((outcome, Some(*manifest)));
         }
         Lookup::Hit(_) => vec!["forced".to_owned()],
         other => miss_reasons(store, &node.id, &parts, &other)?,
@@ -276,7 +276,14 @@ fn run_node(
             (input.name().to_owned(), path)
         })
         .collect();
-    let ctx = Context { node_id: &node.id, inputs, out_dir: &staging, progress: multi, stat_cache: store.stat_cache() };
+    let ctx = Context {
+        node_id: &node.id,
+        run_id,
+        inputs,
+        out_dir: &staging,
+        progress: multi,
+        stat_cache: store.stat_cache(),
+    };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
     let outputs = node.stage.outputs();

@@ -162,7 +162,7 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                 let lookup = store.lookup(&key, verify)?;
                 let freshness = match lookup {
                     Lookup::Hit(m) if !forced.contains(&idx) => {
-                        manifests.insert(idx, m);
+                        manifests.insert(idx, *m);
                         Freshness::Fresh
                     }
                     Lookup::Hit(_) => Freshness::Stale(vec!["forced".into()]),

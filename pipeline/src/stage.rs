@@ -89,6 +89,7 @@ impl Node {
 /// What a running stage sees: where its inputs are, where to write, and progress reporting.
 pub struct Context<'a> {
     pub(crate) node_id: &'a str,
+    pub(crate) run_id: &'a str,
     pub(crate) inputs: BTreeMap<String, PathBuf>,
     pub(crate) out_dir: &'a Path,
     pub(crate) progress: &'a MultiProgress,
@@ -99,6 +100,11 @@ impl Context<'_> {
     /// The id of the node being run.
     pub fn node_id(&self) -> &str {
         self.node_id
+    }
+
+    /// The id of the run executing the node (outputs that name it are tied to that run).
+    pub fn run_id(&self) -> &str {
+        self.run_id
     }
 
     /// Path of the declared input `name`.

@@ -86,7 +86,7 @@ pub struct Record {
 #[derive(Debug)]
 pub enum Lookup {
     /// Published and every output checks out.
-    Hit(Manifest),
+    Hit(Box<Manifest>),
     /// Nothing published under this key.
     Missing,
     /// Published, but an output is gone or its bytes changed.
@@ -150,7 +150,7 @@ impl Store {
                 return Ok(Lookup::Damaged(format!("output {name} does not match its digest")));
             }
         }
-        Ok(Lookup::Hit(manifest))
+        Ok(Lookup::Hit(Box::new(manifest)))
     }
 
     /// A fresh, empty staging directory for one stage execution.

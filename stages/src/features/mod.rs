@@ -158,10 +158,8 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<FeatureArrays<'_>, String> 
     if f.rows == 0 {
         return Err("features have no instances (0 rows)".into());
     }
-    if let Some(c) = &arrays.coords {
-        if c.cols != 2 || c.rows != f.rows {
-            return Err(format!("coords have shape ({}, {}), expected ({}, 2)", c.rows, c.cols, f.rows));
-        }
+    if let Some(c) = arrays.coords.as_ref().filter(|c| c.cols != 2 || c.rows != f.rows) {
+        return Err(format!("coords have shape ({}, {}), expected ({}, 2)", c.rows, c.cols, f.rows));
     }
     Ok(arrays)
 }
@@ -215,7 +213,10 @@ mod tests {
         (0..n * d).map(|i| i as f32 / 8.0).collect()
     }
 
-    fn read(name: &str) -> Result<(Vec<f32>, Dtype, Option<Vec<f64>>), String> {
+    /// Values as f32, stored dtype, coords as f64.
+    type Read = (Vec<f32>, Dtype, Option<Vec<f64>>);
+
+    fn read(name: &str) -> Result<Read, String> {
         let bytes = fixture(name);
         let format = Format::of(Path::new(name)).unwrap();
         let a = parse(format, &bytes)?;

@@ -111,9 +111,9 @@ pub fn all(s: &Scored) -> Vec<Metric> {
             out.push(Metric::new(name, Some(c), v[c]));
         }
     }
-    for t in 0..n {
-        for p in 0..n {
-            out.push(Metric { name: "confusion", class: Some(t), predicted: Some(p), value: cm[t][p] as f64 });
+    for (t, row) in cm.iter().enumerate() {
+        for (p, &count) in row.iter().enumerate() {
+            out.push(Metric { name: "confusion", class: Some(t), predicted: Some(p), value: count as f64 });
         }
     }
     out
