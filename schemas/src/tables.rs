@@ -152,3 +152,15 @@ pub fn attention() -> SchemaRef {
         Field::new("y", DataType::Float64, true),
     ])
 }
+
+/// `hmil-flow predict` output: one row per new slide, with `prob_fine_<class>`,
+/// `prob_coarse_<class>` and `prob_coarse_from_fine_<class>` columns.
+pub fn new_predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {
+    let mut fields =
+        vec![utf8("slide_id"), utf8("path"), utf8("fine_pred"), utf8("coarse_pred"), utf8("coarse_from_fine_pred")];
+    let prob = |prefix: &str, c: &str| Field::new(format!("{prefix}_{c}"), DataType::Float64, false);
+    fields.extend(fine.iter().map(|c| prob("prob_fine", c)));
+    fields.extend(coarse.iter().map(|c| prob("prob_coarse", c)));
+    fields.extend(coarse.iter().map(|c| prob("prob_coarse_from_fine", c)));
+    schema(fields)
+}

@@ -7,6 +7,7 @@ pub mod hmil;
 pub mod index;
 pub mod labels;
 pub mod pack;
+pub mod report;
 pub mod rng;
 pub mod splits;
 pub mod synth;
@@ -29,15 +30,10 @@ pub const JOIN: &str = "join_labels";
 pub const SPLIT: &str = "split_folds";
 
 /// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`
-/// and `evaluate[fold=k]` per fold.
-pub fn nodes(wf: &Workflow) -> Vec<Node> {
+/// and `evaluate[fold=k]` per fold, then `report` (which names `workflow_digest`).
+pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
-    let h = &wf.labels.hierarchy;
-    let classes = hmil::train::Classes {
-        coarse: h.coarse().into_iter().map(str::to_owned).collect(),
-        fine: h.fine().into_iter().map(str::to_owned).collect(),
-        fine_to_coarse: h.fine_to_coarse(),
-    };
+    let classes = classes(wf);
     let sources = hmil::train::Sources { pack_node: PACK.into(), labels_node: JOIN.into(), splits_node: SPLIT.into() };
     let mut nodes = vec![
         Node::new(INDEX, None, Arc::new(index::IndexFeatures { dir: d.features.clone(), on_bad_file: d.on_bad_file })),
@@ -61,6 +57,7 @@ pub fn nodes(wf: &Workflow) -> Vec<Node> {
             }),
         ),
     ];
+    let mut folds = Vec::new();
     for fold in 0..fold_count(wf) {
         let label = format!("fold={fold}");
         let train = Node::new(
@@ -82,10 +79,30 @@ pub fn nodes(wf: &Workflow) -> Vec<Node> {
             sources: sources.clone(),
             train_node: train.id.clone(),
         };
+        let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate));
+        folds.push((train.id.clone(), evaluate.id.clone()));
         nodes.push(train);
-        nodes.push(Node::new("evaluate", Some(&label), Arc::new(evaluate)));
+        nodes.push(evaluate);
     }
+    let report = report::Report {
+        workflow: wf.workflow.name.clone(),
+        workflow_digest: workflow_digest.to_owned(),
+        device: wf.train.device.clone(),
+        classes,
+        folds,
+    };
+    nodes.push(Node::new("report", None, Arc::new(report)));
     nodes
+}
+
+/// The workflow's class hierarchy as the model sees it.
+pub fn classes(wf: &Workflow) -> hmil::train::Classes {
+    let h = &wf.labels.hierarchy;
+    hmil::train::Classes {
+        coarse: h.coarse().into_iter().map(str::to_owned).collect(),
+        fine: h.fine().into_iter().map(str::to_owned).collect(),
+        fine_to_coarse: h.fine_to_coarse(),
+    }
 }
 
 /// How many folds the workflow trains: as configured, or as many `splits_{k}.csv` as the

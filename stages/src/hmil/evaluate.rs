@@ -51,6 +51,9 @@ impl Stage for EvaluateFold {
 }
 
 /// One evaluated split.
+/// One attention row: slide, level, class, rank, instance, score, x, y.
+type AttentionRow<'a> = (String, &'a str, String, i32, i64, f64, Option<f64>, Option<f64>);
+
 struct SplitResult<'a> {
     name: &'static str,
     bags: &'a [Bag],
@@ -152,7 +155,7 @@ impl EvaluateFold {
 
     fn write_attention(&self, ctx: &Context, splits: &[SplitResult], store: &super::data::Store) -> Result<()> {
         let c = &self.classes;
-        let mut rows: Vec<(String, &str, String, i32, i64, f64, Option<f64>, Option<f64>)> = Vec::new();
+        let mut rows: Vec<AttentionRow> = Vec::new();
         for s in splits {
             for (bag, pred) in s.bags.iter().zip(&s.preds) {
                 let coords = store.coords(bag)?;

@@ -6,4 +6,5 @@ pub mod infer;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod train;

@@ -1,7 +1,7 @@
 //! `train[fold=k]`: trains HMIL on a fold's training bags, keeps the checkpoint that scores best
 //! on its validation bags (the test bags are never looked at), and records every epoch.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -396,9 +396,4 @@ fn class_weights(train: &[Bag], dims: Dims, device: Device) -> (Tensor, Tensor) 
         Tensor::from_slice(&w).to(device)
     };
     (weights(dims.n_coarse, &|b| b.coarse), weights(dims.n_fine, &|b| b.fine))
-}
-
-/// Checkpoint path helper for `predict`: accepts a file or a train node's object directory.
-pub fn checkpoint_file(path: &Path) -> PathBuf {
-    if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() }
 }

@@ -1,0 +1,346 @@
+//! `report`: `report.md` (mean ± sd over folds of every metric and level, per-class tables,
+//! confusion matrices) and PNG plots (ROC per fine class, confusion heatmap, training curves).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int32Type};
+use pipeline::{Context, Input, Stage, StageError};
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::hmil::metrics::binary_auc;
+use crate::hmil::train::Classes;
+use crate::table;
+
+/// The `report` stage.
+pub struct Report {
+    pub workflow: String,
+    pub workflow_digest: String,
+    pub device: String,
+    pub classes: Classes,
+    /// (train node, evaluate node) per fold.
+    pub folds: Vec<(String, String)>,
+}
+
+impl Stage for Report {
+    fn kind(&self) -> &str {
+        "report"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({
+            "workflow": self.workflow, "workflow_digest": self.workflow_digest, "device": self.device, "classes": self.classes
+        })
+    }
+    fn inputs(&self) -> Vec<Input> {
+        self.folds
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (train, eval))| {
+                [
+                    Input::artifact(&format!("history{k}"), train, "history.parquet"),
+                    Input::artifact(&format!("metrics{k}"), eval, "metrics.parquet"),
+                    Input::artifact(&format!("predictions{k}"), eval, "predictions.parquet"),
+                ]
+            })
+            .collect()
+    }
+    fn outputs(&self) -> Vec<String> {
+        ["report.md", "roc.png", "confusion.png", "curves.png"].map(String::from).to_vec()
+    }
+    fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        Ok(self.write(ctx)?)
+    }
+}
+
+fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let col =
+        b.column_by_name(name).unwrap_or_else(|| panic!("table lacks column {name}")).as_primitive::<Float64Type>();
+    (0..col.len()).map(|i| (!col.is_null(i)).then(|| col.value(i))).collect()
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let sd = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (mean, sd)
+}
+
+/// Metric values on the test split: (level, metric, class) → one value per fold.
+type Collected = BTreeMap<(String, String, Option<String>), Vec<f64>>;
+
+impl Report {
+    fn write(&self, ctx: &Context) -> Result<()> {
+        register_font();
+        let k = self.folds.len();
+        let mut test: Collected = BTreeMap::new();
+        let mut preds = Vec::new();
+        let mut histories = Vec::new();
+        for fold in 0..k {
+            let m = table::read(ctx.input(&format!("metrics{fold}")))?;
+            let (split, level, metric) =
+                (table::strings(&m, "split"), table::strings(&m, "level"), table::strings(&m, "metric"));
+            let class = m.column_by_name("class").expect("class column").as_string::<i32>().clone();
+            for (i, v) in f64s(&m, "value").into_iter().enumerate() {
+                if split[i] == "test"
+                    && let Some(v) = v
+                {
+                    let c = (!class.is_null(i)).then(|| class.value(i).to_owned());
+                    test.entry((level[i].clone(), metric[i].clone(), c)).or_default().push(v);
+                }
+            }
+            preds.push(table::read(ctx.input(&format!("predictions{fold}")))?);
+            histories.push(table::read(ctx.input(&format!("history{fold}")))?);
+        }
+        let mut md = String::new();
+        let _ = writeln!(md, "# {} — cross-validated HMIL results\n", self.workflow);
+        let _ = writeln!(
+            md,
+            "- run: `{}`\n- workflow digest: `{}`\n- device: {}\n- versions: hmil-flow {}, tch 0.24.0 (libtorch 2.11.0)\n- folds: {k}; metrics on each fold's test split, mean ± sd over folds\n",
+            ctx.run_id(),
+            &self.workflow_digest[..16.min(self.workflow_digest.len())],
+            self.device,
+            env!("CARGO_PKG_VERSION"),
+        );
+        let summary = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auc_macro", "kappa_quadratic"];
+        let _ =
+            writeln!(md, "## Summary\n\n| level | {} |\n|---|{}", summary.join(" | "), "---|".repeat(summary.len()));
+        for level in ["coarse", "fine", "coarse_from_fine"] {
+            let cells: Vec<String> = summary.iter().map(|m| cell(&test, level, m, None)).collect();
+            let _ = writeln!(md, "| {level} | {} |", cells.join(" | "));
+        }
+        for (level, names) in [("fine", &self.classes.fine), ("coarse", &self.classes.coarse)] {
+            let _ = writeln!(
+                md,
+                "\n## Per class ({level})\n\n| class | precision | recall | F1 | AUC | support |\n|---|---|---|---|---|---|"
+            );
+            for c in names.iter() {
+                let cells: Vec<String> = ["precision", "recall", "f1", "auc", "support"]
+                    .iter()
+                    .map(|m| cell(&test, level, m, Some(c)))
+                    .collect();
+                let _ = writeln!(md, "| {c} | {} |", cells.join(" | "));
+            }
+            let _ = writeln!(md, "\n## Confusion ({level}, test, summed over folds; rows true, columns predicted)\n");
+            let _ = writeln!(md, "| | {} |\n|---|{}", names.join(" | "), "---|".repeat(names.len()));
+            for t in names.iter() {
+                let row: Vec<String> = names.iter().map(|p| format!("{:.0}", confusion(&test, level, t, p))).collect();
+                let _ = writeln!(md, "| **{t}** | {} |", row.join(" | "));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\n## Plots\n\n![ROC](roc.png)\n\n![Confusion](confusion.png)\n\n![Training curves](curves.png)"
+        );
+        std::fs::write(ctx.output("report.md"), md).map_err(|e| Error::io(&ctx.output("report.md"), e))?;
+        self.plot_roc(&ctx.output("roc.png"), &preds)?;
+        self.plot_confusion(&ctx.output("confusion.png"), &test)?;
+        plot_curves(&ctx.output("curves.png"), &histories)
+    }
+
+    fn plot_roc(&self, path: &Path, preds: &[RecordBatch]) -> Result<()> {
+        let root = BitMapBackend::new(path, (720, 640)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("ROC, fine classes (test, pooled over folds)", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("false positive rate")
+            .y_desc("true positive rate")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (c, name) in self.classes.fine.iter().enumerate() {
+            let (mut truth, mut scores) = (Vec::new(), Vec::new());
+            for p in preds {
+                let split = table::strings(p, "split");
+                let fine_true = table::strings(p, "fine_true");
+                for (i, s) in f64s(p, &format!("prob_fine_{name}")).into_iter().enumerate() {
+                    if split[i] == "test" {
+                        truth.push(fine_true[i] == *name);
+                        scores.push(s.unwrap_or(0.0));
+                    }
+                }
+            }
+            let auc = binary_auc(&truth, &scores);
+            let color = Palette99::pick(c).to_rgba();
+            chart
+                .draw_series(LineSeries::new(roc_points(&truth, &scores), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("{name} (AUC {auc:.3})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3))).map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))
+    }
+
+    fn plot_confusion(&self, path: &Path, test: &Collected) -> Result<()> {
+        let names = &self.classes.fine;
+        let n = names.len();
+        let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+        let root = BitMapBackend::new(path, (640, 640)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Confusion, fine (test, row-normalised)", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0..n, 0..n)
+            .map_err(|e| err(&e))?;
+        let label = |i: &usize| names.get(*i).cloned().unwrap_or_default();
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("predicted")
+            .y_desc("true")
+            .x_labels(n)
+            .y_labels(n)
+            .x_label_formatter(&label)
+            .y_label_formatter(&label)
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (t, true_name) in names.iter().enumerate() {
+            let row: Vec<f64> = names.iter().map(|p| confusion(test, "fine", true_name, p)).collect();
+            let total = row.iter().sum::<f64>().max(1.0);
+            for (p, v) in row.iter().enumerate() {
+                let share = v / total;
+                let shade = RGBColor(255 - (share * 200.0) as u8, 255 - (share * 160.0) as u8, 255);
+                let y = n - 1 - t;
+                chart.draw_series([Rectangle::new([(p, y), (p + 1, y + 1)], shade.filled())]).map_err(|e| err(&e))?;
+                chart
+                    .draw_series([Text::new(format!("{v:.0}"), (p, y + 1), ("sans-serif", 16).into_font())])
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        root.present().map_err(|e| err(&e))
+    }
+}
+
+fn cell(test: &Collected, level: &str, metric: &str, class: Option<&String>) -> String {
+    match test.get(&(level.to_owned(), metric.to_owned(), class.cloned())) {
+        Some(v) if metric == "support" => format!("{:.1}", mean_sd(v).0),
+        Some(v) => {
+            let (m, s) = mean_sd(v);
+            format!("{m:.3} ± {s:.3}")
+        }
+        None => "–".into(),
+    }
+}
+
+fn confusion(test: &Collected, level: &str, t: &str, p: &str) -> f64 {
+    test.get(&(level.to_owned(), format!("confusion[{p}]"), Some(t.to_owned()))).map_or(0.0, |v| v.iter().sum())
+}
+
+/// ROC curve points (FPR, TPR), thresholds at every distinct score.
+fn roc_points(truth: &[bool], scores: &[f64]) -> Vec<(f64, f64)> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let pos = truth.iter().filter(|&&t| t).count().max(1) as f64;
+    let neg = truth.iter().filter(|&&t| !t).count().max(1) as f64;
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut out = vec![(0.0, 0.0)];
+    for (j, &i) in order.iter().enumerate() {
+        if truth[i] {
+            tp += 1.0
+        } else {
+            fp += 1.0
+        }
+        if j + 1 == order.len() || scores[order[j + 1]] != scores[i] {
+            out.push((fp / neg, tp / pos));
+        }
+    }
+    out
+}
+
+fn plot_curves(path: &Path, histories: &[RecordBatch]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (column, title)) in
+        panels.iter().zip([("loss", "training loss"), ("val_auc_fine", "validation fine macro AUC")])
+    {
+        let series: Vec<Vec<(f64, f64)>> = histories
+            .iter()
+            .map(|h| {
+                let epochs = h.column_by_name("epoch").expect("epoch").as_primitive::<Int32Type>().values().to_vec();
+                epochs
+                    .iter()
+                    .zip(f64s(h, column))
+                    .filter_map(|(e, v)| v.filter(|v| v.is_finite()).map(|v| (*e as f64, v)))
+                    .collect()
+            })
+            .collect();
+        let all = series.iter().flatten();
+        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
+        let (y_min, y_max) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+        let (y_min, y_max) = if y_min.is_finite() { (y_min, y_max.max(y_min + 1e-6)) } else { (0.0, 1.0) };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(32)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..x_max, y_min..y_max)
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc("epoch").draw().map_err(|e| err(&e))?;
+        for (k, s) in series.into_iter().enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            chart
+                .draw_series(LineSeries::new(s, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("fold {k}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+/// Makes the embedded DejaVu Sans the plots' `sans-serif` font (no system fonts needed).
+pub fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roc_points_step_through_distinct_scores() {
+        // Scores 0.9 (pos), 0.5 (neg, pos tied), 0.1 (neg): ties move diagonally in one step.
+        let truth = [true, false, true, false];
+        let scores = [0.9, 0.5, 0.5, 0.1];
+        assert_eq!(roc_points(&truth, &scores), vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+    }
+
+    #[test]
+    fn mean_and_sample_sd() {
+        assert_eq!(mean_sd(&[1.0, 3.0]), (2.0, 2f64.sqrt()));
+        assert_eq!(mean_sd(&[0.5]), (0.5, 0.0));
+    }
+}
