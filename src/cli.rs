@@ -25,6 +25,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Query result formats.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+    Parquet,
+}
+
 /// A workflow file and overrides of its settings.
 #[derive(Args)]
 pub struct WorkflowArgs {
@@ -67,6 +76,40 @@ pub enum Command {
         /// Re-hash every cached output.
         #[arg(long)]
         verify: bool,
+    },
+    /// Run SQL over every artifact and run record of the workflow's workspace.
+    Query {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// One SQL statement, e.g. `SELECT fold, value FROM metrics WHERE metric = 'auc_macro'`.
+        #[arg(required_unless_present = "schema")]
+        sql: Option<String>,
+        /// List the tables and their columns instead.
+        #[arg(long)]
+        schema: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Apply a trained checkpoint to new slides.
+    Predict {
+        /// A `model.safetensors` (published HMIL parameter names).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A feature file or a directory of them.
+        #[arg(long)]
+        features: PathBuf,
+        /// Take class names and the hierarchy from this workflow.
+        #[arg(long)]
+        workflow: Option<PathBuf>,
+        /// Output Parquet file.
+        #[arg(long, default_value = "predictions.parquet")]
+        out: PathBuf,
+        /// `cpu`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Print the workflow's DAG.
     Dag {

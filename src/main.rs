@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use cli::{Bench, Cli, Command, LogFormat, WorkflowArgs};
+use cli::{Bench, Cli, Command, LogFormat, OutputFormat, WorkflowArgs};
 use pipeline::{Dag, Freshness, RunOptions, Store};
 use schemas::workflow::Workflow;
 
@@ -50,17 +50,25 @@ struct Loaded {
 fn load(args: &WorkflowArgs) -> Result<Loaded> {
     let path = &args.workflow;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let workflow = Workflow::parse(&text, path, &args.set)?;
-    let digest = pipeline::hash_bytes(format!("{text}\0{}", args.set.join("\0")).as_bytes());
-    let dag = Dag::new(stages::nodes(&workflow))?;
+    let overrides = overrides(&args.set);
+    let workflow = Workflow::parse(&text, path, &overrides)?;
+    let digest = pipeline::hash_bytes(format!("{text}\0{}", overrides.join("\0")).as_bytes());
+    let dag = Dag::new(stages::nodes(&workflow, &digest))?;
     let store = Store::open(&workflow.workflow.workspace)?;
     Ok(Loaded { path: path.clone(), digest, workflow, dag, store })
+}
+
+/// `KEY=VALUE` settings from `HMIL_FLOW_SET` (whitespace-separated), then from `--set`.
+fn overrides(set: &[String]) -> Vec<String> {
+    let env = std::env::var("HMIL_FLOW_SET").unwrap_or_default();
+    env.split_whitespace().map(str::to_owned).chain(set.iter().cloned()).collect()
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run { wf, dry_run, force, jobs, summary_json, wait, verify } => {
             let l = load(&wf)?;
+            l.workflow.check_paths()?;
             if dry_run {
                 let forced = pipeline::resolve_force(&l.dag, &force)?;
                 print_status(&pipeline::status(&l.dag, &l.store, &forced, verify)?);
@@ -98,7 +106,18 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Status { wf, verify } => {
             let l = load(&wf)?;
+            l.workflow.check_paths()?;
             print_status(&pipeline::status(&l.dag, &l.store, &[], verify)?);
+        }
+        Command::Query { wf, sql, schema, format, out } => query(&wf, sql.as_deref(), schema, format, out.as_deref())?,
+        Command::Predict { checkpoint, features, workflow, out, device } => {
+            let classes = match workflow {
+                Some(path) => Some(stages::classes(&Workflow::load(&path, &overrides(&[]))?)),
+                None => None,
+            };
+            let device = stages::hmil::train::device(&device)?;
+            let n = stages::hmil::predict::predict(&checkpoint, &features, classes, &out, device)?;
+            println!("predicted {n} slide(s) into {}", out.display());
         }
         Command::Dag { wf, dot } => {
             let l = load(&wf)?;
@@ -125,7 +144,7 @@ fn synth(out: &Path, preset: &str, scale: f64, mean_instances: usize, dim: usize
     if preset != "bracs" {
         bail!("unknown preset `{preset}` (known: bracs)");
     }
-    if !(scale > 0.0) || mean_instances == 0 || dim == 0 {
+    if scale.is_nan() || scale <= 0.0 || mean_instances == 0 || dim == 0 {
         bail!("--scale, --mean-instances and --dim must be positive");
     }
     let opts = stages::synth::SynthOptions { scale, mean_instances, dim, seed };
@@ -199,4 +218,41 @@ fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("hmil-flow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+fn query(wf: &WorkflowArgs, sql: Option<&str>, schema: bool, format: OutputFormat, out: Option<&Path>) -> Result<()> {
+    let workflow = Workflow::load(&wf.workflow, &overrides(&wf.set))?;
+    let ws = query::Workspace::open(&workflow.workflow.workspace)?;
+    if schema {
+        for (name, schema) in ws.tables() {
+            let cols: Vec<String> = schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
+            println!("{name}\n  {}", cols.join("\n  "));
+        }
+        return Ok(());
+    }
+    let Some(sql) = sql else { bail!("give a SQL statement, or --schema to list the tables") };
+    let answer = match ws.sql(sql) {
+        Ok(b) => b,
+        Err(query::Error::Sql(message)) => bail!("{message}"),
+        Err(e) => return Err(e.into()),
+    };
+    let format = match format {
+        OutputFormat::Table => query::Format::Table,
+        OutputFormat::Csv => query::Format::Csv,
+        OutputFormat::Json => query::Format::Json,
+        OutputFormat::Parquet => query::Format::Parquet,
+    };
+    match out {
+        Some(path) => {
+            let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            query::write(&answer, format, &mut file, path)?;
+        }
+        None => {
+            if format == query::Format::Parquet {
+                bail!("--format parquet needs --out FILE");
+            }
+            query::write(&answer, format, &mut std::io::stdout().lock(), Path::new("<stdout>"))?;
+        }
+    }
+    Ok(())
 }

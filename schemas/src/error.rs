@@ -11,6 +11,8 @@ pub enum Error {
     Parse { path: PathBuf, message: String },
     #[error("--set {setting}: {message}")]
     Override { setting: String, message: String },
+    #[error("{key} = {}: no such file or directory; set it in the workflow, with --set {key}=PATH, or in HMIL_FLOW_SET", path.display())]
+    MissingPath { key: String, path: PathBuf },
     #[error("{}: `{key}`: {message}", path.display())]
     Invalid { path: PathBuf, key: String, message: String },
 }

@@ -340,6 +340,16 @@ impl Workflow {
         Ok(wf)
     }
 
+    /// Checks that the dataset paths exist, naming the key to set when one does not.
+    pub fn check_paths(&self) -> Result<()> {
+        for (key, path) in [("dataset.features", &self.dataset.features), ("dataset.labels", &self.dataset.labels)] {
+            if !path.exists() {
+                return Err(Error::MissingPath { key: key.into(), path: path.clone() });
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         let bad = |key: &str, message: String| Err((key.to_owned(), message));
         self.labels.hierarchy.validate().or_else(|m| bad("labels.hierarchy", m))?;
@@ -356,7 +366,7 @@ impl Workflow {
         if t.epochs == 0 || t.batch_size == 0 {
             return bad("train.epochs", "epochs and batch_size must be at least 1".into());
         }
-        if !(t.lr > 0.0) {
+        if t.lr.is_nan() || t.lr <= 0.0 {
             return bad("train.lr", format!("{} is not a positive learning rate", t.lr));
         }
         if !(0.0..1.0).contains(&t.dropout) {
