@@ -137,12 +137,52 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     let wf = setup(dir.path(), 25);
     let first = run(&wf, &[]);
     assert!(first.values().all(|s| s == "executed"), "{first:?}");
-    assert_eq!(first.len(), 4 + 2 * 3);
+    assert_eq!(first.len(), 4 + 2 * 3 + 1);
 
     // It learns: fine-level macro AUC on held-out test slides well above chance (0.5).
     let auc = mean_test_metric(dir.path(), 3, "fine", "auc_macro");
     eprintln!("test fine macro AUC {auc:.3}");
     assert!(auc > 0.7, "test fine macro AUC {auc}");
+
+    // The report: tables over folds and plots.
+    let report = fs::read_to_string(artifact(dir.path(), "report", "report.md")).unwrap();
+    assert!(
+        report.contains("| fine | ") && report.contains(" ± ") && report.contains("## Confusion (fine"),
+        "{report}"
+    );
+    for png in ["roc.png", "confusion.png", "curves.png"] {
+        let bytes = fs::read(artifact(dir.path(), "report", png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000, "{png}");
+    }
+
+    // SQL over the artifacts.
+    let wf_s = wf.to_str().unwrap();
+    let csv = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT fold, value FROM metrics WHERE split = 'test' AND level = 'fine' AND metric = 'auc_macro' AND current ORDER BY fold",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("fold,value\n0,"), "{csv}");
+    let schema = hmil_flow(&["query", wf_s, "--schema"]);
+    for table in [
+        "features\n",
+        "labels\n",
+        "splits\n",
+        "history\n",
+        "predictions\n",
+        "metrics\n",
+        "attention\n",
+        "runs\n",
+        "dropped\n",
+    ] {
+        assert!(schema.contains(table), "{table} missing from\n{schema}");
+    }
+    let bad = Command::new(BIN).args(["query", wf_s, "SELECT nope FROM metrics"]).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("nope") && !err.contains("backtrace"), "{err}");
 
     // Nothing changed: nothing runs.
     let again = run(&wf, &[]);
@@ -160,7 +200,7 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     let after_label = run(&wf, &[]);
     assert_eq!(after_label["index_features"], "cached");
     assert_eq!(after_label["pack_features"], "cached");
-    let mut expected = vec!["join_labels", "split_folds"];
+    let mut expected = vec!["join_labels", "split_folds", "report"];
     expected.extend([
         "evaluate[fold=0]",
         "evaluate[fold=1]",
@@ -174,14 +214,26 @@ fn learns_caches_and_reruns_exactly_what_changed() {
 
     // An evaluation-only setting: only evaluation reruns.
     let eval_only = run(&wf, &["--set", "evaluate.attention_top_k=4"]);
-    assert_eq!(executed(&eval_only), ["evaluate[fold=0]", "evaluate[fold=1]", "evaluate[fold=2]"]);
+    assert_eq!(executed(&eval_only), ["evaluate[fold=0]", "evaluate[fold=1]", "evaluate[fold=2]", "report"]);
 
     // Epochs: training and evaluation rerun, the splits do not.
     let status = hmil_flow(&["status", wf.to_str().unwrap(), "--set", "train.epochs=3"]);
     assert!(status.contains("stale  train[fold=1]: param train.epochs 25→3"), "{status}");
     let fewer = run(&wf, &["--set", "train.epochs=3"]);
     assert_eq!(fewer["split_folds"], "cached");
-    assert_eq!(executed(&fewer).len(), 6, "{fewer:?}");
+    assert_eq!(executed(&fewer).len(), 7, "{fewer:?}");
+
+    // Runs stay queryable side by side: fine macro AUC per fold, two training settings.
+    let per_run = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT r.run_id, COUNT(*) AS folds FROM metrics m JOIN runs r ON r.cache_key = m.cache_key \
+         WHERE m.split = 'test' AND m.level = 'fine' AND m.metric = 'auc_macro' AND r.status = 'executed' GROUP BY r.run_id",
+        "--format",
+        "json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(per_run.trim()).unwrap();
+    assert!(rows.as_array().unwrap().len() >= 3, "{per_run}");
 }
 
 #[test]
