@@ -1,10 +1,10 @@
 //! Content digests and a stat cache that avoids re-reading unchanged files. File contents are
-//! digested with XXH3-128 (several GB/s, so hashing keeps up with reading); cache keys and other
+//! digested with XXH3-128 (SIMD chosen at run time, so hashing keeps up with reading); cache keys and other
 //! short canonical strings with BLAKE3.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
@@ -19,25 +19,33 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// Hex XXH3-128 digest of content held in memory.
-pub fn content_digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
-}
-
-/// Streams a whole file through XXH3-128 and returns its hex digest.
+/// Streams a whole file through XXH3-128 and returns its hex digest (artifacts such as packed
+/// features can be far larger than memory).
 pub fn hash_file(path: &Path) -> Result<String> {
-    let mut file = BufReader::with_capacity(1 << 20, fs::File::open(path).map_err(io(path))?);
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut file = fs::File::open(path).map_err(io(path))?;
+    let mut hasher = twox_hash::XxHash3_128::new();
+    let mut buf = vec![0u8; 1 << 20];
     loop {
-        let chunk = file.fill_buf().map_err(io(path))?;
-        if chunk.is_empty() {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
             break;
         }
-        hasher.update(chunk);
-        let n = chunk.len();
-        file.consume(n);
+        hasher.write(&buf[..n]);
     }
-    Ok(format!("{:032x}", hasher.digest128()))
+    Ok(format!("{:032x}", hasher.finish_128()))
+}
+
+/// Reads a whole (feature-file sized) file, digests it, and hands `use_bytes` its bytes and
+/// digest. A file whose size or mtime changes while it is read is an error rather than a digest
+/// of a mix of versions.
+fn with_file_bytes<T>(path: &Path, use_bytes: impl FnOnce(&[u8], String) -> T) -> std::io::Result<T> {
+    let before = Stat::of_metadata(&fs::metadata(path)?);
+    let bytes = fs::read(path)?;
+    if Stat::of_metadata(&fs::metadata(path)?) != before {
+        return Err(std::io::Error::other("the file changed while it was being read"));
+    }
+    let digest = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&bytes));
+    Ok(use_bytes(&bytes, digest))
 }
 
 /// Size and modification time of a file, the pair a cached digest is trusted on.
@@ -50,10 +58,14 @@ pub struct Stat {
 impl Stat {
     /// Stats `path` (following links).
     pub fn of(path: &Path) -> Result<Stat> {
-        let meta = fs::metadata(path).map_err(io(path))?;
+        fs::metadata(path).map(|meta| Stat::of_metadata(&meta)).map_err(io(path))
+    }
+
+    /// The stat of already-read metadata.
+    pub fn of_metadata(meta: &fs::Metadata) -> Stat {
         let mtime_ns =
             meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i128);
-        Ok(Stat { bytes: meta.len(), mtime_ns })
+        Stat { bytes: meta.len(), mtime_ns }
     }
 }
 
@@ -115,9 +127,8 @@ impl StatCache {
         {
             return Ok((e.digest.clone(), facts));
         }
-        let bytes = fs::read(&key).map_err(|e| e.to_string())?;
-        let digest = content_digest(&bytes);
-        let facts = compute(&bytes)?;
+        let (digest, facts) =
+            with_file_bytes(&key, |bytes, digest| compute(bytes).map(|f| (digest, f))).map_err(|e| e.to_string())??;
         let value = serde_json::to_value(&facts).map_err(|e| e.to_string())?;
         let mut entries = self.entries.lock().expect("stat cache poisoned");
         let entry =
@@ -169,6 +180,21 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn content_digest(bytes: &[u8]) -> String {
+        format!("{:032x}", twox_hash::XxHash3_128::oneshot(bytes))
+    }
+
+    #[test]
+    fn streamed_digest_matches_whole_file_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big.bin");
+        // Longer than the read buffer and not a multiple of it.
+        let bytes: Vec<u8> = (0..(3 << 20) + 17).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        fs::write(&f, &bytes).unwrap();
+        assert_eq!(hash_file(&f).unwrap(), content_digest(&bytes));
+        assert_eq!(with_file_bytes(&f, |b, d| (b.len(), d)).unwrap(), (bytes.len(), content_digest(&bytes)));
+    }
 
     #[test]
     fn unchanged_file_is_not_reread() {
