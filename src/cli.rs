@@ -162,7 +162,7 @@ pub enum Bench {
         instances: usize,
         #[arg(long, default_value_t = 1024)]
         dim: i64,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         epochs: usize,
         /// CPU threads for libtorch (default: all cores).
         #[arg(long)]

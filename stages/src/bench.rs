@@ -128,8 +128,9 @@ pub struct EpochReport {
     pub device: String,
     /// Training FLOPs per instance (forward and backward of every layer).
     pub flops_per_instance: f64,
-    /// Measured fp32 matmul throughput, GFLOP/s.
-    pub matmul_gflops: f64,
+    /// fp32 matmul throughput, GFLOP/s, measured before every epoch and after the last: the
+    /// lowest and the highest (the floor uses the highest).
+    pub matmul_gflops: (f64, f64),
     pub floor_s: f64,
     pub epoch_s: Vec<f64>,
 }
@@ -159,7 +160,9 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
     let groups = group_matrix(&f2c, 3, device);
     let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
     let mut epoch_s = Vec::new();
+    let mut gflops = Vec::new();
     for e in 0..epochs {
+        gflops.push(matmul_throughput(dim, device));
         let start = Instant::now();
         let mut order: Vec<usize> = (0..slides).collect();
         rng.shuffle(&mut order);
@@ -196,7 +199,8 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
     }
     let (first, rest) = macs_per_instance(dim as f64, 3.0, 7.0);
     let flops_per_instance = 2.0 * (2.0 * first + 3.0 * rest);
-    let matmul_gflops = matmul_throughput(dim, device);
+    gflops.push(matmul_throughput(dim, device));
+    let matmul_gflops = gflops.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
     Ok(EpochReport {
         slides,
         instances: total,
@@ -205,7 +209,7 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
         device: format!("{device:?}"),
         flops_per_instance,
         matmul_gflops,
-        floor_s: flops_per_instance * total as f64 / (matmul_gflops * 1e9),
+        floor_s: flops_per_instance * total as f64 / (matmul_gflops.1 * 1e9),
         epoch_s,
     })
 }

@@ -4,6 +4,7 @@ pub mod data;
 pub mod evaluate;
 pub mod infer;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod predict;
