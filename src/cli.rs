@@ -111,6 +111,14 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Write the workflow's current folds as CLAM `splits_{k}.csv` files.
+    ExportSplits {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// Directory to write `splits_0.csv`, `splits_1.csv`, … into.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the workflow's DAG.
     Dag {
         #[command(flatten)]
@@ -143,7 +151,17 @@ pub enum Command {
         dim: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// `pt` (`pt_files/*.pt`, torch.save) or `h5` (`h5_files/*.h5`, CLAM: features + coords).
+        #[arg(long, value_enum, default_value_t = FeatureFormat::Pt)]
+        format: FeatureFormat,
     },
+}
+
+/// Feature file formats `synth` writes.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FeatureFormat {
+    Pt,
+    H5,
 }
 
 #[derive(Subcommand)]

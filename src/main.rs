@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use cli::{Bench, Cli, Command, LogFormat, OutputFormat, WorkflowArgs};
+use cli::{Bench, Cli, Command, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
 use pipeline::{Dag, Freshness, RunOptions, Store};
 use schemas::workflow::Workflow;
 
@@ -120,12 +120,34 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let n = stages::hmil::predict::predict(&checkpoint, &features, classes, &out, device)?;
             println!("predicted {n} slide(s) into {}", out.display());
         }
+        Command::ExportSplits { wf, out } => {
+            let l = load(&wf)?;
+            l.workflow.check_paths()?;
+            let status = pipeline::status(&l.dag, &l.store, &[], false)?;
+            let node = status.iter().find(|s| s.stage == "split_folds").context("the workflow has no split_folds")?;
+            let key = match (&node.freshness, &node.key) {
+                (pipeline::Freshness::Fresh, Some(key)) => key,
+                (pipeline::Freshness::Stale(why), _) => {
+                    bail!("{} is not up to date ({}); run the workflow first", node.id, why.join("; "))
+                }
+                _ => bail!("{} has no result yet; run the workflow first", node.id),
+            };
+            let rows = stages::splits::read(&l.store.object_dir(key).join("splits.parquet"))?;
+            stages::splits::export_clam(&rows, &out)?;
+            let folds = rows.iter().map(|a| a.fold + 1).max().unwrap_or(0);
+            println!("wrote {folds} CLAM split file(s) into {}", out.display());
+        }
         Command::Dag { wf, dot } => {
             let l = load(&wf)?;
             print!("{}", if dot { l.dag.to_dot() } else { l.dag.to_text() });
         }
-        Command::Synth { out, preset, scale, mean_instances, dim, seed } => {
-            synth(&out, &preset, scale, mean_instances, dim, seed)?
+        Command::Synth { out, preset, scale, mean_instances, dim, seed, format } => {
+            let format = match format {
+                FeatureFormat::Pt => stages::synth::SynthFormat::Pt,
+                FeatureFormat::H5 => stages::synth::SynthFormat::H5,
+            };
+            let opts = stages::synth::SynthOptions { format, scale, mean_instances, dim, seed };
+            synth(&out, &preset, &opts)?
         }
         Command::Bench { what } => bench(what)?,
     }
@@ -141,28 +163,28 @@ fn print_status(status: &[pipeline::NodeStatus]) {
     }
 }
 
-fn synth(out: &Path, preset: &str, scale: f64, mean_instances: usize, dim: usize, seed: u64) -> Result<()> {
+fn synth(out: &Path, preset: &str, opts: &stages::synth::SynthOptions) -> Result<()> {
     if preset != "bracs" {
         bail!("unknown preset `{preset}` (known: bracs)");
     }
-    if scale.is_nan() || scale <= 0.0 || mean_instances == 0 || dim == 0 {
+    if opts.scale.is_nan() || opts.scale <= 0.0 || opts.mean_instances == 0 || opts.dim == 0 {
         bail!("--scale, --mean-instances and --dim must be positive");
     }
-    let opts = stages::synth::SynthOptions { scale, mean_instances, dim, seed };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template(
         "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
     )?);
-    let summary = stages::synth::generate(out, &opts, &|done, total| {
+    let summary = stages::synth::generate(out, opts, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
     println!(
-        "wrote {} slides of {} cases ({} instances, dim {dim}) to {}",
+        "wrote {} slides of {} cases ({} instances, dim {}) to {}",
         summary.slides,
         summary.cases,
         summary.instances,
+        opts.dim,
         out.display()
     );
     Ok(())

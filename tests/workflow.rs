@@ -184,6 +184,13 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("nope") && !err.contains("backtrace"), "{err}");
 
+    // The folds as CLAM split files, one per fold, for other tools.
+    let clam = dir.path().join("clam_splits");
+    let said = hmil_flow(&["export-splits", wf_s, "--out", clam.to_str().unwrap()]);
+    assert!(said.contains("wrote 3 CLAM split file(s)"), "{said}");
+    let fold0 = fs::read_to_string(clam.join("splits_0.csv")).unwrap();
+    assert!(fold0.starts_with(",train,val,test\n0,"), "{fold0}");
+
     // Nothing changed: nothing runs.
     let again = run(&wf, &[]);
     assert!(again.values().all(|s| s == "cached"), "{again:?}");
@@ -197,6 +204,9 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     assert!(status.contains("stale  join_labels: input labels.csv changed"), "{status}");
     assert!(status.contains("fresh  index_features") && status.contains("fresh  pack_features"), "{status}");
     assert!(status.contains("stale  train[fold=0]: upstream"), "{status}");
+    let stale = Command::new(BIN).args(["export-splits", wf_s, "--out", clam.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(!stale.status.success() && err.contains("split_folds is not up to date"), "{err}");
     let after_label = run(&wf, &[]);
     assert_eq!(after_label["index_features"], "cached");
     assert_eq!(after_label["pack_features"], "cached");

@@ -319,6 +319,26 @@ impl Stage for SplitFolds {
     }
 }
 
+/// Reads `splits.parquet` back.
+pub fn read(path: &Path) -> Result<Vec<Assignment>> {
+    let t = table::read(path)?;
+    let parts = table::strings(&t, "split").into_iter().map(|p| match p.as_str() {
+        "train" => Ok(Part::Train),
+        "val" => Ok(Part::Val),
+        "test" => Ok(Part::Test),
+        other => Err(Error::Splits(format!("{}: unknown split `{other}`", path.display()))),
+    });
+    table::i32s(&t, "fold")
+        .into_iter()
+        .zip(table::strings(&t, "slide_id"))
+        .zip(table::strings(&t, "case_id"))
+        .zip(parts)
+        .map(|(((fold, slide_id), case_id), part)| {
+            Ok(Assignment { fold: fold as usize, slide_id, case_id, part: part? })
+        })
+        .collect()
+}
+
 /// Writes `splits.parquet`.
 pub fn write(path: &Path, rows: &[Assignment]) -> Result<()> {
     table::write(
@@ -430,6 +450,8 @@ mod tests {
         let s = slides();
         let (rows, _) = kfold(&s, 3, 0.2, 11);
         let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("splits.parquet"), &rows).unwrap();
+        let rows = read(&dir.path().join("splits.parquet")).unwrap();
         export_clam(&rows, dir.path()).unwrap();
         let text = std::fs::read_to_string(dir.path().join("splits_0.csv")).unwrap();
         assert!(text.starts_with(",train,val,test\n0,"), "{text}");

@@ -1,5 +1,6 @@
 //! Synthetic datasets in CLAM layout (`pt_files/<slide>.pt` written in PyTorch's own `torch.save`
-//! format, plus `labels.csv`), shaped like BRACS: its class counts, lognormal bag sizes, some
+//! format, or `h5_files/<slide>.h5` with `features` and `coords` as CLAM writes them, plus
+//! `labels.csv`), shaped like BRACS: its class counts, lognormal bag sizes, some
 //! patients with two slides, and a learnable hierarchical signal: a few instances per bag carry a
 //! shared coarse-class direction plus a weaker fine-class direction.
 
@@ -21,9 +22,19 @@ pub const BRACS: [(&str, &str, usize); 7] = [
     ("IC", "malignant", 132),
 ];
 
+/// Which feature files to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthFormat {
+    /// `pt_files/<slide>.pt`: a float32 tensor, as `torch.save` writes it.
+    Pt,
+    /// `h5_files/<slide>.h5`: `features` (float32) and `coords` (int64 patch positions).
+    H5,
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
+    pub format: SynthFormat,
     /// Multiplies every class count (at least 3 slides per class are kept).
     pub scale: f64,
     /// Median instances per bag.
@@ -40,10 +51,13 @@ pub struct SynthSummary {
     pub instances: usize,
 }
 
-/// Writes `out/pt_files/*.pt` and `out/labels.csv`.
+/// Writes `out/pt_files/*.pt` (or `out/h5_files/*.h5`) and `out/labels.csv`.
 pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)) -> Result<SynthSummary> {
-    let pt_dir = out.join("pt_files");
-    std::fs::create_dir_all(&pt_dir).map_err(|e| Error::io(&pt_dir, e))?;
+    let feature_dir = out.join(match opts.format {
+        SynthFormat::Pt => "pt_files",
+        SynthFormat::H5 => "h5_files",
+    });
+    std::fs::create_dir_all(&feature_dir).map_err(|e| Error::io(&feature_dir, e))?;
     let mut rng = Rng::new(opts.seed, 0);
     let d = opts.dim;
     let unit = |rng: &mut Rng| {
@@ -99,7 +113,10 @@ pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)
                 feats.push(x.max(0.0) as f32);
             }
         }
-        write_pt(&pt_dir.join(format!("{slide}.pt")), &feats, n, d)?;
+        match opts.format {
+            SynthFormat::Pt => write_pt(&feature_dir.join(format!("{slide}.pt")), &feats, n, d)?,
+            SynthFormat::H5 => write_h5(&feature_dir.join(format!("{slide}.h5")), &feats, n, d)?,
+        }
         instances += n;
         progress(k + 1, slides.len());
     }
@@ -125,6 +142,17 @@ pub fn write_pt(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result
     entry("data/0", &data, data.len() >= u32::MAX as usize)?;
     entry("version", b"3\n", false)?;
     zip.finish().map_err(zerr)?.flush().map_err(io)
+}
+
+/// Writes a CLAM `.h5`: `features` (rows × cols float32) and `coords` (rows × 2 int64), the
+/// top-left corners of 256-pixel patches on a square grid.
+pub fn write_h5(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let side = (rows as f64).sqrt().ceil().max(1.0) as usize;
+    let coords: Vec<i64> = (0..rows).flat_map(|i| [(i % side) as i64 * 256, (i / side) as i64 * 256]).collect();
+    let mut file = hdf5_pure::FileBuilder::new();
+    file.create_dataset("features").with_f32_data(values).with_shape(&[rows as u64, cols as u64]);
+    file.create_dataset("coords").with_i64_data(&coords).with_shape(&[rows as u64, 2]);
+    file.write(path).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })
 }
 
 /// The pickle `torch.save` writes for a contiguous float32 tensor in storage `0`.
@@ -171,9 +199,24 @@ mod tests {
     }
 
     #[test]
+    fn written_h5_reads_back_with_coords() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SynthOptions { format: SynthFormat::H5, scale: 0.02, mean_instances: 10, dim: 4, seed: 1 };
+        let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("h5_files")).unwrap().collect();
+        assert_eq!(files.len(), s.slides);
+        let bytes = std::fs::read(dir.path().join("h5_files/000001.h5")).unwrap();
+        let a = parse(Format::H5, &bytes).unwrap();
+        assert_eq!(a.features.cols, 4);
+        let coords = a.coords.expect("coords").to_f64();
+        assert_eq!(coords.len(), 2 * a.features.rows);
+        assert_eq!(&coords[..4], &[0.0, 0.0, 256.0, 0.0]);
+    }
+
+    #[test]
     fn bracs_shape_and_determinism() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SynthOptions { scale: 0.1, mean_instances: 16, dim: 8, seed: 3 };
+        let opts = SynthOptions { format: SynthFormat::Pt, scale: 0.1, mean_instances: 16, dim: 8, seed: 3 };
         let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
         // max(3, round(0.1 * count)) per class: 4+15+7+4+5+6+13.
         assert_eq!(s.slides, 54);
