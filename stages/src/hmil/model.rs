@@ -171,13 +171,17 @@ pub(crate) mod tests {
 
     /// The PyTorch fixture: a state_dict, a two-bag batch, and what PyTorch computed.
     pub(crate) fn fixture() -> (nn::VarStore, Hmil, Batch, Vec<(String, Tensor)>) {
+        fixture_on(Device::Cpu)
+    }
+
+    fn fixture_on(device: Device) -> (nn::VarStore, Hmil, Batch, Vec<(String, Tensor)>) {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hmil");
-        let mut vs = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(device);
         let model = Hmil::new(&vs.root(), Dims { input: 16, n_coarse: 3, n_fine: 7 }, 0.0);
         vs.load(dir.join("state_dict.safetensors")).unwrap();
         let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();
         let get = |n: &str| expected.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-        let batch = Batch { x: get("x"), seg: get("seg"), bags: 2 };
+        let batch = Batch { x: get("x").to(device), seg: get("seg").to(device), bags: 2 };
         (vs, model, batch, expected)
     }
 
@@ -192,6 +196,30 @@ pub(crate) mod tests {
         for (name, got) in [("coarse_logits", &out.coarse_logits), ("fine_logits", &out.fine_logits)] {
             let diff = (got - get(&expected, name)).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn cuda_forward_and_gradients_match_cpu() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: needs CUDA, and no GPU is available");
+            return;
+        }
+        let run = |device: Device| {
+            let (vs, model, batch, expected) = fixture_on(device);
+            let out = model.forward(&batch, false);
+            let fine = get(&expected, "fine").to(device);
+            out.fine_logits.cross_entropy_for_logits(&fine).backward();
+            let mut grads: Vec<(String, Tensor)> =
+                vs.variables().into_iter().map(|(k, v)| (k, v.grad().to(Device::Cpu))).collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (out.coarse_logits.to(Device::Cpu), out.fine_logits.to(Device::Cpu), grads)
+        };
+        let (cpu, gpu) = (run(Device::Cpu), run(Device::Cuda(0)));
+        let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-4;
+        assert!(close(&cpu.0, &gpu.0) && close(&cpu.1, &gpu.1), "logits differ between CPU and CUDA");
+        for ((name, g_cpu), (_, g_gpu)) in cpu.2.iter().zip(&gpu.2) {
+            assert!(close(g_cpu, g_gpu), "gradient of {name} differs between CPU and CUDA");
         }
     }
 
