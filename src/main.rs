@@ -126,15 +126,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let status = pipeline::status(&l.dag, &l.store, &[], false)?;
             let node = status.iter().find(|s| s.stage == "split_folds").context("the workflow has no split_folds")?;
             let key = match (&node.freshness, &node.key) {
-                (pipeline::Freshness::Fresh, Some(key)) => key,
-                (pipeline::Freshness::Stale(why), _) => {
+                (Freshness::Fresh, Some(key)) => key,
+                (Freshness::Stale(why), _) => {
                     bail!("{} is not up to date ({}); run the workflow first", node.id, why.join("; "))
                 }
                 _ => bail!("{} has no result yet; run the workflow first", node.id),
             };
             let rows = stages::splits::read(&l.store.object_dir(key).join("splits.parquet"))?;
-            stages::splits::export_clam(&rows, &out)?;
-            let folds = rows.iter().map(|a| a.fold + 1).max().unwrap_or(0);
+            let folds = stages::splits::export_clam(&rows, &out)?;
             println!("wrote {folds} CLAM split file(s) into {}", out.display());
         }
         Command::Dag { wf, dot } => {

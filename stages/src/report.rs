@@ -145,7 +145,7 @@ impl Report {
 
     fn plot_roc(&self, path: &Path, preds: &[RecordBatch]) -> Result<()> {
         let root = BitMapBackend::new(path, (720, 640)).into_drawing_area();
-        let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+        let err = plot_error(path);
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption("ROC, fine classes (test, pooled over folds)", ("sans-serif", 20))
@@ -194,7 +194,7 @@ impl Report {
     fn plot_confusion(&self, path: &Path, test: &Collected) -> Result<()> {
         let names = &self.classes.fine;
         let n = names.len();
-        let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+        let err = plot_error(path);
         let root = BitMapBackend::new(path, (640, 640)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
@@ -269,8 +269,13 @@ fn roc_points(truth: &[bool], scores: &[f64]) -> Vec<(f64, f64)> {
     out
 }
 
+/// Turns a plotting failure into an error naming the PNG being drawn.
+fn plot_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
+    move |e| Error::BadFile { path: path.into(), message: e.to_string() }
+}
+
 fn plot_curves(path: &Path, histories: &[RecordBatch]) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| Error::BadFile { path: path.into(), message: e.to_string() };
+    let err = plot_error(path);
     let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let panels = root.split_evenly((1, 2));

@@ -232,8 +232,8 @@ pub fn import_clam(dir: &Path, slides: &[Slide]) -> Result<Vec<Assignment>> {
     Ok(out)
 }
 
-/// Writes assignments as CLAM `splits_{k}.csv` files into `dir`.
-pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<()> {
+/// Writes assignments as CLAM `splits_{k}.csv` files into `dir`; returns how many folds.
+pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<usize> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let folds = assignments.iter().map(|a| a.fold + 1).max().unwrap_or(0);
     for fold in 0..folds {
@@ -257,7 +257,7 @@ pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<()> {
             write(r)?;
         }
     }
-    Ok(())
+    Ok(folds)
 }
 
 /// The `split_folds` stage.

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::model::Batch;
 use crate::error::{Error, Result};
+use crate::splits::Part;
 use crate::table;
 
 /// Stores already on a device, by (features.bin path, device).
@@ -130,14 +131,9 @@ pub fn fold_bags(labels: &Path, splits: &Path, fold: usize, store: &Store) -> Re
         .zip(table::i32s(&l, "fine_idx").into_iter().zip(table::i32s(&l, "coarse_idx")))
         .map(|((s, c), (f, k))| (s, (c, f as i64, k as i64)))
         .collect();
-    let sp = table::read(splits)?;
     let mut out = FoldBags { train: Vec::new(), val: Vec::new(), test: Vec::new() };
-    for ((f, slide), part) in
-        table::i32s(&sp, "fold").into_iter().zip(table::strings(&sp, "slide_id")).zip(table::strings(&sp, "split"))
-    {
-        if f as usize != fold {
-            continue;
-        }
+    for a in crate::splits::read(splits)?.into_iter().filter(|a| a.fold == fold) {
+        let slide = a.slide_id;
         let (case_id, fine, coarse) = label_of
             .get(&slide)
             .cloned()
@@ -146,11 +142,10 @@ pub fn fold_bags(labels: &Path, splits: &Path, fold: usize, store: &Store) -> Re
             Error::Splits(format!("{}: slide {slide} of fold {fold} has no packed features", splits.display()))
         })?;
         let bag = Bag { slide_id: slide, case_id, fine, coarse, start, len };
-        match part.as_str() {
-            "train" => out.train.push(bag),
-            "val" => out.val.push(bag),
-            "test" => out.test.push(bag),
-            other => return Err(Error::Splits(format!("{}: unknown split `{other}`", splits.display()))),
+        match a.part {
+            Part::Train => out.train.push(bag),
+            Part::Val => out.val.push(bag),
+            Part::Test => out.test.push(bag),
         }
     }
     if out.train.is_empty() {

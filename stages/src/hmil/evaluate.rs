@@ -50,10 +50,10 @@ impl Stage for EvaluateFold {
     }
 }
 
-/// One evaluated split.
 /// One attention row: slide, level, class, rank, instance, score, x, y.
 type AttentionRow<'a> = (String, &'a str, String, i32, i64, f64, Option<f64>, Option<f64>);
 
+/// One evaluated split.
 struct SplitResult<'a> {
     name: &'static str,
     bags: &'a [Bag],
