@@ -167,17 +167,9 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
         let mut order: Vec<usize> = (0..slides).collect();
         rng.shuffle(&mut order);
         for chunk in order.chunks(64) {
-            let mut rows = Vec::new();
-            let mut seg = Vec::new();
-            for (b, &i) in chunk.iter().enumerate() {
-                rows.extend(starts[i]..starts[i] + lens[i]);
-                seg.extend(std::iter::repeat_n(b as i64, lens[i] as usize));
-            }
-            let batch = Batch {
-                x: x.index_select(0, &Tensor::from_slice(&rows).to(device)),
-                seg: Tensor::from_slice(&seg).to(device),
-                bags: chunk.len() as i64,
-            };
+            let rows: Vec<i64> = chunk.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
+            let x = x.index_select(0, &Tensor::from_slice(&rows).to(device));
+            let batch = Batch::new(x, chunk.iter().map(|&i| lens[i]).collect());
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
                 Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
@@ -189,7 +181,7 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
                 class_weights: None,
             };
             let out = model.forward(&batch, true);
-            let terms = loss::terms(&out, &batch.seg, batch.bags, &y_c, &y_f, &cfg);
+            let terms = loss::terms(&out, &batch, &y_c, &y_f, &cfg);
             opt.backward_step(&terms.total);
         }
         if device.is_cuda() {

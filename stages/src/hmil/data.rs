@@ -83,16 +83,9 @@ impl Store {
     /// The concatenated instances of `bags` (as float32) with their segment ids.
     pub fn batch(&self, bags: &[&Bag]) -> Batch {
         let device = self.x.device();
-        let total: i64 = bags.iter().map(|b| b.len).sum();
-        let mut rows = Vec::with_capacity(total as usize);
-        let mut seg = Vec::with_capacity(total as usize);
-        for (i, b) in bags.iter().enumerate() {
-            rows.extend(b.start..b.start + b.len);
-            seg.extend(std::iter::repeat_n(i as i64, b.len as usize));
-        }
-        let rows = Tensor::from_slice(&rows).to(device);
-        let x = self.x.index_select(0, &rows).to_kind(Kind::Float);
-        Batch { x, seg: Tensor::from_slice(&seg).to(device), bags: bags.len() as i64 }
+        let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
+        let x = self.x.index_select(0, &Tensor::from_slice(&rows).to(device)).to_kind(Kind::Float);
+        Batch::new(x, bags.iter().map(|b| b.len).collect())
     }
 
     /// Coordinates (x, y) of a bag's instances (NaN where the file had none).

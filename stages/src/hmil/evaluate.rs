@@ -31,8 +31,9 @@ impl Stage for EvaluateFold {
     fn kind(&self) -> &str {
         "evaluate"
     }
+    /// 2: one joint product per shared input (same model, different float summation order).
     fn code_version(&self) -> &str {
-        "1"
+        "2"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "fold": self.fold, "evaluate": self.config, "classes": self.classes, "device": self.device })

@@ -4,7 +4,7 @@
 
 use tch::{Kind, Reduction, Tensor};
 
-use super::model::{Output, segment_sum};
+use super::model::{Batch, Output, segment_sum};
 
 /// Curriculum weight `alpha = 1 − (e/E)²` for epoch `e` of `E`.
 pub fn alpha(epoch: usize, epochs: usize) -> f64 {
@@ -40,7 +40,7 @@ pub struct LossConfig<'a> {
 }
 
 /// Computes every term and `alpha·CE_c + CE_f + REG + (1−alpha)·CON + w·ALIGN`.
-pub fn terms(out: &Output, seg: &Tensor, bags: i64, coarse: &Tensor, fine: &Tensor, cfg: &LossConfig) -> Terms {
+pub fn terms(out: &Output, batch: &Batch, coarse: &Tensor, fine: &Tensor, cfg: &LossConfig) -> Terms {
     let (wc, wf) = match cfg.class_weights {
         Some((c, f)) => (Some(c), Some(f)),
         None => (None, None),
@@ -53,12 +53,12 @@ pub fn terms(out: &Output, seg: &Tensor, bags: i64, coarse: &Tensor, fine: &Tens
     let grouped = out.fine_logits.softmax(-1, Kind::Float).matmul(cfg.groups);
     let reg = ce(&grouped, coarse, wc);
     let con = if cfg.alpha < 1.0 {
-        supcon(&out.fine_views(seg, bags), fine, cfg.tau) / bags as f64
+        supcon(&out.fine_views(&batch.lengths), fine, cfg.tau) / batch.bags() as f64
     } else {
         Tensor::zeros([], (Kind::Float, coarse.device()))
     };
     let align = if cfg.align_weight > 0.0 {
-        attention_alignment(out, seg, bags, cfg.groups)
+        attention_alignment(out, &batch.seg, batch.bags(), cfg.groups)
     } else {
         Tensor::zeros([], (Kind::Float, coarse.device()))
     };
@@ -149,7 +149,7 @@ mod reference {
             class_weights: None,
         };
         let out = model.forward(&batch, false);
-        let t = terms(&out, &batch.seg, 2, &get(&expected, "coarse"), &get(&expected, "fine"), &cfg);
+        let t = terms(&out, &batch, &get(&expected, "coarse"), &get(&expected, "fine"), &cfg);
         let want: Vec<f32> = Vec::try_from(get(&expected, "terms")).unwrap();
         let got = [&t.ce_coarse, &t.ce_fine, &t.reg, &t.con, &t.total].map(|x| x.double_value(&[]) as f32);
         for (name, (g, w)) in ["ce_coarse", "ce_fine", "reg", "con", "total"].iter().zip(got.iter().zip(&want)) {

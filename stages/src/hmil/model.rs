@@ -1,7 +1,9 @@
 //! The HMIL network. A mini-batch of bags is one pass over the concatenated instances: attention
 //! is a per-bag segment softmax (scatter max, index_add sums), computed once; class logits are
 //! attention-weighted sums of per-instance classifier scores (equal to the classifier applied to
-//! the class-wise bag embeddings, without materialising them).
+//! the class-wise bag embeddings, without materialising them). The layers that read the same
+//! instance features run as one matrix product, so the backward pass computes that input's
+//! gradient once instead of summing one per layer.
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -37,12 +39,30 @@ impl GatedAttention {
         }
     }
 
-    /// Raw scores (T × classes).
-    fn scores(&self, h: &Tensor, dropout: f64, train: bool) -> Tensor {
-        let a = self.a.forward(h).tanh().dropout(dropout, train);
-        let b = self.b.forward(h).sigmoid().dropout(dropout, train);
+    /// Raw scores (T × classes) from the pre-activations of the two gates.
+    fn scores(&self, a: &Tensor, b: &Tensor, dropout: f64, train: bool) -> Tensor {
+        let a = a.tanh().dropout(dropout, train);
+        let b = b.sigmoid().dropout(dropout, train);
         self.c.forward(&(a * b))
     }
+}
+
+/// `h·Wᵀ + b` of several linear layers reading the same `h`, as one product split back into
+/// each layer's output (views). A layer paired with `false` is applied without its bias.
+fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]) -> [Tensor; N] {
+    let weights: Vec<&Tensor> = layers.iter().map(|(l, _)| &l.ws).collect();
+    let sizes: Vec<i64> = weights.iter().map(|w| w.size()[0]).collect();
+    let biases: Vec<Tensor> = layers
+        .iter()
+        .zip(&sizes)
+        .map(|((l, with_bias), &n)| match (&l.bs, with_bias) {
+            (Some(b), true) => b.shallow_clone(),
+            _ => Tensor::zeros([n], (l.ws.kind(), l.ws.device())),
+        })
+        .collect();
+    let parts =
+        h.linear(&Tensor::cat(&weights, 0), Some(Tensor::cat(&biases, 0))).split_with_sizes(sizes.as_slice(), 1);
+    parts.try_into().expect("one part per layer")
 }
 
 fn linear_config() -> nn::LinearConfig {
@@ -70,7 +90,23 @@ pub struct Batch {
     pub x: Tensor,
     /// T bag indices in `0..bags` (int64), non-decreasing.
     pub seg: Tensor,
-    pub bags: i64,
+    /// Instances of each bag, in order.
+    pub lengths: Vec<i64>,
+}
+
+impl Batch {
+    /// A batch whose `x` holds bags of `lengths` instances one after another.
+    pub fn new(x: Tensor, lengths: Vec<i64>) -> Batch {
+        let seg: Vec<i64> =
+            lengths.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize)).collect();
+        let seg = Tensor::from_slice(&seg).to(x.device());
+        Batch { x, seg, lengths }
+    }
+
+    /// Number of bags.
+    pub fn bags(&self) -> i64 {
+        self.lengths.len() as i64
+    }
 }
 
 /// What a forward pass yields.
@@ -106,29 +142,32 @@ impl Hmil {
 
     /// One pass over a batch of bags.
     pub fn forward(&self, batch: &Batch, train: bool) -> Output {
+        let (seg, bags) = (&batch.seg, batch.bags());
         let h1 = self.fe2.forward(&self.fe0.forward(&batch.x).relu());
-        let h2 = self.reducer.forward(&h1);
-        let a1 = segment_softmax(&self.coarse_attention.scores(&h1, self.dropout, train), &batch.seg, batch.bags);
-        let a2 = segment_softmax(&self.fine_attention.scores(&h2, self.dropout, train), &batch.seg, batch.bags);
-        // classifier(A·h) = A·(classifier h): weight each instance's score by its attention.
-        let s1 = h1.matmul(&self.coarse_classifier.ws.tr());
-        let s2 = h2.matmul(&self.fine_classifier.ws.tr());
-        let coarse_logits =
-            segment_sum(&(&a1 * s1), &batch.seg, batch.bags) + self.coarse_classifier.bs.as_ref().expect("bias");
-        let fine_logits =
-            segment_sum(&(&a2 * s2), &batch.seg, batch.bags) + self.fine_classifier.bs.as_ref().expect("bias");
+        // classifier(A·h) = A·(classifier h): each instance's classifier score (without the bias,
+        // added once per bag) is weighted by its attention.
+        let coarse = &self.coarse_attention;
+        let [h2, a, b, s1] = joint_linear(
+            &h1,
+            [(&self.reducer, true), (&coarse.a, true), (&coarse.b, true), (&self.coarse_classifier, false)],
+        );
+        let a1 = segment_softmax(&coarse.scores(&a, &b, self.dropout, train), seg, bags);
+        let fine = &self.fine_attention;
+        let [a, b, s2] = joint_linear(&h2, [(&fine.a, true), (&fine.b, true), (&self.fine_classifier, false)]);
+        let a2 = segment_softmax(&fine.scores(&a, &b, self.dropout, train), seg, bags);
+        let coarse_logits = segment_sum(&(&a1 * s1), seg, bags) + self.coarse_classifier.bs.as_ref().expect("bias");
+        let fine_logits = segment_sum(&(&a2 * s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
         Output { coarse_logits, fine_logits, coarse_attention: a1, fine_attention: a2, h2 }
     }
 }
 
 impl Output {
     /// Fine class-wise bag embeddings `A2·h2` (B × n_f × 256), each row L2-normalised: the
-    /// contrastive views.
-    pub fn fine_views(&self, seg: &Tensor, bags: i64) -> Tensor {
-        let n_fine = self.fine_attention.size()[1];
-        let rows: Vec<Tensor> =
-            (0..n_fine).map(|f| segment_sum(&(&self.h2 * self.fine_attention.narrow(1, f, 1)), seg, bags)).collect();
-        let m2 = Tensor::stack(&rows, 1);
+    /// contrastive views. One small product per bag, on views of the batch's rows.
+    pub fn fine_views(&self, lengths: &[i64]) -> Tensor {
+        let a2 = self.fine_attention.split_with_sizes(lengths, 0);
+        let h2 = self.h2.split_with_sizes(lengths, 0);
+        let m2 = Tensor::stack(&a2.iter().zip(&h2).map(|(a, h)| a.tr().matmul(h)).collect::<Vec<_>>(), 0);
         let norm = m2.norm_scalaropt_dim(2, [-1].as_slice(), true).clamp_min(1e-12);
         m2 / norm
     }
@@ -181,7 +220,8 @@ pub(crate) mod tests {
         vs.load(dir.join("state_dict.safetensors")).unwrap();
         let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();
         let get = |n: &str| expected.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-        let batch = Batch { x: get("x").to(device), seg: get("seg").to(device), bags: 2 };
+        let lengths = Vec::try_from(get("seg").bincount::<Tensor>(None, 2)).unwrap();
+        let batch = Batch::new(get("x").to(device), lengths);
         (vs, model, batch, expected)
     }
 

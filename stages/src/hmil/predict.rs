@@ -72,7 +72,7 @@ pub fn predict(
         }
         let net = model.as_ref().expect("built above");
         let x = Tensor::from_slice(&arrays.features.to_f32()).view([n, d]).to(device);
-        let out = net.forward(&Batch { x, seg: Tensor::zeros([n], (Kind::Int64, device)), bags: 1 }, false);
+        let out = net.forward(&Batch::new(x, vec![n]), false);
         let probs = |t: &Tensor| -> Vec<f64> {
             Vec::try_from(t.softmax(-1, Kind::Double).view([-1]).to(Device::Cpu)).expect("double tensor")
         };

@@ -87,8 +87,9 @@ impl Stage for TrainFold {
     fn kind(&self) -> &str {
         "train"
     }
+    /// 2: one joint product per shared input (same model, different float summation order).
     fn code_version(&self) -> &str {
-        "1"
+        "2"
     }
     fn params(&self) -> serde_json::Value {
         let mut config = serde_json::to_value(&self.config).expect("serialises");
@@ -243,7 +244,7 @@ impl TrainFold {
                 let bf16 = cfg.bf16 && device.is_cuda();
                 let (terms, out) = tch::autocast(bf16, || {
                     let out = model.forward(&batch, true);
-                    (loss::terms(&out, &batch.seg, batch.bags, &coarse, &fine, &loss_cfg), out)
+                    (loss::terms(&out, &batch, &coarse, &fine, &loss_cfg), out)
                 });
                 opt.backward_step(&terms.total);
                 let n = refs.len() as f64;
