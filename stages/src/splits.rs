@@ -245,17 +245,16 @@ pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<usize> {
             .collect();
         let rows = cols.iter().map(Vec::len).max().unwrap_or(0);
         let path = dir.join(format!("splits_{fold}.csv"));
-        let mut w =
-            csv::Writer::from_path(&path).map_err(|e| Error::BadFile { path: path.clone(), message: e.to_string() })?;
-        let mut write = |r: Vec<String>| {
-            w.write_record(r).map_err(|e| Error::BadFile { path: path.clone(), message: e.to_string() })
-        };
-        write(vec![String::new(), "train".into(), "val".into(), "test".into()])?;
+        let bad = |message: String| Error::BadFile { path: path.clone(), message };
+        let mut w = csv::Writer::from_path(&path).map_err(|e| bad(e.to_string()))?;
+        w.write_record(["", "train", "val", "test"]).map_err(|e| bad(e.to_string()))?;
         for i in 0..rows {
-            let mut r = vec![i.to_string()];
-            r.extend(cols.iter().map(|c| c.get(i).map_or(String::new(), |s| s.to_string())));
-            write(r)?;
+            let index = i.to_string();
+            let cells = cols.iter().map(|c| c.get(i).copied().unwrap_or_default());
+            w.write_record(std::iter::once(index.as_str()).chain(cells)).map_err(|e| bad(e.to_string()))?;
         }
+        // Flushed here, not on drop, so a failed write at the end is reported.
+        w.flush().map_err(|e| Error::io(&path, e))?;
     }
     Ok(folds)
 }
