@@ -173,12 +173,14 @@ impl Output {
     }
 }
 
-/// Softmax of `scores` (T × C) over the instances of each bag.
+/// Softmax of `scores` (T × C) over the instances of each bag, in float32 (under bf16 autocast
+/// too: a bag's sum runs over thousands of instances).
 pub fn segment_softmax(scores: &Tensor, seg: &Tensor, bags: i64) -> Tensor {
+    let scores = scores.to_kind(Kind::Float);
     // Bags are contiguous runs of `seg`, so a segment max by run length shifts each bag.
     let lengths = seg.bincount::<Tensor>(None, bags);
     let max = Tensor::segment_reduce(&scores.detach(), "max", Some(&lengths), None, None, 0, false, f64::NEG_INFINITY);
-    let e = (scores - max.index_select(0, seg)).exp();
+    let e = (&scores - max.index_select(0, seg)).exp();
     let sum = segment_sum(&e, seg, bags);
     e / sum.index_select(0, seg)
 }
@@ -275,6 +277,16 @@ pub(crate) mod tests {
         }
         let sums: Vec<f32> = Vec::try_from(segment_sum(&scores, &seg, 2).view([-1])).unwrap();
         assert_eq!(sums, [3.0, 10.0]);
+    }
+
+    #[test]
+    fn segment_softmax_of_bf16_scores_is_float32() {
+        let scores = Tensor::randn([3000, 2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let a = segment_softmax(&scores, &Tensor::zeros([3000], (Kind::Int64, Device::Cpu)), 1);
+        assert_eq!(a.kind(), Kind::Float);
+        let total = a.sum_dim_intlist([0].as_slice(), false, Kind::Double);
+        let err = (total - 1.0).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "a bag's attention sums to 1 ± {err}");
     }
 
     #[test]
