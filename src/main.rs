@@ -1,6 +1,7 @@
 //! `hmil-flow`: the command line over the pipeline engine and the HMIL stages.
 
 mod cli;
+mod interrupt;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,7 +76,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 print_status(&pipeline::status(&l.dag, &l.store, &forced, verify)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            let opts = RunOptions { jobs, force, verify, wait };
+            interrupt::catch();
+            let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED };
             let summary = pipeline::run(&l.dag, &l.store, &opts)?;
             pipeline::write_runs(&l.store, &summary, &l.workflow.workflow.name, &l.digest)?;
             for n in &summary.nodes {
@@ -91,9 +93,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 let json = serde_json::to_string_pretty(&summary)?;
                 std::fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
             }
-            let failed = summary.nodes.iter().filter(|n| n.status == pipeline::Status::Failed).count();
+            let count = |s: pipeline::Status| summary.nodes.iter().filter(|n| n.status == s).count();
+            let (failed, interrupted) = (count(pipeline::Status::Failed), count(pipeline::Status::Interrupted));
             println!(
-                "run {} of {}: {} node(s), {failed} failed",
+                "run {} of {}: {} node(s), {failed} failed, {interrupted} interrupted",
                 summary.run_id,
                 l.path.display(),
                 summary.nodes.len()
@@ -103,6 +106,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     eprintln!("error: {} failed: {}", n.id, n.reason.as_deref().unwrap_or(""));
                 }
                 return Ok(ExitCode::FAILURE);
+            }
+            if summary.interrupted() {
+                eprintln!("interrupted: finished nodes are kept; run it again to go on");
+                return Ok(ExitCode::from(130));
             }
         }
         Command::Status { wf, verify } => {

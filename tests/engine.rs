@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pipeline::{Context, Dag, Error, Freshness, Input, Node, RunOptions, Stage, StageError, Status, Store};
@@ -42,6 +43,9 @@ impl Stage for Concat {
         fs::write(ctx.output("out.txt"), &text[..text.len() / 2])?;
         if let Some(flag) = &self.wait_for {
             while !flag.exists() {
+                if ctx.interrupted() {
+                    return Err("stopped while waiting".into());
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -50,12 +54,18 @@ impl Stage for Concat {
     }
 }
 
+fn node(name: &str, inputs: Vec<Input>, tag: &str, wait: Option<PathBuf>) -> Node {
+    Node::new(name, None, Arc::new(Concat { inputs, tag: tag.into(), wait_for: wait }))
+}
+
 /// Two sources (files a.txt, b.txt) → ab → abc, and b → bd; `c` and `d` in parallel branches.
 fn workflow(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Dag {
-    let node = |name: &str, inputs: Vec<Input>, tag: &str, wait: Option<PathBuf>| {
-        Node::new(name, None, Arc::new(Concat { inputs, tag: tag.into(), wait_for: wait }))
-    };
-    Dag::new(vec![
+    Dag::new(nodes(dir, tag_ab, wait_for)).unwrap()
+}
+
+/// The nodes of [`workflow`].
+fn nodes(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Vec<Node> {
+    vec![
         node(
             "ab",
             vec![Input::external("a", dir.join("a.txt")), Input::external("b", dir.join("b.txt"))],
@@ -64,8 +74,7 @@ fn workflow(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Dag {
         ),
         node("abc", vec![Input::artifact("ab", "ab", "out.txt")], "c", wait_for),
         node("bd", vec![Input::external("b", dir.join("b.txt"))], "d", None),
-    ])
-    .unwrap()
+    ]
 }
 
 fn setup() -> (tempfile::TempDir, Store) {
@@ -277,4 +286,46 @@ fn runs_are_recorded_as_parquet() {
     let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
     assert!(text.contains("executed") && text.contains("abc") && text.contains(&summary.run_id), "{text}");
+}
+
+#[test]
+fn interrupted_run_keeps_finished_nodes_and_records_the_rest() {
+    let (dir, store) = setup();
+    // `workflow` plus abcd after abc, whose wait only an interruption ends.
+    let dag = |wait: Option<PathBuf>| {
+        let mut all = nodes(dir.path(), "x", wait);
+        all.push(node("abcd", vec![Input::artifact("abc", "abc", "out.txt")], "d", None));
+        Dag::new(all).unwrap()
+    };
+    let interrupt: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let interrupter = {
+        let staging = dir.path().join(".hmil-flow/staging");
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // abc has started once its partial output is in staging.
+            while !fs::read_dir(&staging).is_ok_and(|d| d.flatten().any(|e| e.path().join("out.txt").exists())) {
+                assert!(Instant::now() < deadline, "abc never started");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            interrupt.store(true, Ordering::SeqCst);
+        })
+    };
+    let opts = RunOptions { interrupt, ..Default::default() };
+    let summary = pipeline::run(&dag(Some(dir.path().join("never-created"))), &store, &opts).unwrap();
+    interrupter.join().unwrap();
+    assert!(summary.interrupted() && !summary.failed());
+    assert_eq!(status_of(&summary, "ab"), Status::Executed);
+    assert_eq!(status_of(&summary, "bd"), Status::Executed);
+    assert_eq!(status_of(&summary, "abc"), Status::Interrupted);
+    assert_eq!(status_of(&summary, "abcd"), Status::Interrupted);
+    let reason = |id: &str| summary.nodes.iter().find(|n| n.id == id).unwrap().reason.clone().unwrap();
+    assert_eq!(reason("abc"), "stopped while waiting");
+    assert_eq!(reason("abcd"), "the run was interrupted before it started");
+    pipeline::write_runs(&store, &summary, "test", "digest").unwrap();
+    assert!(store.runs_dir().join(format!("{}.parquet", summary.run_id)).is_file(), "the interrupted run is recorded");
+
+    let again = pipeline::run(&dag(None), &store, &RunOptions::default()).unwrap();
+    let got: Vec<Status> = ["ab", "bd", "abc", "abcd"].iter().map(|id| status_of(&again, id)).collect();
+    assert_eq!(got, [Status::Cached, Status::Cached, Status::Executed, Status::Executed]);
+    assert_eq!(output(&store, &again, "abcd"), "ABxcd");
 }

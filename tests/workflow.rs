@@ -263,3 +263,52 @@ fn same_seed_gives_identical_splits_and_cpu_results() {
     }
     assert!(digests(a.path()) == digests(b.path()), "two runs of the same workflow differ");
 }
+
+#[test]
+fn ctrl_c_stops_training_keeps_finished_stages_and_a_rerun_goes_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 1_000_000);
+    let summary = dir.path().join("summary.json");
+    let mut child = Command::new(BIN)
+        .args(["run", wf.to_str().unwrap(), "-v", "--summary-json", summary.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once a fold's training is running, press Ctrl-C; keep draining the log after.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| l.contains("train[fold=") && l.contains("running"));
+    assert!(started, "training never started");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let log: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{log:#?}");
+
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&summary).unwrap()).unwrap();
+    let node = |id: &str| json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap().clone();
+    let stopped: Vec<String> = (0..3)
+        .map(|k| node(&format!("train[fold={k}]")))
+        .inspect(|n| assert_eq!(n["status"], "interrupted", "{n}"))
+        .map(|n| n["reason"].as_str().unwrap().to_owned())
+        .filter(|r| r.starts_with("stopped in epoch"))
+        .collect();
+    assert_eq!(stopped.len(), 1, "one fold was training when Ctrl-C came: {json}");
+    assert_eq!(node("report")["status"], "interrupted");
+    assert_eq!(node("pack_features")["status"], "executed");
+    let sql = "SELECT count(*) AS n FROM runs WHERE status = 'interrupted'";
+    let recorded = hmil_flow(&["query", wf.to_str().unwrap(), sql, "--format", "csv"]);
+    assert_eq!(recorded.trim(), "n\n7", "3 train, 3 evaluate and the report are recorded as interrupted");
+
+    // A rerun (with a training that ends) reuses every stage that finished.
+    let short = fs::read_to_string(&wf).unwrap().replace("epochs = 1000000", "epochs = 1");
+    fs::write(&wf, short).unwrap();
+    let statuses = run(&wf, &[]);
+    for id in ["index_features", "pack_features", "join_labels", "split_folds"] {
+        assert_eq!(statuses[id], "cached", "{statuses:?}");
+    }
+    assert_eq!(statuses["report"], "executed");
+}

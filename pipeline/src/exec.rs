@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -25,6 +26,8 @@ pub enum Status {
     Failed,
     /// Not attempted because something upstream failed.
     Skipped,
+    /// Stopped by an interruption of the run, or not started because of it.
+    Interrupted,
 }
 
 impl Status {
@@ -35,6 +38,7 @@ impl Status {
             Status::Cached => "cached",
             Status::Failed => "failed",
             Status::Skipped => "skipped",
+            Status::Interrupted => "interrupted",
         }
     }
 }
@@ -69,6 +73,11 @@ impl RunSummary {
     pub fn failed(&self) -> bool {
         self.nodes.iter().any(|n| n.status == Status::Failed)
     }
+
+    /// Whether the run was interrupted before every node was done.
+    pub fn interrupted(&self) -> bool {
+        self.nodes.iter().any(|n| n.status == Status::Interrupted)
+    }
 }
 
 /// What a run does beyond the defaults.
@@ -82,11 +91,17 @@ pub struct RunOptions {
     pub verify: bool,
     /// Wait for the workspace lock instead of failing when another run holds it.
     pub wait: bool,
+    /// Set (by a signal handler, say) to interrupt the run: no node starts after it is set,
+    /// running stages that watch it stop, and finished nodes are published and recorded.
+    pub interrupt: &'static AtomicBool,
 }
+
+/// The interrupt of runs that nothing interrupts.
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { jobs: 1, force: Vec::new(), verify: false, wait: false }
+        RunOptions { jobs: 1, force: Vec::new(), verify: false, wait: false, interrupt: &NEVER }
     }
 }
 
@@ -142,6 +157,18 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
             while running < jobs {
                 let Some(idx) = ready.pop_front() else { break };
                 let node = dag.node(idx);
+                if opts.interrupt.load(Ordering::SeqCst) {
+                    let outcome = NodeOutcome {
+                        id: node.id.clone(),
+                        stage: node.stage_name.clone(),
+                        status: Status::Interrupted,
+                        seconds: 0.0,
+                        reason: Some("the run was interrupted before it started".to_owned()),
+                        key: None,
+                    };
+                    finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
+                    continue;
+                }
                 if let Some(bad) = dag.parents(idx).find(|p| !manifests.contains_key(p)) {
                     let outcome = NodeOutcome {
                         id: node.id.clone(),
@@ -160,7 +187,7 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
                 let force = forced.contains(&idx);
                 overall.set_message(node.id.clone());
                 scope.spawn(move || {
-                    let result = run_node(dag, idx, store, &upstream, force, opts.verify, multi, run_id);
+                    let result = run_node(dag, idx, store, &upstream, force, opts, multi, run_id);
                     let _ = tx.send((idx, result));
                 });
                 running += 1;
@@ -204,6 +231,9 @@ fn finish(
             tracing::info!(node = %outcome.id, seconds = outcome.seconds, "executed ({})", outcome.reason.as_deref().unwrap_or(""))
         }
         Status::Cached => tracing::debug!(node = %outcome.id, "cached"),
+        Status::Interrupted => {
+            tracing::warn!(node = %outcome.id, "interrupted: {}", outcome.reason.as_deref().unwrap_or(""))
+        }
     }
     outcomes.insert(idx, outcome);
     overall.inc(1);
@@ -216,7 +246,8 @@ fn finish(
     }
 }
 
-/// Runs or reuses one node. Stage failures become a `Failed` outcome; only store errors are `Err`.
+/// Runs or reuses one node. Stage failures become a `Failed` outcome (`Interrupted` when the run
+/// was interrupted); only store errors are `Err`.
 #[allow(clippy::too_many_arguments)]
 fn run_node(
     dag: &Dag,
@@ -224,7 +255,7 @@ fn run_node(
     store: &Store,
     upstream: &HashMap<NodeIndex, Manifest>,
     force: bool,
-    verify: bool,
+    opts: &RunOptions,
     multi: &MultiProgress,
     run_id: &str,
 ) -> Result<(NodeOutcome, Option<Manifest>)> {
@@ -247,7 +278,7 @@ fn run_node(
     };
     let key = parts.key();
     outcome.key = Some(key.clone());
-    let lookup = store.lookup(&key, verify)?;
+    let lookup = store.lookup(&key, opts.verify)?;
     let why = match lookup {
         Lookup::Hit(manifest) if !force => {
             store.write_record(&node.id, &Record { key, parts })?;
@@ -283,6 +314,7 @@ fn run_node(
         out_dir: &staging,
         progress: multi,
         stat_cache: store.stat_cache(),
+        interrupt: opts.interrupt,
     };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
@@ -307,6 +339,9 @@ fn run_node(
     outcome.seconds = start.elapsed().as_secs_f64();
     if let Some(message) = failure {
         let _ = std::fs::remove_dir_all(&staging);
+        if opts.interrupt.load(Ordering::SeqCst) {
+            outcome.status = Status::Interrupted;
+        }
         outcome.reason = Some(message);
         return Ok((outcome, None));
     }

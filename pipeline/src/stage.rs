@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -94,6 +95,7 @@ pub struct Context<'a> {
     pub(crate) out_dir: &'a Path,
     pub(crate) progress: &'a MultiProgress,
     pub(crate) stat_cache: &'a StatCache,
+    pub(crate) interrupt: &'a AtomicBool,
 }
 
 impl Context<'_> {
@@ -105,6 +107,12 @@ impl Context<'_> {
     /// The id of the run executing the node (outputs that name it are tied to that run).
     pub fn run_id(&self) -> &str {
         self.run_id
+    }
+
+    /// Whether the run is being interrupted: a long stage checks this between steps and, when
+    /// set, returns an error saying where it stopped (its outputs are then discarded).
+    pub fn interrupted(&self) -> bool {
+        self.interrupt.load(Ordering::SeqCst)
     }
 
     /// Path of the declared input `name`.

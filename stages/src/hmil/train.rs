@@ -229,7 +229,15 @@ impl TrainFold {
             let order = self.epoch_order(&bags.train, epoch);
             let mut sums = [0.0f64; 6];
             let (mut train_coarse, mut train_fine, mut y_c, mut y_f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for chunk in order.chunks(cfg.batch_size) {
+            for (b, chunk) in order.chunks(cfg.batch_size).enumerate() {
+                if ctx.interrupted() {
+                    return Err(Error::Interrupted(format!(
+                        "in epoch {} of {}, batch {}",
+                        epoch + 1,
+                        cfg.epochs,
+                        b + 1
+                    )));
+                }
                 let refs: Vec<&Bag> = chunk.iter().map(|&i| &bags.train[i]).collect();
                 let batch = store.batch(&refs);
                 let coarse = Tensor::from_slice(&refs.iter().map(|b| b.coarse).collect::<Vec<_>>()).to(device);
