@@ -48,20 +48,30 @@ impl GatedAttention {
 }
 
 /// `h·Wᵀ + b` of several linear layers reading the same `h`, as one product split back into
-/// each layer's output (views). A layer paired with `false` is applied without its bias.
+/// each layer's output (views). A layer paired with `false` is applied without its bias. The
+/// product's width is padded with zero rows to a multiple of 8 floats: rows of an odd width
+/// (769) made it a third slower.
 fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]) -> [Tensor; N] {
-    let weights: Vec<&Tensor> = layers.iter().map(|(l, _)| &l.ws).collect();
-    let sizes: Vec<i64> = weights.iter().map(|w| w.size()[0]).collect();
-    let biases: Vec<Tensor> = layers
+    let options = (layers[0].0.ws.kind(), layers[0].0.ws.device());
+    let mut sizes: Vec<i64> = layers.iter().map(|(l, _)| l.ws.size()[0]).collect();
+    let width: i64 = sizes.iter().sum();
+    let pad = (8 - width % 8) % 8;
+    let mut weights: Vec<Tensor> = layers.iter().map(|(l, _)| l.ws.shallow_clone()).collect();
+    let mut biases: Vec<Tensor> = layers
         .iter()
         .zip(&sizes)
         .map(|((l, with_bias), &n)| match (&l.bs, with_bias) {
             (Some(b), true) => b.shallow_clone(),
-            _ => Tensor::zeros([n], (l.ws.kind(), l.ws.device())),
+            _ => Tensor::zeros([n], options),
         })
         .collect();
-    let parts =
-        h.linear(&Tensor::cat(&weights, 0), Some(Tensor::cat(&biases, 0))).split_with_sizes(sizes.as_slice(), 1);
+    if pad > 0 {
+        weights.push(Tensor::zeros([pad, h.size()[1]], options));
+        biases.push(Tensor::zeros([pad], options));
+        sizes.push(pad);
+    }
+    let mut parts = h.linear(&Tensor::cat(&weights, 0), Some(Tensor::cat(&biases, 0))).split_with_sizes(&sizes, 1);
+    parts.truncate(N);
     parts.try_into().expect("one part per layer")
 }
 
