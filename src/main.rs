@@ -107,7 +107,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::FAILURE);
             }
-            if summary.interrupted() {
+            if interrupted > 0 {
                 eprintln!("interrupted: finished nodes are kept; run it again to go on");
                 return Ok(ExitCode::from(130));
             }

@@ -44,8 +44,12 @@ fn with_file_bytes<T>(path: &Path, use_bytes: impl FnOnce(&[u8], String) -> T) -
     if Stat::of_metadata(&fs::metadata(path)?) != before {
         return Err(std::io::Error::other("the file changed while it was being read"));
     }
-    let digest = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&bytes));
-    Ok(use_bytes(&bytes, digest))
+    Ok(use_bytes(&bytes, content_digest(&bytes)))
+}
+
+/// Hex XXH3-128 digest of content held in memory (equal to [`hash_file`] of that content).
+fn content_digest(bytes: &[u8]) -> String {
+    format!("{:032x}", twox_hash::XxHash3_128::oneshot(bytes))
 }
 
 /// Size and modification time of a file, the pair a cached digest is trusted on.
@@ -180,10 +184,6 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn content_digest(bytes: &[u8]) -> String {
-        format!("{:032x}", twox_hash::XxHash3_128::oneshot(bytes))
-    }
 
     #[test]
     fn streamed_digest_matches_whole_file_digest() {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::dag::Dag;
 use crate::error::{Error, Result};
 use crate::explain::{key_parts, miss_reasons};
-use crate::stage::{Context, Input};
+use crate::stage::{Context, Input, Node};
 use crate::store::{Lookup, Manifest, Record, Store};
 
 /// How a node ended in a run.
@@ -55,6 +55,13 @@ pub struct NodeOutcome {
     pub reason: Option<String>,
     #[serde(skip)]
     pub key: Option<String>,
+}
+
+impl NodeOutcome {
+    /// An outcome of `node` that took no time and has no cache key (yet).
+    fn new(node: &Node, status: Status, reason: Option<String>) -> NodeOutcome {
+        NodeOutcome { id: node.id.clone(), stage: node.stage_name.clone(), status, seconds: 0.0, reason, key: None }
+    }
 }
 
 /// The outcome of a whole run.
@@ -157,27 +164,14 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
             while running < jobs {
                 let Some(idx) = ready.pop_front() else { break };
                 let node = dag.node(idx);
-                if opts.interrupt.load(Ordering::SeqCst) {
-                    let outcome = NodeOutcome {
-                        id: node.id.clone(),
-                        stage: node.stage_name.clone(),
-                        status: Status::Interrupted,
-                        seconds: 0.0,
-                        reason: Some("the run was interrupted before it started".to_owned()),
-                        key: None,
-                    };
-                    finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
-                    continue;
-                }
-                if let Some(bad) = dag.parents(idx).find(|p| !manifests.contains_key(p)) {
-                    let outcome = NodeOutcome {
-                        id: node.id.clone(),
-                        stage: node.stage_name.clone(),
-                        status: Status::Skipped,
-                        seconds: 0.0,
-                        reason: Some(format!("upstream {} did not succeed", dag.node(bad).id)),
-                        key: None,
-                    };
+                let not_run = if opts.interrupt.load(Ordering::SeqCst) {
+                    Some((Status::Interrupted, "the run was interrupted before it started".to_owned()))
+                } else {
+                    let bad = dag.parents(idx).find(|p| !manifests.contains_key(p));
+                    bad.map(|bad| (Status::Skipped, format!("upstream {} did not succeed", dag.node(bad).id)))
+                };
+                if let Some((status, reason)) = not_run {
+                    let outcome = NodeOutcome::new(node, status, Some(reason));
                     finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
                     continue;
                 }
@@ -261,14 +255,7 @@ fn run_node(
 ) -> Result<(NodeOutcome, Option<Manifest>)> {
     let node = dag.node(idx);
     let start = Instant::now();
-    let mut outcome = NodeOutcome {
-        id: node.id.clone(),
-        stage: node.stage_name.clone(),
-        status: Status::Failed,
-        seconds: 0.0,
-        reason: None,
-        key: None,
-    };
+    let mut outcome = NodeOutcome::new(node, Status::Failed, None);
     let parts = match key_parts(dag, idx, store, upstream)? {
         Ok(parts) => parts,
         Err(unreadable) => {
