@@ -77,6 +77,8 @@ fn nodes(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Vec<Node> {
     ]
 }
 
+const RUN_OF: pipeline::RunOf = pipeline::RunOf { workflow: "test", digest: "digest", settings: "{\"tag\": \"x\"}" };
+
 fn setup() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("a.txt"), "A").unwrap();
@@ -157,7 +159,7 @@ fn unchanged_output_stops_propagation_and_force_reruns() {
     // Same bytes out, so its dependent stays cached.
     assert_eq!(status_of(&forced, "abc"), Status::Cached);
     let err = pipeline::run(&dag, &store, &RunOptions { force: vec!["nope".into()], ..Default::default() });
-    assert!(matches!(err, Err(Error::UnknownForce(_))));
+    assert!(matches!(&err, Err(Error::UnknownForce { known, .. }) if known.contains("ab, abc, bd")), "{err:?}");
 }
 
 #[test]
@@ -276,7 +278,7 @@ fn concurrent_runs_are_refused_or_serialised() {
 fn runs_are_recorded_as_parquet() {
     let (dir, store) = setup();
     let summary = pipeline::run(&workflow(dir.path(), "x", None), &store, &RunOptions::default()).unwrap();
-    pipeline::write_runs(&store, &summary, "test", "digest").unwrap();
+    pipeline::write_runs(&store, &summary, RUN_OF).unwrap();
     let path = store.runs_dir().join(format!("{}.parquet", summary.run_id));
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(fs::File::open(path).unwrap())
         .unwrap()
@@ -286,6 +288,7 @@ fn runs_are_recorded_as_parquet() {
     let text = arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
     assert!(text.contains("executed") && text.contains("abc") && text.contains(&summary.run_id), "{text}");
+    assert!(text.contains(r#"{"tag": "x"}"#), "the settings are recorded: {text}");
 }
 
 #[test]
@@ -321,7 +324,7 @@ fn interrupted_run_keeps_finished_nodes_and_records_the_rest() {
     let reason = |id: &str| summary.nodes.iter().find(|n| n.id == id).unwrap().reason.clone().unwrap();
     assert_eq!(reason("abc"), "stopped while waiting");
     assert_eq!(reason("abcd"), "the run was interrupted before it started");
-    pipeline::write_runs(&store, &summary, "test", "digest").unwrap();
+    pipeline::write_runs(&store, &summary, RUN_OF).unwrap();
     assert!(store.runs_dir().join(format!("{}.parquet", summary.run_id)).is_file(), "the interrupted run is recorded");
 
     let again = pipeline::run(&dag(None), &store, &RunOptions::default()).unwrap();

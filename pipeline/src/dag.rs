@@ -89,6 +89,35 @@ impl Dag {
         self.graph.node_indices().find(|&i| self.graph[i].id == id)
     }
 
+    /// Nodes whose stage name or node id is `name`, in topological order.
+    pub fn matching(&self, name: &str) -> Vec<NodeIndex> {
+        self.order.iter().copied().filter(|&i| self.graph[i].stage_name == name || self.graph[i].id == name).collect()
+    }
+
+    /// The stage names of this DAG, for an error about `unknown` (with the nearest as a suggestion).
+    pub fn describe_names(&self, unknown: &str) -> String {
+        let mut stages: Vec<&str> = Vec::new();
+        for &i in &self.order {
+            let name = self.graph[i].stage_name.as_str();
+            if !stages.contains(&name) {
+                stages.push(name);
+            }
+        }
+        let ids = self.order.iter().map(|&i| self.graph[i].id.as_str());
+        let nearest = stages
+            .iter()
+            .copied()
+            .chain(ids)
+            .map(|c| (strsim::levenshtein(c, unknown), c))
+            .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+            .min();
+        let mut out = format!("its stages are: {}", stages.join(", "));
+        if let Some((_, c)) = nearest {
+            out.push_str(&format!(" (did you mean `{c}`?)"));
+        }
+        out
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.graph.node_count()
@@ -109,7 +138,21 @@ impl Dag {
         self.graph.neighbors_directed(idx, Direction::Incoming)
     }
 
-    /// The graph as indented text: each node with the nodes it reads from.
+    /// The files and directories outside the store that `idx` reads, as (input name, path).
+    fn externals(&self, idx: NodeIndex) -> Vec<(String, std::path::PathBuf)> {
+        self.graph[idx]
+            .stage
+            .inputs()
+            .into_iter()
+            .filter_map(|i| match i {
+                Input::External { name, path } => Some((name, path)),
+                Input::Artifact { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The graph as indented text: each node with the nodes it reads from and, on lines below it,
+    /// the files outside the store it reads.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         for &idx in &self.order {
@@ -125,15 +168,27 @@ impl Dag {
                 let _ = write!(out, "  ← {}", from.join(", "));
             }
             out.push('\n');
+            for (name, path) in self.externals(idx) {
+                let _ = writeln!(out, "    ← {name}: {}", path.display());
+            }
         }
         out
     }
 
-    /// The graph in Graphviz dot.
+    /// The graph in Graphviz dot; files outside the store are notes feeding their nodes.
     pub fn to_dot(&self) -> String {
         let mut out = String::from("digraph workflow {\n  rankdir=LR;\n  node [shape=box];\n");
+        let mut files: Vec<std::path::PathBuf> = Vec::new();
         for &idx in &self.order {
             let _ = writeln!(out, "  n{} [label={:?}];", idx.index(), self.graph[idx].id);
+            for (name, path) in self.externals(idx) {
+                let f = files.iter().position(|p| *p == path).unwrap_or_else(|| {
+                    let _ = writeln!(out, "  f{} [shape=note, label={:?}];", files.len(), path.display().to_string());
+                    files.push(path);
+                    files.len() - 1
+                });
+                let _ = writeln!(out, "  f{f} -> n{} [label={name:?}];", idx.index());
+            }
         }
         for e in self.graph.edge_references() {
             let _ = writeln!(out, "  n{} -> n{} [label={:?}];", e.source().index(), e.target().index(), e.weight());
@@ -222,6 +277,26 @@ mod tests {
         let bad = Node::new("b", None, Arc::new(Fake { inputs: vec![Input::artifact("x", "a", "nope")] }));
         let err = Dag::new(vec![node("a", &[]), bad]).err().unwrap();
         assert!(err.to_string().contains("declares no such output (it writes: out)"), "{err}");
+    }
+
+    #[test]
+    fn external_inputs_are_shown() {
+        let reads = Node::new("r", None, Arc::new(Fake { inputs: vec![Input::external("csv", "/d/labels.csv")] }));
+        let dag = Dag::new(vec![reads, node("s", &["r"])]).unwrap();
+        assert_eq!(dag.to_text(), "r (fake)\n    ← csv: /d/labels.csv\ns (fake)  ← r:out\n");
+        let dot = dag.to_dot();
+        assert!(
+            dot.contains("f0 [shape=note, label=\"/d/labels.csv\"];") && dot.contains("f0 -> n0 [label=\"csv\"];"),
+            "{dot}"
+        );
+    }
+
+    #[test]
+    fn unknown_names_list_the_stages_and_the_nearest() {
+        let dag = Dag::new(vec![node("train", &[]), node("report", &["train"])]).unwrap();
+        assert_eq!(dag.matching("train").len(), 1);
+        assert_eq!(dag.describe_names("trian"), "its stages are: train, report (did you mean `train`?)");
+        assert_eq!(dag.describe_names("zzzzzzzz"), "its stages are: train, report");
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub enum Error {
     Record { path: PathBuf, source: serde_json::Error },
     #[error("{}: cannot write table: {message}", path.display())]
     Table { path: PathBuf, message: String },
-    #[error("--force `{0}` matches no stage or node of this workflow")]
-    UnknownForce(String),
+    #[error("--force `{name}` matches no stage or node of this workflow; {known}")]
+    UnknownForce { name: String, known: String },
 }
 
 /// Result with the engine's error.

@@ -55,12 +55,23 @@ pub struct NodeOutcome {
     pub reason: Option<String>,
     #[serde(skip)]
     pub key: Option<String>,
+    /// What the stage warned about when it made the outputs used (executed now or cached).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl NodeOutcome {
     /// An outcome of `node` that took no time and has no cache key (yet).
     fn new(node: &Node, status: Status, reason: Option<String>) -> NodeOutcome {
-        NodeOutcome { id: node.id.clone(), stage: node.stage_name.clone(), status, seconds: 0.0, reason, key: None }
+        NodeOutcome {
+            id: node.id.clone(),
+            stage: node.stage_name.clone(),
+            status,
+            seconds: 0.0,
+            reason,
+            key: None,
+            warnings: Vec::new(),
+        }
     }
 }
 
@@ -112,18 +123,14 @@ impl Default for RunOptions {
     }
 }
 
-/// Resolves `--force` names (stage names or node ids) to nodes; an unknown name is an error.
+/// Resolves `--force` names (stage names or node ids) to nodes; an unknown name is an error
+/// that lists the stages and suggests the nearest.
 pub fn resolve_force(dag: &Dag, names: &[String]) -> Result<Vec<NodeIndex>> {
     let mut out = Vec::new();
     for name in names {
-        let matched: Vec<NodeIndex> = dag
-            .order()
-            .iter()
-            .copied()
-            .filter(|&i| dag.node(i).stage_name == *name || dag.node(i).id == *name)
-            .collect();
+        let matched = dag.matching(name);
         if matched.is_empty() {
-            return Err(Error::UnknownForce(name.clone()));
+            return Err(Error::UnknownForce { name: name.clone(), known: dag.describe_names(name) });
         }
         out.extend(matched);
     }
@@ -215,8 +222,10 @@ fn finish(
     overall: &ProgressBar,
 ) {
     match outcome.status {
+        // The first line only: a stage's full message (a list of bad rows, say) is printed once,
+        // at the end of the run.
         Status::Failed => {
-            tracing::error!(node = %outcome.id, "failed: {}", outcome.reason.as_deref().unwrap_or(""))
+            tracing::error!(node = %outcome.id, "failed: {}", first_line(outcome.reason.as_deref().unwrap_or("")))
         }
         Status::Skipped => {
             tracing::warn!(node = %outcome.id, "skipped: {}", outcome.reason.as_deref().unwrap_or(""))
@@ -270,6 +279,7 @@ fn run_node(
         Lookup::Hit(manifest) if !force => {
             store.write_record(&node.id, &Record { key, parts })?;
             outcome.status = Status::Cached;
+            outcome.warnings = manifest.warnings.clone();
             outcome.seconds = start.elapsed().as_secs_f64();
             return Ok((outcome, Some(*manifest)));
         }
@@ -302,6 +312,7 @@ fn run_node(
         progress: multi,
         stat_cache: store.stat_cache(),
         interrupt: opts.interrupt,
+        warnings: Default::default(),
     };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
@@ -341,21 +352,49 @@ fn run_node(
         created_at: Utc::now().to_rfc3339(),
         seconds: outcome.seconds,
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
+        warnings: ctx.warnings.into_inner().expect("warnings lock"),
     };
     let manifest = store.publish(&staging, manifest, &outputs)?;
     store.write_record(&node.id, &Record { key, parts })?;
     outcome.status = Status::Executed;
+    outcome.warnings = manifest.warnings.clone();
     Ok((outcome, Some(manifest)))
 }
 
-/// An error and its sources, joined with ": ".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// The first line of a (possibly multi-line) message.
+pub fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or("")
+}
+
+/// An error and its sources, joined with ": ". A source whose text the message already ends
+/// with (an error that prints its own cause) is not repeated.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("labels.csv: {source}")]
+    struct Wraps {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_chain_says_each_cause_once() {
+        let e = Wraps { source: std::io::Error::other("no such file") };
+        assert_eq!(error_chain(&e), "labels.csv: no such file");
+    }
 }

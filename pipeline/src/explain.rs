@@ -27,6 +27,19 @@ pub struct NodeStatus {
     pub freshness: Freshness,
     /// The cache key, when every input is known.
     pub key: Option<String>,
+    /// Warnings recorded with the published outputs, when fresh.
+    pub warnings: Vec<String>,
+}
+
+/// How many items of a kind a reason names before it counts the rest.
+const NAMED: usize = 3;
+
+/// `items` joined with ", ", or the first few and a count of the rest.
+fn some_of(items: &[String]) -> String {
+    if items.len() <= NAMED {
+        return items.join(", ");
+    }
+    format!("{}, … and {} more", items[..NAMED].join(", "), items.len() - NAMED)
 }
 
 /// Digest of an external input: a file's content, or a directory's listing.
@@ -44,6 +57,7 @@ pub(crate) fn key_parts(
     let stage = &dag.node(idx).stage;
     let mut inputs = BTreeMap::new();
     let mut unknown = Vec::new();
+    let mut rerunning: Vec<String> = Vec::new();
     for input in stage.inputs() {
         let digest = match &input {
             Input::External { path, .. } => match external_digest(store, path) {
@@ -58,9 +72,8 @@ pub(crate) fn key_parts(
                 match upstream.get(&up).and_then(|m| m.outputs.get(artifact)) {
                     Some(out) => out.digest.clone(),
                     None => {
-                        let why = format!("upstream {node} will rerun");
-                        if !unknown.contains(&why) {
-                            unknown.push(why);
+                        if !rerunning.contains(node) {
+                            rerunning.push(node.clone());
                         }
                         continue;
                     }
@@ -68,6 +81,9 @@ pub(crate) fn key_parts(
             }
         };
         inputs.insert(input.name().to_owned(), InputDigest { describe: input.describe(), digest });
+    }
+    if !rerunning.is_empty() {
+        unknown.push(format!("upstream {} will rerun", some_of(&rerunning)));
     }
     if !unknown.is_empty() {
         return Ok(Err(unknown));
@@ -106,20 +122,28 @@ pub fn reasons(
     }
     out.extend(old.keys().filter(|k| !new.contains_key(*k)).map(|k| format!("param {k} removed")));
     if let Some(now_inputs) = now_inputs {
+        let (mut changed, mut added) = (Vec::new(), Vec::new());
         for (name, d) in now_inputs {
             match prev.parts.inputs.get(name) {
                 Some(p) if p.digest == d.digest => {}
-                Some(_) => out.push(format!("input {} changed", d.describe)),
-                None => out.push(format!("input {} added", d.describe)),
+                Some(_) => changed.push(d.describe.clone()),
+                None => added.push(d.describe.clone()),
             }
         }
-        out.extend(
-            prev.parts
-                .inputs
-                .iter()
-                .filter(|(n, _)| !now_inputs.contains_key(*n))
-                .map(|(_, d)| format!("input {} removed", d.describe)),
-        );
+        let removed: Vec<String> = prev
+            .parts
+            .inputs
+            .iter()
+            .filter(|(n, _)| !now_inputs.contains_key(*n))
+            .map(|(_, d)| d.describe.clone())
+            .collect();
+        for (what, items) in [("changed", changed), ("added", added), ("removed", removed)] {
+            match items.len() {
+                0 => {}
+                1 => out.push(format!("input {} {what}", items[0])),
+                n => out.push(format!("{n} inputs {what}: {}", some_of(&items))),
+            }
+        }
     }
     out
 }
@@ -156,12 +180,14 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
     let mut out = Vec::with_capacity(dag.len());
     for &idx in dag.order() {
         let node = dag.node(idx);
+        let mut warnings = Vec::new();
         let (freshness, key) = match key_parts(dag, idx, store, &manifests)? {
             Ok(parts) => {
                 let key = parts.key();
                 let lookup = store.lookup(&key, verify)?;
                 let freshness = match lookup {
                     Lookup::Hit(m) if !forced.contains(&idx) => {
+                        warnings = m.warnings.clone();
                         manifests.insert(idx, *m);
                         Freshness::Fresh
                     }
@@ -181,7 +207,7 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                 (Freshness::Stale(why), None)
             }
         };
-        out.push(NodeStatus { id: node.id.clone(), stage: node.stage_name.clone(), freshness, key });
+        out.push(NodeStatus { id: node.id.clone(), stage: node.stage_name.clone(), freshness, key, warnings });
     }
     Ok(out)
 }
@@ -207,6 +233,25 @@ mod tests {
             ["code version changed (1→2)", "param epochs 200→100", "param seed added (=1)", "input labels.csv changed"]
         );
         assert_eq!(reasons(None, &now.parts.params, "1", None), ["never run"]);
+        let many = |n: usize, digest: &str| {
+            (0..n)
+                .map(|k| {
+                    let d = InputDigest {
+                        describe: format!("metrics.parquet of evaluate[fold={k}]"),
+                        digest: digest.into(),
+                    };
+                    (format!("metrics{k}"), d)
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut prev = prev.clone();
+        prev.parts.inputs = many(40, "a");
+        let why = reasons(Some(&prev), &prev.parts.params, "1", Some(&many(40, "b")));
+        assert_eq!(
+            why,
+            ["40 inputs changed: metrics.parquet of evaluate[fold=0], metrics.parquet of evaluate[fold=1], \
+              metrics.parquet of evaluate[fold=10], … and 37 more"]
+        );
         assert!(reasons(Some(&prev), &prev.parts.params, "1", Some(&prev.parts.inputs)).is_empty());
     }
 }

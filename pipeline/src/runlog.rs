@@ -10,8 +10,19 @@ use crate::error::{Error, Result, io};
 use crate::exec::RunSummary;
 use crate::store::Store;
 
+/// Which workflow a run ran, and with what.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOf<'a> {
+    /// The workflow's name.
+    pub workflow: &'a str,
+    /// Digest of the workflow file's text and its overrides.
+    pub digest: &'a str,
+    /// The effective settings (after overrides), as JSON, so runs can be told apart in SQL.
+    pub settings: &'a str,
+}
+
 /// Writes `summary` as `runs/<run_id>.parquet` (atomically), for `hmil-flow query`.
-pub fn write_runs(store: &Store, summary: &RunSummary, workflow: &str, workflow_digest: &str) -> Result<()> {
+pub fn write_runs(store: &Store, summary: &RunSummary, of: RunOf) -> Result<()> {
     let n = summary.nodes.len();
     let strings =
         |f: &dyn Fn(usize) -> Option<String>| -> ArrayRef { Arc::new((0..n).map(f).collect::<StringArray>()) };
@@ -21,8 +32,9 @@ pub fn write_runs(store: &Store, summary: &RunSummary, workflow: &str, workflow_
     let nodes = &summary.nodes;
     let columns = vec![
         strings(&|_| Some(summary.run_id.clone())),
-        strings(&|_| Some(workflow.to_owned())),
-        strings(&|_| Some(workflow_digest.to_owned())),
+        strings(&|_| Some(of.workflow.to_owned())),
+        strings(&|_| Some(of.digest.to_owned())),
+        strings(&|_| Some(of.settings.to_owned())),
         ts(summary.started_at),
         ts(summary.ended_at),
         strings(&|i| Some(nodes[i].id.clone())),

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -96,6 +96,7 @@ pub struct Context<'a> {
     pub(crate) progress: &'a MultiProgress,
     pub(crate) stat_cache: &'a StatCache,
     pub(crate) interrupt: &'a AtomicBool,
+    pub(crate) warnings: Mutex<Vec<String>>,
 }
 
 impl Context<'_> {
@@ -113,6 +114,14 @@ impl Context<'_> {
     /// set, returns an error saying where it stopped (its outputs are then discarded).
     pub fn interrupted(&self) -> bool {
         self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// Records a warning about this node's result: it is logged now, kept in the node's manifest,
+    /// and shown again by every run that reuses the result and by `status`.
+    pub fn warn(&self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::warn!(node = %self.node_id, "{message}");
+        self.warnings.lock().expect("warnings lock").push(message);
     }
 
     /// Path of the declared input `name`.

@@ -73,6 +73,9 @@ pub struct Manifest {
     pub created_at: String,
     pub seconds: f64,
     pub engine_version: String,
+    /// What the stage warned about while making these outputs (see `Context::warn`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What a node last ran (or was found cached) with.
@@ -278,6 +281,7 @@ mod tests {
             created_at: String::new(),
             seconds: 0.0,
             engine_version: "t".into(),
+            warnings: Vec::new(),
         };
         store.publish(&stage, manifest, &["out.txt".into()]).unwrap();
         assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Hit(_)));

@@ -11,6 +11,8 @@ pub fn schema() -> SchemaRef {
         Field::new("run_id", DataType::Utf8, false),
         Field::new("workflow", DataType::Utf8, false),
         Field::new("workflow_digest", DataType::Utf8, false),
+        // JSON of the effective workflow; runs recorded before it was kept have none.
+        Field::new("settings", DataType::Utf8, true),
         Field::new("run_started_at", ts(), false),
         Field::new("run_ended_at", ts(), false),
         Field::new("node_id", DataType::Utf8, false),
