@@ -9,12 +9,14 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("--set {setting}: {message}")]
-    Override { setting: String, message: String },
+    /// `from` is `--set` or `HMIL_FLOW_SET`.
+    #[error("{from} {setting}: {message}")]
+    Override { from: &'static str, setting: String, message: String },
     #[error("{key} = {}: no such file or directory; set it in the workflow, with --set {key}=PATH, or in HMIL_FLOW_SET", path.display())]
     MissingPath { key: String, path: PathBuf },
-    #[error("{}: `{key}`: {message}", path.display())]
-    Invalid { path: PathBuf, key: String, message: String },
+    /// `origin` says which setting gave the value, when one did (` (from --set k=v)`).
+    #[error("{}: `{key}`: {message}{origin}", path.display())]
+    Invalid { path: PathBuf, key: String, message: String, origin: String },
 }
 
 /// Result with this crate's error.

@@ -183,8 +183,9 @@ pub enum SplitMethod {
 pub struct Splits {
     #[serde(default)]
     pub method: SplitMethod,
-    #[serde(default = "default_folds")]
-    pub folds: usize,
+    /// How many folds `kfold` and `monte_carlo` make (5 when not set); `import` takes as many
+    /// as there are files. Read it through [`Splits::folds`].
+    pub folds: Option<usize>,
     /// Fraction of each class's cases held out for validation.
     #[serde(default = "default_frac")]
     pub val_frac: f64,
@@ -195,18 +196,22 @@ pub struct Splits {
     pub dir: Option<PathBuf>,
 }
 
-fn default_folds() -> usize {
-    5
-}
 fn default_frac() -> f64 {
     0.1
+}
+
+impl Splits {
+    /// Folds `kfold` and `monte_carlo` make: as set, or 5.
+    pub fn folds(&self) -> usize {
+        self.folds.unwrap_or(5)
+    }
 }
 
 impl Default for Splits {
     fn default() -> Self {
         Splits {
             method: SplitMethod::Kfold,
-            folds: default_folds(),
+            folds: None,
             val_frac: default_frac(),
             test_frac: default_frac(),
             dir: None,
@@ -312,29 +317,90 @@ impl Default for Evaluate {
     }
 }
 
+/// A `key=value` setting applied over the workflow file, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub text: String,
+    /// `--set` or `HMIL_FLOW_SET`, for messages.
+    pub from: &'static str,
+}
+
+impl Setting {
+    /// A setting given with `--set`.
+    pub fn cli(text: &str) -> Setting {
+        Setting { text: text.to_owned(), from: "--set" }
+    }
+
+    /// The settings in the value of `HMIL_FLOW_SET`: separated by whitespace, except inside
+    /// single or double quotes, which are removed (`dataset.features="/data/my slides"`).
+    pub fn from_env(value: &str) -> Result<Vec<Setting>> {
+        let mut out = Vec::new();
+        let (mut word, mut quote, mut started) = (String::new(), None, false);
+        for c in value.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), c) => word.push(c),
+                (None, '"' | '\'') => (quote, started) = (Some(c), true),
+                (None, c) if c.is_whitespace() => {
+                    if started || !word.is_empty() {
+                        out.push(Setting { text: std::mem::take(&mut word), from: "HMIL_FLOW_SET" });
+                    }
+                    started = false;
+                }
+                (None, c) => word.push(c),
+            }
+        }
+        if let Some(q) = quote {
+            return Err(Error::Override {
+                from: "HMIL_FLOW_SET",
+                setting: value.to_owned(),
+                message: format!("unclosed {q} quote"),
+            });
+        }
+        if started || !word.is_empty() {
+            out.push(Setting { text: word, from: "HMIL_FLOW_SET" });
+        }
+        Ok(out)
+    }
+
+    /// The dotted key this setting sets.
+    fn key(&self) -> &str {
+        self.text.split_once('=').map_or(self.text.as_str(), |(k, _)| k).trim()
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Override { from: self.from, setting: self.text.clone(), message: message.into() }
+    }
+}
+
 impl Workflow {
     /// Reads, validates and resolves a workflow file, applying `key=value` overrides.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Workflow> {
+    pub fn load(path: &Path, overrides: &[Setting]) -> Result<Workflow> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::parse(&text, path, overrides)
     }
 
     /// Like [`Workflow::load`] for text read already from `path`.
-    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Workflow> {
+    pub fn parse(text: &str, path: &Path, overrides: &[Setting]) -> Result<Workflow> {
         let parse_err = |e: toml::de::Error| Error::Parse { path: path.into(), message: e.to_string() };
         // Parse the text as written first, so errors carry its line numbers.
         let mut wf: Workflow = toml::from_str(text).map_err(parse_err)?;
         if !overrides.is_empty() {
             let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            // One at a time, so an error names the setting that caused it.
             for o in overrides {
                 apply_override(&mut table, o)?;
+                wf = table.clone().try_into().map_err(|e: toml::de::Error| o.error(e.message()))?;
             }
-            wf = table.try_into().map_err(|e: toml::de::Error| Error::Override {
-                setting: overrides.join(" "),
-                message: e.message().to_owned(),
-            })?;
         }
-        wf.validate().map_err(|(key, message)| Error::Invalid { path: path.into(), key, message })?;
+        wf.validate().map_err(|(key, message)| {
+            let origin = overrides
+                .iter()
+                .rev()
+                .find(|o| o.key() == key)
+                .map_or_else(String::new, |o| format!(" (from {} {})", o.from, o.text));
+            Error::Invalid { path: path.into(), key, message, origin }
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         wf.resolve(base);
         Ok(wf)
@@ -354,8 +420,8 @@ impl Workflow {
         let bad = |key: &str, message: String| Err((key.to_owned(), message));
         self.labels.hierarchy.validate().or_else(|m| bad("labels.hierarchy", m))?;
         let s = &self.splits;
-        if s.folds < 1 || (s.method == SplitMethod::Kfold && s.folds < 2) {
-            return bad("splits.folds", format!("{} folds: kfold needs at least 2, other methods 1", s.folds));
+        if s.folds() < 1 || (s.method == SplitMethod::Kfold && s.folds() < 2) {
+            return bad("splits.folds", format!("{} folds: kfold needs at least 2, other methods 1", s.folds()));
         }
         for (key, v) in [("splits.val_frac", s.val_frac), ("splits.test_frac", s.test_frac)] {
             if !(0.0..1.0).contains(&v) {
@@ -363,8 +429,10 @@ impl Workflow {
             }
         }
         let t = &self.train;
-        if t.epochs == 0 || t.batch_size == 0 {
-            return bad("train.epochs", "epochs and batch_size must be at least 1".into());
+        for (key, value) in [("train.epochs", t.epochs), ("train.batch_size", t.batch_size)] {
+            if value == 0 {
+                return bad(key, "must be at least 1".into());
+            }
         }
         if t.lr.is_nan() || t.lr <= 0.0 {
             return bad("train.lr", format!("{} is not a positive learning rate", t.lr));
@@ -406,9 +474,9 @@ impl Workflow {
 }
 
 /// Sets `a.b.c=value` in `table`; the value is read as TOML, or else taken as a string.
-fn apply_override(table: &mut toml::Table, setting: &str) -> Result<()> {
-    let bad = |message: &str| Error::Override { setting: setting.into(), message: message.into() };
-    let (key, raw) = setting.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+fn apply_override(table: &mut toml::Table, setting: &Setting) -> Result<()> {
+    let bad = |message: &str| setting.error(message);
+    let (key, raw) = setting.text.split_once('=').ok_or_else(|| bad("expected key=value"))?;
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -453,7 +521,7 @@ malignant = ["DCIS", "IC"]
         assert_eq!(wf.labels.hierarchy.fine(), ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"]);
         assert_eq!(wf.labels.hierarchy.coarse(), ["benign", "atypical", "malignant"]);
         assert_eq!(wf.labels.hierarchy.fine_to_coarse(), [0, 0, 0, 1, 1, 2, 2]);
-        assert_eq!(wf.splits.folds, 5);
+        assert_eq!(wf.splits.folds(), 5);
     }
 
     #[test]
@@ -475,15 +543,42 @@ malignant = ["DCIS", "IC"]
         let wf = Workflow::parse(
             MINIMAL,
             Path::new("/w/f.toml"),
-            &["dataset.features=/data/x".into(), "splits.folds=10".into()],
+            &[Setting::cli("dataset.features=/data/x"), Setting::cli("splits.folds=10")],
         )
         .unwrap();
         assert_eq!(wf.dataset.features, Path::new("/data/x"));
-        assert_eq!(wf.splits.folds, 10);
-        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.fold=3".into()]).unwrap_err().to_string();
-        assert!(err.contains("fold"), "{err}");
-        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &["splits.folds=1".into()]).unwrap_err().to_string();
-        assert!(err.contains("splits.folds"), "{err}");
+        assert_eq!(wf.splits.folds(), 10);
+        let err =
+            Workflow::parse(MINIMAL, Path::new("f.toml"), &[Setting::cli("splits.fold=3")]).unwrap_err().to_string();
+        assert!(err.starts_with("--set splits.fold=3: ") && err.contains("fold"), "{err}");
+        let err =
+            Workflow::parse(MINIMAL, Path::new("f.toml"), &[Setting::cli("splits.folds=1")]).unwrap_err().to_string();
+        assert!(err.contains("splits.folds") && err.ends_with("(from --set splits.folds=1)"), "{err}");
+    }
+
+    #[test]
+    fn each_zero_is_reported_under_its_own_key() {
+        for key in ["train.batch_size", "train.epochs"] {
+            let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &[Setting::cli(&format!("{key}=0"))])
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err, format!("f.toml: `{key}`: must be at least 1 (from --set {key}=0)"));
+        }
+    }
+
+    #[test]
+    fn environment_settings_say_where_they_came_from_and_take_quotes() {
+        let set = Setting::from_env(r#"  dataset.features="/data/my slides"   train.lr=3e-4 x='a "b"' "#).unwrap();
+        let texts: Vec<&str> = set.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(texts, ["dataset.features=/data/my slides", "train.lr=3e-4", r#"x=a "b""#]);
+        let wf = Workflow::parse(MINIMAL, Path::new("/w/f.toml"), &set[..2]).unwrap();
+        assert_eq!(wf.dataset.features, Path::new("/data/my slides"));
+        let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &Setting::from_env("train.epoch=3").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("HMIL_FLOW_SET train.epoch=3: "), "{err}");
+        let err = Setting::from_env("a=\"b").unwrap_err().to_string();
+        assert!(err.contains("unclosed \" quote"), "{err}");
     }
 
     #[test]
