@@ -1,5 +1,6 @@
 //! HMIL: the model, its loss, metrics, and the per-fold `train` and `evaluate` stages.
 
+pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
 pub mod infer;

@@ -20,6 +20,8 @@ pub struct Dims {
 /// Hidden sizes fixed by the published model.
 const HIDDEN: i64 = 256;
 const FINE_ATTN_HIDDEN: i64 = 64;
+/// The hidden sizes (feature extractor and coarse attention, fine attention), as checkpoints record them.
+pub const HIDDEN_SIZES: (i64, i64) = (HIDDEN, FINE_ATTN_HIDDEN);
 
 /// Class-wise gated attention: `W_c(tanh(W_a h) ⊙ sigmoid(W_b h))`, one score per class.
 #[derive(Debug)]

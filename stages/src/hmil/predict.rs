@@ -6,6 +6,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Float64Array};
 use tch::{Device, Kind, Tensor, nn};
 
+use super::checkpoint;
 use super::infer::argmax;
 use super::model::{Batch, Dims};
 use super::train::{Classes, build_model};
@@ -36,9 +37,27 @@ fn dims(checkpoint: &Path, input: i64) -> Result<Dims> {
     })
 }
 
+/// The classes to name predictions by: the checkpoint's own, checked against the workflow's
+/// when both are given; the workflow's for a checkpoint without them; else an error.
+fn classes_for(checkpoint: &Path, from_workflow: Option<Classes>) -> Result<Classes> {
+    let bad = |message: String| Error::BadFile { path: checkpoint.into(), message };
+    match (checkpoint::read_info(checkpoint)?, from_workflow) {
+        (Some(info), Some(wf)) if info.classes != wf => Err(bad(format!(
+            "was trained for fine classes {:?} (coarse {:?}) but the workflow declares {:?} (coarse {:?}); \
+             leave out --workflow to use the checkpoint's own",
+            info.classes.fine, info.classes.coarse, wf.fine, wf.coarse
+        ))),
+        (Some(info), _) => Ok(info.classes),
+        (None, Some(wf)) => Ok(wf),
+        (None, None) => Err(bad("carries no class names or hierarchy (a checkpoint from PyTorch, or from \
+             hmil-flow before they were kept); pass --workflow with the workflow it was trained with"
+            .into())),
+    }
+}
+
 /// Predicts every feature file at `features` (a file or a directory) and writes `out`; returns
-/// the number of slides. Without `classes` (from a workflow), classes are named by index and the
-/// coarse-from-fine columns stay empty.
+/// the number of slides. Classes come from the checkpoint, or from `classes` (a workflow's) for a
+/// checkpoint that does not carry them.
 pub fn predict(
     checkpoint: &Path,
     features: &Path,
@@ -46,6 +65,7 @@ pub fn predict(
     out: &Path,
     device: Device,
 ) -> Result<usize> {
+    let classes = classes_for(checkpoint, classes)?;
     let files = if features.is_dir() {
         feature_files(features)?
     } else {
@@ -84,11 +104,6 @@ pub fn predict(
         ));
     }
     let Some(net) = model else { return Ok(0) };
-    let classes = classes.unwrap_or_else(|| Classes {
-        fine: (0..net.dims.n_fine).map(|i| format!("fine{i}")).collect(),
-        coarse: (0..net.dims.n_coarse).map(|i| format!("coarse{i}")).collect(),
-        fine_to_coarse: Vec::new(),
-    });
     if classes.fine.len() as i64 != net.dims.n_fine || classes.coarse.len() as i64 != net.dims.n_coarse {
         return Err(Error::BadFile {
             path: checkpoint.into(),
@@ -116,11 +131,7 @@ pub fn predict(
         table::string_col(rows.iter().map(|r| r.1.as_str())),
         table::string_col(rows.iter().map(|r| classes.fine[argmax(&r.2)].as_str())),
         table::string_col(rows.iter().map(|r| classes.coarse[argmax(&r.3)].as_str())),
-        table::string_col(
-            from_fine
-                .iter()
-                .map(|p| if classes.fine_to_coarse.is_empty() { "" } else { classes.coarse[argmax(p)].as_str() }),
-        ),
+        table::string_col(from_fine.iter().map(|p| classes.coarse[argmax(p)].as_str())),
     ];
     for k in 0..classes.fine.len() {
         cols.push(Arc::new(rows.iter().map(|r| r.2[k]).collect::<Float64Array>()));
@@ -135,4 +146,83 @@ pub fn predict(
     let coarse: Vec<&str> = classes.coarse.iter().map(String::as_str).collect();
     table::write(out, schemas::tables::new_predictions(&fine, &coarse), cols)?;
     Ok(rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use arrow::array::AsArray;
+    use arrow::datatypes::Float64Type;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    use super::*;
+    use crate::hmil::checkpoint::Info;
+
+    fn classes() -> Classes {
+        Classes {
+            coarse: vec!["benign".into(), "malignant".into()],
+            fine: vec!["N".into(), "PB".into(), "IC".into()],
+            fine_to_coarse: vec![0, 0, 1],
+        }
+    }
+
+    /// A directory with two slides' features (dimension 8) and a trained-shape checkpoint, with
+    /// or without its metadata.
+    fn setup(with_info: bool) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let feats = dir.path().join("features");
+        std::fs::create_dir(&feats).unwrap();
+        for (slide, n) in [("a", 5usize), ("b", 9)] {
+            let bytes: Vec<u8> = (0..n * 8).flat_map(|i| ((i % 7) as f32 * 0.3).to_le_bytes()).collect();
+            let view = TensorView::new(Dtype::F32, vec![n, 8], &bytes).unwrap();
+            let path = feats.join(format!("{slide}.safetensors"));
+            safetensors::tensor::serialize_to_file([("features", view)], &None::<HashMap<String, String>>, &path)
+                .unwrap();
+        }
+        let vs = nn::VarStore::new(Device::Cpu);
+        build_model(&vs, Dims { input: 8, n_coarse: 2, n_fine: 3 }, 0.0, 3);
+        let ckpt = dir.path().join("model.safetensors");
+        if with_info {
+            checkpoint::save(&vs, &Info::hmil(&classes(), 8, 0.0), &ckpt).unwrap();
+        } else {
+            vs.save(&ckpt).unwrap();
+        }
+        (dir, ckpt)
+    }
+
+    #[test]
+    fn a_checkpoint_alone_names_its_classes_and_sums_fine_into_coarse() {
+        let (dir, ckpt) = setup(true);
+        let out = dir.path().join("p.parquet");
+        assert_eq!(predict(&ckpt, &dir.path().join("features"), None, &out, Device::Cpu).unwrap(), 2);
+        let t = table::read(&out).unwrap();
+        let col =
+            |n: &str| t.column_by_name(n).unwrap_or_else(|| panic!("no {n}")).as_primitive::<Float64Type>().clone();
+        for i in 0..2 {
+            let fine = ["N", "PB", "IC"].map(|c| col(&format!("prob_fine_{c}")).value(i));
+            let benign = col("prob_coarse_from_fine_benign").value(i);
+            let malignant = col("prob_coarse_from_fine_malignant").value(i);
+            assert!((benign - (fine[0] + fine[1])).abs() < 1e-9 && (malignant - fine[2]).abs() < 1e-9);
+            assert!(benign > 0.0 && malignant > 0.0);
+        }
+        let from_fine = table::strings(&t, "coarse_from_fine_pred");
+        assert!(from_fine.iter().all(|c| c == "benign" || c == "malignant"), "{from_fine:?}");
+    }
+
+    #[test]
+    fn without_names_it_is_an_error_and_a_mismatch_is_one_too() {
+        let (dir, ckpt) = setup(false);
+        let out = dir.path().join("p.parquet");
+        let err = predict(&ckpt, &dir.path().join("features"), None, &out, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("carries no class names") && err.contains("--workflow"), "{err}");
+        assert!(!out.exists(), "nothing is written");
+        predict(&ckpt, &dir.path().join("features"), Some(classes()), &out, Device::Cpu).unwrap();
+
+        let (dir, ckpt) = setup(true);
+        let mut other = classes();
+        other.fine[2] = "DCIS".into();
+        let err = predict(&ckpt, &dir.path().join("features"), Some(other), &out, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("\"IC\"") && err.contains("\"DCIS\""), "{err}");
+    }
 }

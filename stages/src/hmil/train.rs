@@ -11,6 +11,7 @@ use schemas::workflow::{Balance, SelectMetric, Train};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use super::checkpoint;
 use super::data::{Bag, FoldBags, Store, fold_bags};
 use super::infer::{argmax, predict};
 use super::loss::{self, LossConfig};
@@ -49,7 +50,7 @@ impl Sources {
 }
 
 /// The class hierarchy as the model needs it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Classes {
     pub coarse: Vec<String>,
     pub fine: Vec<String>,
@@ -88,8 +89,9 @@ impl Stage for TrainFold {
         "train"
     }
     /// 2: one joint product per shared input (same model, different float summation order).
+    /// 3: the checkpoint carries its classes, hierarchy and configuration.
     fn code_version(&self) -> &str {
-        "2"
+        "3"
     }
     fn params(&self) -> serde_json::Value {
         let mut config = serde_json::to_value(&self.config).expect("serialises");
@@ -131,14 +133,6 @@ pub fn build_model(vs: &nn::VarStore, dims: Dims, dropout: f64, seed: u64) -> Hm
         t.copy_(&Tensor::from_slice(&values).view(size.as_slice()).to(t.device()));
     }
     model
-}
-
-/// Writes the network's parameters (published names) as safetensors.
-pub fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let mut named: Vec<(String, Tensor)> =
-        vs.variables().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, path).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })
 }
 
 /// Accuracy and one-vs-rest macro AUC of probabilities against labels.
@@ -217,7 +211,7 @@ impl TrainFold {
         let groups = group_matrix(&c.fine_to_coarse, dims.n_coarse, device);
         let weights = (cfg.balance == Balance::LossWeights).then(|| class_weights(&bags.train, dims, device));
         if bags.val.is_empty() {
-            tracing::warn!("fold {}: no validation slides; the last epoch's checkpoint is kept", self.fold);
+            ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
         let mut best: Option<(f64, Vec<(String, Tensor)>)> = None;
         let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
@@ -327,7 +321,14 @@ impl TrainFold {
             ]);
             bar.set_message(format!("loss {:.3} val fine AUC {vauc_f:.3}", sums[0] / n_train));
             bar.inc(1);
-            tracing::debug!(fold = self.fold, epoch, loss = sums[0] / n_train, val_auc_fine = vauc_f, "epoch done");
+            // Shown without -v when no progress bar is (stderr is a log file or a job's output).
+            tracing::info!(
+                node = ctx.node_id(),
+                "epoch {}/{}: loss {:.4}, validation fine macro AUC {vauc_f:.3}",
+                epoch + 1,
+                cfg.epochs,
+                sums[0] / n_train
+            );
             if let Some(p) = cfg.plateau.filter(|_| !val_loss.is_nan()) {
                 if val_loss < best_val_loss {
                     best_val_loss = val_loss;
@@ -354,7 +355,8 @@ impl TrainFold {
                 vars.get_mut(&name).expect("same variables").copy_(&t);
             }
         }
-        save_checkpoint(&vs, &ctx.output("model.safetensors"))?;
+        let info = checkpoint::Info::hmil(&self.classes, store.dim, cfg.dropout);
+        checkpoint::save(&vs, &info, &ctx.output("model.safetensors"))?;
         history.write(&ctx.output("history.parquet"), self.fold)?;
         Ok(())
     }
