@@ -122,6 +122,6 @@ fn fold_count(wf: &Workflow) -> usize {
                     .count()
             })
             .unwrap_or(0),
-        _ => wf.splits.folds,
+        _ => wf.splits.folds(),
     }
 }

@@ -39,7 +39,9 @@ impl fmt::Display for Part {
 pub struct Slide {
     pub slide_id: String,
     pub case_id: String,
+    /// Fine class index (strata are numbered by it) and name (errors name it).
     pub fine: usize,
+    pub label: String,
 }
 
 /// One row of `splits.parquet`.
@@ -49,6 +51,11 @@ pub struct Assignment {
     pub slide_id: String,
     pub case_id: String,
     pub part: Part,
+}
+
+/// Fine class index → name, for messages.
+fn class_names(slides: &[Slide]) -> HashMap<usize, &str> {
+    slides.iter().map(|s| (s.fine, s.label.as_str())).collect()
 }
 
 /// Cases with their fine class, sorted by case id; then grouped per class.
@@ -91,16 +98,27 @@ fn take_val(rng: &mut Rng, mut pool: Vec<String>, frac: f64, part_of: &mut HashM
 
 /// Stratified, case-grouped k-fold: each case is in exactly one test fold; per class, test
 /// counts of two folds differ by at most one. Validation cases come from the remaining cases.
-pub fn kfold(slides: &[Slide], folds: usize, val_frac: f64, seed: u64) -> (Vec<Assignment>, Vec<String>) {
+/// A class with fewer cases than folds is an error: some folds would never test it.
+pub fn kfold(slides: &[Slide], folds: usize, val_frac: f64, seed: u64) -> Result<Vec<Assignment>> {
     let classes = cases_by_class(slides);
-    let mut warnings = Vec::new();
+    let names = class_names(slides);
+    let short: Vec<String> = classes
+        .iter()
+        .filter(|(_, cases)| cases.len() < folds)
+        .map(|(c, cases)| format!("{} has {} case(s)", names[c], cases.len()))
+        .collect();
+    if !short.is_empty() {
+        let fewest = classes.values().map(Vec::len).min().unwrap_or(0);
+        return Err(Error::Splits(format!(
+            "splits.folds = {folds}, but {}: stratified k-fold needs at least as many cases of every class \
+             as folds, or some folds test none of that class. Set splits.folds to at most {fewest}, or use \
+             method = \"monte_carlo\" (its test sets may overlap)",
+            short.join(", ")
+        )));
+    }
     let mut test_fold: HashMap<String, usize> = HashMap::new();
     let mut offset = 0;
     for (&class, cases) in &classes {
-        if cases.len() < folds {
-            warnings
-                .push(format!("class {class} has {} case(s) for {folds} folds: some test folds lack it", cases.len()));
-        }
         let mut shuffled = cases.clone();
         Rng::new(seed, class as u64).shuffle(&mut shuffled);
         for (j, case) in shuffled.into_iter().enumerate() {
@@ -126,7 +144,7 @@ pub fn kfold(slides: &[Slide], folds: usize, val_frac: f64, seed: u64) -> (Vec<A
         out.extend(expand(slides, fold, &part_of));
     }
     out.sort();
-    (out, warnings)
+    Ok(out)
 }
 
 /// CLAM-style Monte-Carlo folds: per fold and class, `test_frac` of the cases are tested and
@@ -139,6 +157,7 @@ pub fn monte_carlo(
     seed: u64,
 ) -> (Vec<Assignment>, Vec<String>) {
     let classes = cases_by_class(slides);
+    let names = class_names(slides);
     let mut warnings = Vec::new();
     let mut out = Vec::new();
     for fold in 0..folds {
@@ -150,7 +169,11 @@ pub fn monte_carlo(
             let n_test = (test_frac * n as f64).round() as usize;
             let n_val = (val_frac * n as f64).round() as usize;
             if fold == 0 && (n_test == 0 || n_val == 0 || n_test + n_val >= n) {
-                warnings.push(format!("class {class} has {n} case(s): {n_test} test and {n_val} val per fold"));
+                warnings.push(format!(
+                    "class {} has {n} case(s): {n_test} test, {n_val} validation and {} training per fold",
+                    names[&class],
+                    n.saturating_sub(n_test + n_val)
+                ));
             }
             for (i, case) in shuffled.into_iter().enumerate() {
                 let part = if i < n_test {
@@ -232,6 +255,37 @@ pub fn import_clam(dir: &Path, slides: &[Slide]) -> Result<Vec<Assignment>> {
     Ok(out)
 }
 
+/// Checks that every fold of `rows` trains on and tests something; an error names the fold.
+pub fn check_folds(rows: &[Assignment], folds: usize) -> Result<()> {
+    for fold in 0..folds {
+        let count = |part: Part| rows.iter().filter(|a| a.fold == fold && a.part == part).count();
+        let (train, test) = (count(Part::Train), count(Part::Test));
+        if train == 0 || test == 0 {
+            return Err(Error::Splits(format!(
+                "fold {fold} has {train} training and {test} test slide(s): every fold needs both; \
+                 use fewer folds, or a larger splits.test_frac"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A warning when folds leave labelled slides out (imported splits may cover only some).
+fn coverage_warning(rows: &[Assignment], slides: &[Slide], folds: usize) -> Option<String> {
+    let used: std::collections::HashSet<&str> = rows.iter().map(|a| a.slide_id.as_str()).collect();
+    let per_fold: Vec<usize> = (0..folds).map(|f| rows.iter().filter(|a| a.fold == f).count()).collect();
+    if per_fold.iter().all(|&n| n == slides.len()) {
+        return None;
+    }
+    let unused = slides.len() - used.len();
+    Some(format!(
+        "the folds use {} of the {} labelled slides (per fold: {}); {unused} slide(s) are in no fold",
+        used.len(),
+        slides.len(),
+        per_fold.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+    ))
+}
+
 /// Writes assignments as CLAM `splits_{k}.csv` files into `dir`; returns how many folds.
 pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<usize> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -271,19 +325,21 @@ impl Stage for SplitFolds {
     fn kind(&self) -> &str {
         "split_folds"
     }
+    /// 2: refuses folds that cannot test every class, and records what it warns about.
     fn code_version(&self) -> &str {
-        "1"
+        "2"
     }
     fn params(&self) -> serde_json::Value {
         let s = &self.splits;
         match s.method {
             SplitMethod::Kfold => {
-                serde_json::json!({"method": "kfold", "folds": s.folds, "val_frac": s.val_frac, "seed": self.seed})
+                serde_json::json!({"method": "kfold", "folds": s.folds(), "val_frac": s.val_frac, "seed": self.seed})
             }
             SplitMethod::MonteCarlo => serde_json::json!({
-                "method": "monte_carlo", "folds": s.folds, "val_frac": s.val_frac, "test_frac": s.test_frac, "seed": self.seed
+                "method": "monte_carlo", "folds": s.folds(), "val_frac": s.val_frac, "test_frac": s.test_frac, "seed": self.seed
             }),
-            SplitMethod::Import => serde_json::json!({"method": "import"}),
+            // The number of folds set is part of the warning an import gives when it differs.
+            SplitMethod::Import => serde_json::json!({"method": "import", "folds": s.folds}),
         }
     }
     fn inputs(&self) -> Vec<Input> {
@@ -302,16 +358,32 @@ impl Stage for SplitFolds {
             .into_iter()
             .zip(table::strings(&labels, "case_id"))
             .zip(table::i32s(&labels, "fine_idx"))
-            .map(|((slide_id, case_id), fine)| Slide { slide_id, case_id, fine: fine as usize })
+            .zip(table::strings(&labels, "fine_label"))
+            .map(|(((slide_id, case_id), fine), label)| Slide { slide_id, case_id, fine: fine as usize, label })
             .collect();
         let s = &self.splits;
-        let (rows, warnings) = match s.method {
-            SplitMethod::Kfold => kfold(&slides, s.folds, s.val_frac, self.seed),
-            SplitMethod::MonteCarlo => monte_carlo(&slides, s.folds, s.val_frac, s.test_frac, self.seed),
-            SplitMethod::Import => (import_clam(ctx.input("clam_splits"), &slides)?, Vec::new()),
+        let (rows, folds) = match s.method {
+            SplitMethod::Kfold => (kfold(&slides, s.folds(), s.val_frac, self.seed)?, s.folds()),
+            SplitMethod::MonteCarlo => {
+                let (rows, warnings) = monte_carlo(&slides, s.folds(), s.val_frac, s.test_frac, self.seed);
+                warnings.into_iter().for_each(|w| ctx.warn(w));
+                (rows, s.folds())
+            }
+            SplitMethod::Import => {
+                let rows = import_clam(ctx.input("clam_splits"), &slides)?;
+                let folds = rows.iter().map(|a| a.fold + 1).max().unwrap_or(0);
+                if let Some(set) = s.folds.filter(|&k| k != folds) {
+                    ctx.warn(format!(
+                        "splits.folds = {set} is not used: method \"import\" takes its {folds} fold(s) from the \
+                         splits_{{k}}.csv files"
+                    ));
+                }
+                (rows, folds)
+            }
         };
-        for w in warnings {
-            tracing::warn!("{w}");
+        check_folds(&rows, folds)?;
+        if let Some(w) = coverage_warning(&rows, &slides, folds) {
+            ctx.warn(w);
         }
         write(&ctx.output("splits.parquet"), &rows)?;
         Ok(())
@@ -365,9 +437,15 @@ mod tests {
         for (class, &n) in sizes.iter().enumerate() {
             for i in 0..n {
                 let case = format!("c{class}-{i}");
-                out.push(Slide { slide_id: format!("s{class}-{i}"), case_id: case.clone(), fine: class });
+                let label = format!("L{class}");
+                out.push(Slide {
+                    slide_id: format!("s{class}-{i}"),
+                    case_id: case.clone(),
+                    fine: class,
+                    label: label.clone(),
+                });
                 if i % 5 == 0 {
-                    out.push(Slide { slide_id: format!("s{class}-{i}b"), case_id: case, fine: class });
+                    out.push(Slide { slide_id: format!("s{class}-{i}b"), case_id: case, fine: class, label });
                 }
             }
         }
@@ -386,9 +464,10 @@ mod tests {
     #[test]
     fn kfold_invariants() {
         let s = slides();
-        let (rows, warnings) = kfold(&s, 5, 0.1, 7);
-        assert!(warnings.is_empty());
+        let rows = kfold(&s, 5, 0.1, 7).unwrap();
         check_no_case_leak(&rows);
+        check_folds(&rows, 5).unwrap();
+        assert_eq!(coverage_warning(&rows, &s, 5), None);
         // Every case tested exactly once.
         let mut tested: HashMap<&str, usize> = HashMap::new();
         for a in rows.iter().filter(|a| a.part == Part::Test) {
@@ -418,16 +497,30 @@ mod tests {
             assert_eq!(rows.iter().filter(|a| a.fold == f).count(), s.len());
             assert!(rows.iter().any(|a| a.fold == f && a.part == Part::Val));
         }
-        assert_eq!(rows, kfold(&s, 5, 0.1, 7).0, "same seed, same folds");
-        assert_ne!(rows, kfold(&s, 5, 0.1, 8).0);
+        assert_eq!(rows, kfold(&s, 5, 0.1, 7).unwrap(), "same seed, same folds");
+        assert_ne!(rows, kfold(&s, 5, 0.1, 8).unwrap());
     }
 
     #[test]
-    fn kfold_warns_about_tiny_classes() {
-        let s: Vec<Slide> =
-            (0..3).map(|i| Slide { slide_id: format!("s{i}"), case_id: format!("c{i}"), fine: 0 }).collect();
-        let (_, warnings) = kfold(&s, 5, 0.1, 1);
-        assert_eq!(warnings, ["class 0 has 3 case(s) for 5 folds: some test folds lack it"]);
+    fn more_folds_than_cases_of_a_class_is_an_error_naming_the_classes() {
+        // 8 cases in each of 7 classes, asked for 60 folds.
+        let first_eight = |x: &Slide| x.case_id.split('-').nth(1).unwrap().parse::<usize>().unwrap() < 8;
+        let s: Vec<Slide> = slides().into_iter().filter(first_eight).collect();
+        let err = kfold(&s, 60, 0.1, 1).unwrap_err().to_string();
+        assert!(err.starts_with("splits.folds = 60, but L0 has 8 case(s), L1 has 8 case(s)"), "{err}");
+        assert!(err.contains("L3 has 8 case(s)") && err.contains("Set splits.folds to at most 8"), "{err}");
+        assert!(kfold(&s, 8, 0.1, 1).is_ok());
+        let err = kfold(&s, 9, 0.1, 1).unwrap_err().to_string();
+        assert!(err.contains("at most 8"), "{err}");
+    }
+
+    #[test]
+    fn a_fold_without_test_slides_is_an_error() {
+        let s = slides();
+        let (rows, warnings) = monte_carlo(&s, 2, 0.1, 0.0, 3);
+        assert!(warnings.iter().any(|w| w.starts_with("class L0 has 9 case(s): 0 test")), "{warnings:?}");
+        let err = check_folds(&rows, 2).unwrap_err().to_string();
+        assert!(err.starts_with("fold 0 has") && err.contains(" and 0 test slide(s)"), "{err}");
     }
 
     #[test]
@@ -447,7 +540,7 @@ mod tests {
     #[test]
     fn clam_round_trip() {
         let s = slides();
-        let (rows, _) = kfold(&s, 3, 0.2, 11);
+        let rows = kfold(&s, 3, 0.2, 11).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write(&dir.path().join("splits.parquet"), &rows).unwrap();
         let rows = read(&dir.path().join("splits.parquet")).unwrap();
@@ -457,5 +550,19 @@ mod tests {
         assert_eq!(import_clam(dir.path(), &s).unwrap(), rows);
         let err = import_clam(dir.path(), &s[1..]).unwrap_err().to_string();
         assert!(err.contains("splits_") && err.contains("slide s0-0 has no label"), "{err}");
+        // Splits that cover only some labelled slides say how many.
+        let mut more = s.clone();
+        more.push(Slide { slide_id: "extra".into(), case_id: "cx".into(), fine: 0, label: "L0".into() });
+        let rows = import_clam(dir.path(), &more).unwrap();
+        let w = coverage_warning(&rows, &more, 3).unwrap();
+        assert_eq!(
+            w,
+            format!(
+                "the folds use {} of the {} labelled slides (per fold: {n}, {n}, {n}); 1 slide(s) are in no fold",
+                s.len(),
+                more.len(),
+                n = s.len()
+            )
+        );
     }
 }
