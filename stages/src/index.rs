@@ -173,8 +173,14 @@ impl IndexFeatures {
                 list.join("\n")
             )));
         }
-        for (p, e) in &bad {
-            tracing::warn!("skipping {}: {e}", p.display());
+        if !bad.is_empty() {
+            let list: Vec<String> = bad.iter().take(3).map(|(p, e)| format!("{}: {e}", p.display())).collect();
+            let more = if bad.len() > 3 { format!("; … and {} more", bad.len() - 3) } else { String::new() };
+            ctx.warn(format!(
+                "skipped {} unreadable feature file(s) (listed in skipped.parquet): {}{more}",
+                bad.len(),
+                list.join("; ")
+            ));
         }
         if let Some(first) = rows.first()
             && let Some(odd) = rows.iter().find(|r| r.facts.dim != first.facts.dim)

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arrow::array::{Int32Array, Int64Array};
 use pipeline::{Context, Input, Stage, StageError};
 use schemas::workflow::{Labels, OnMissing};
+use unicode_normalization::UnicodeNormalization;
 
 use crate::error::{Error, Result};
 use crate::table;
@@ -25,26 +26,81 @@ impl Stage for JoinLabels {
     fn kind(&self) -> &str {
         "join_labels"
     }
+    /// 2: names the feature files indexing skipped, hints at near-miss ids, warns of empty classes.
     fn code_version(&self) -> &str {
-        "1"
+        "2"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(&self.labels).expect("labels serialise")
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::external("labels", &self.csv), Input::artifact("index", &self.index_node, "features.parquet")]
+        vec![
+            Input::external("labels", &self.csv),
+            Input::artifact("index", &self.index_node, "features.parquet"),
+            Input::artifact("skipped", &self.index_node, "skipped.parquet"),
+        ]
     }
     fn outputs(&self) -> Vec<String> {
         vec!["labels.parquet".into(), "dropped.parquet".into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         let index = table::read(ctx.input("index"))?;
-        let with_features: Vec<String> = table::strings(&index, "slide_id");
+        let skipped = table::read(ctx.input("skipped"))?;
+        let features = Features {
+            slides: table::strings(&index, "slide_id"),
+            skipped: table::strings(&skipped, "path").into_iter().zip(table::strings(&skipped, "error")).collect(),
+        };
         let rows = read_csv(ctx.input("labels").to_path_buf(), &self.labels)?;
-        let joined = join(rows, &with_features, &self.labels)?;
+        let joined = join(rows, &features, &self.labels)?;
+        joined.warnings.iter().for_each(|w| ctx.warn(w.clone()));
         write(ctx, &joined)?;
         Ok(())
     }
+}
+
+/// What indexing found: the slides with features, and the files it skipped as unreadable
+/// (path, error).
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    pub slides: Vec<String>,
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Features {
+    /// Why `slide` has no features, with the nearest unlabelled id when it looks like a near miss.
+    fn missing(&self, slide: &str, ids: &HashMap<String, &str>, labelled: &HashSet<&str>) -> String {
+        let stem = |p: &str| {
+            let name = std::path::Path::new(p).file_name().map_or(p.into(), |n| n.to_string_lossy().into_owned());
+            name.rsplit_once('.').map_or(name.clone(), |(s, _)| s.to_owned())
+        };
+        if let Some((path, error)) = self.skipped.iter().find(|(p, _)| stem(p) == slide) {
+            return format!(
+                "has a label, but its feature file {path} was skipped as unreadable \
+                 (dataset.on_bad_file = \"skip\"): {error}"
+            );
+        }
+        match ids.get(&near_miss_key(slide)).filter(|id| !labelled.contains(**id)) {
+            Some(id) if id.nfc().eq(slide.nfc()) => format!(
+                "has a label but no feature file; did you mean `{id}`? (the same letters, in another Unicode \
+                 normalisation: NFC vs NFD)"
+            ),
+            Some(id) => format!("has a label but no feature file; did you mean `{id}`?"),
+            None => "has a label but no feature file".to_owned(),
+        }
+    }
+}
+
+/// What two spellings of one slide id share: Unicode NFC, lower case, and no slide or feature
+/// file extension (`000001.svs`, `000001.SVS.pt` and `000001` meet).
+fn near_miss_key(id: &str) -> String {
+    let mut key: String = id.nfc().collect::<String>().to_lowercase();
+    while let Some((stem, ext)) = key.rsplit_once('.') {
+        if ext.is_empty() || ext.len() > 5 || !ext.chars().all(|c| c.is_ascii_alphanumeric()) || stem.is_empty() {
+            break;
+        }
+        key = stem.to_owned();
+    }
+    key
 }
 
 /// One data row of the label CSV.
@@ -111,17 +167,22 @@ pub struct Joined {
     pub dropped: Vec<Dropped>,
     pub fine_names: Vec<String>,
     pub coarse_names: Vec<String>,
+    /// What the user should know of the result: dropped slides, classes without slides.
+    pub warnings: Vec<String>,
 }
 
 /// Joins label rows with the slides that have features. Problems fail the join under
 /// `on_missing = "error"`, listing every offending row; under `"drop"` they are recorded.
-pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result<Joined> {
+pub fn join(rows: Vec<CsvRow>, features: &Features, cfg: &Labels) -> Result<Joined> {
+    let with_features = &features.slides;
     let fine_names: Vec<String> = cfg.hierarchy.fine().into_iter().map(str::to_owned).collect();
     let coarse_names: Vec<String> = cfg.hierarchy.coarse().into_iter().map(str::to_owned).collect();
     let to_coarse = cfg.hierarchy.fine_to_coarse();
     let fine_idx: HashMap<&str, usize> = fine_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let has_features: HashSet<&str> = with_features.iter().map(String::as_str).collect();
+    let near: HashMap<String, &str> = with_features.iter().map(|id| (near_miss_key(id), id.as_str())).collect();
 
+    let labelled: HashSet<&str> = rows.iter().map(|r| r.slide_id.as_str()).collect();
     let mut problems: BTreeMap<usize, String> = BTreeMap::new();
     let mut count: HashMap<&str, usize> = HashMap::new();
     for r in &rows {
@@ -145,7 +206,7 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
             ls.sort();
             Some(format!("case {} has conflicting labels ({})", r.case_id, ls.join(", ")))
         } else if !has_features.contains(r.slide_id.as_str()) {
-            Some("has a label but no feature file".to_owned())
+            Some(features.missing(&r.slide_id, &near, &labelled))
         } else {
             None
         };
@@ -153,7 +214,6 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
             problems.insert(i, p);
         }
     }
-    let labelled: HashSet<&str> = rows.iter().map(|r| r.slide_id.as_str()).collect();
     let mut unlabelled: Vec<&String> = with_features.iter().filter(|s| !labelled.contains(s.as_str())).collect();
     unlabelled.sort();
 
@@ -191,10 +251,31 @@ pub fn join(rows: Vec<CsvRow>, with_features: &[String], cfg: &Labels) -> Result
     if slides.is_empty() {
         return Err(Error::Labels("no slide has both a valid label and features".into()));
     }
-    for d in &dropped {
-        tracing::warn!("dropped slide {}: {}", d.slide_id, d.problem);
+    let mut warnings = Vec::new();
+    if !dropped.is_empty() {
+        let some: Vec<String> = dropped.iter().take(3).map(|d| format!("{}: {}", d.slide_id, d.problem)).collect();
+        let more = dropped.len().saturating_sub(3);
+        warnings.push(format!(
+            "{} slide(s) left out (listed in dropped.parquet): {}{}",
+            dropped.len(),
+            some.join("; "),
+            if more > 0 { format!("; … and {more} more") } else { String::new() }
+        ));
     }
-    Ok(Joined { slides, dropped, fine_names, coarse_names })
+    let empty: Vec<&str> = fine_names
+        .iter()
+        .enumerate()
+        .filter(|(f, _)| !slides.iter().any(|s| s.fine == *f))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    if !empty.is_empty() {
+        warnings.push(format!(
+            "fine class(es) {} of labels.hierarchy have no slide: the model keeps an output for each that \
+             nothing trains, and their metrics are undefined; remove them from the hierarchy if that is meant",
+            empty.join(", ")
+        ));
+    }
+    Ok(Joined { slides, dropped, fine_names, coarse_names, warnings })
 }
 
 fn write(ctx: &Context, j: &Joined) -> Result<()> {
@@ -251,8 +332,8 @@ mod tests {
         CsvRow { line, case_id: case.into(), slide_id: slide.into(), label: label.into() }
     }
 
-    fn feats(ids: &[&str]) -> Vec<String> {
-        ids.iter().map(|s| s.to_string()).collect()
+    fn feats(ids: &[&str]) -> Features {
+        Features { slides: ids.iter().map(|s| s.to_string()).collect(), skipped: Vec::new() }
     }
 
     #[test]
@@ -292,6 +373,43 @@ mod tests {
     }
 
     #[test]
+    fn near_misses_and_skipped_files_are_called_out() {
+        let nfd = "cafe\u{301}"; // "café" as e + combining accent
+        let nfc = "caf\u{e9}";
+        let rows = vec![
+            row(2, "c1", nfc, "N"),
+            row(3, "c2", "000001.svs", "N"),
+            row(4, "c3", "Slide7", "IC"),
+            row(5, "c4", "broken", "IC"),
+            row(6, "c5", "ok", "PB"),
+            row(7, "c6", "nowhere", "PB"),
+        ];
+        let mut features = feats(&[nfd, "000001", "slide7", "ok"]);
+        features.skipped = vec![("/data/pt/broken.pt".into(), "not a torch.save file".into())];
+        let err = join(rows, &features, &cfg(OnMissing::Error)).unwrap_err().to_string();
+        for needle in [
+            &format!(
+                "line 2: slide {nfc}: has a label but no feature file; did you mean `{nfd}`? (the same letters, in another Unicode normalisation: NFC vs NFD)"
+            ),
+            "line 3: slide 000001.svs: has a label but no feature file; did you mean `000001`?",
+            "line 4: slide Slide7: has a label but no feature file; did you mean `slide7`?",
+            "line 5: slide broken: has a label, but its feature file /data/pt/broken.pt was skipped as unreadable (dataset.on_bad_file = \"skip\"): not a torch.save file",
+            "line 7: slide nowhere: has a label but no feature file\n",
+        ] {
+            assert!(format!("{err}\n").contains(needle), "missing {needle:?} in\n{err}");
+        }
+    }
+
+    #[test]
+    fn classes_without_slides_are_warned_about() {
+        let j =
+            join(vec![row(2, "c1", "a", "N"), row(3, "c2", "b", "IC")], &feats(&["a", "b"]), &cfg(OnMissing::Error))
+                .unwrap();
+        assert_eq!(j.warnings.len(), 1);
+        assert!(j.warnings[0].starts_with("fine class(es) PB of labels.hierarchy have no slide"), "{:?}", j.warnings);
+    }
+
+    #[test]
     fn drop_policy_keeps_the_rest_and_records_drops() {
         let rows = vec![row(2, "c1", "a", "N"), row(3, "c2", "b", "XX"), row(4, "c3", "c", "IC")];
         let j = join(rows, &feats(&["a", "b", "z"]), &cfg(OnMissing::Drop)).unwrap();
@@ -299,5 +417,10 @@ mod tests {
         let problems: Vec<_> =
             j.dropped.iter().map(|d| (d.slide_id.as_str(), d.row.as_ref().map(|r| r.line))).collect();
         assert_eq!(problems, [("b", Some(3)), ("c", Some(4)), ("z", None)]);
+        assert!(
+            j.warnings[0].starts_with("3 slide(s) left out (listed in dropped.parquet): b: label `XX`"),
+            "{:?}",
+            j.warnings
+        );
     }
 }
