@@ -9,6 +9,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type};
 use pipeline::{Context, Input, Stage, StageError};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
 use crate::hmil::metrics::binary_auc;
@@ -29,8 +30,9 @@ impl Stage for Report {
     fn kind(&self) -> &str {
         "report"
     }
+    /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
     fn code_version(&self) -> &str {
-        "1"
+        "2"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
@@ -117,7 +119,7 @@ impl Report {
         for (level, names) in [("fine", &self.classes.fine), ("coarse", &self.classes.coarse)] {
             let _ = writeln!(
                 md,
-                "\n## Per class ({level})\n\n| class | precision | recall | F1 | AUC | support |\n|---|---|---|---|---|---|"
+                "\n## Per class ({level})\n\nMean ± sd over folds; support is the number of test slides of the class, summed over folds.\n\n| class | precision | recall | F1 | AUC | support |\n|---|---|---|---|---|---|"
             );
             for c in names.iter() {
                 let cells: Vec<String> = ["precision", "recall", "f1", "auc", "support"]
@@ -192,50 +194,103 @@ impl Report {
     }
 
     fn plot_confusion(&self, path: &Path, test: &Collected) -> Result<()> {
-        let names = &self.classes.fine;
-        let n = names.len();
-        let err = plot_error(path);
-        let root = BitMapBackend::new(path, (640, 640)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Confusion, fine (test, row-normalised)", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0..n, 0..n)
-            .map_err(|e| err(&e))?;
-        let label = |i: &usize| names.get(*i).cloned().unwrap_or_default();
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_desc("predicted")
-            .y_desc("true")
-            .x_labels(n)
-            .y_labels(n)
-            .x_label_formatter(&label)
-            .y_label_formatter(&label)
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (t, true_name) in names.iter().enumerate() {
-            let row: Vec<f64> = names.iter().map(|p| confusion(test, "fine", true_name, p)).collect();
-            let total = row.iter().sum::<f64>().max(1.0);
-            for (p, v) in row.iter().enumerate() {
-                let share = v / total;
-                let shade = RGBColor(255 - (share * 200.0) as u8, 255 - (share * 160.0) as u8, 255);
-                let y = n - 1 - t;
-                chart.draw_series([Rectangle::new([(p, y), (p + 1, y + 1)], shade.filled())]).map_err(|e| err(&e))?;
-                chart
-                    .draw_series([Text::new(format!("{v:.0}"), (p, y + 1), ("sans-serif", 16).into_font())])
-                    .map_err(|e| err(&e))?;
-            }
-        }
-        root.present().map_err(|e| err(&e))
+        let counts: Vec<Vec<f64>> = self
+            .classes
+            .fine
+            .iter()
+            .map(|t| self.classes.fine.iter().map(|p| confusion(test, "fine", t, p)).collect())
+            .collect();
+        plot_confusion(path, "Confusion, fine (test, summed over folds)", &self.classes.fine, &counts)
     }
+}
+
+/// Where each part of a confusion plot goes, in pixels: the true class of row `t` is the `t`-th
+/// band from the top, the predicted class of column `p` the `p`-th from the left, and every
+/// label and count is centred on its row, column or cell.
+#[derive(Debug, Clone, Copy)]
+struct ConfusionLayout {
+    left: i32,
+    top: i32,
+    cell: i32,
+}
+
+impl ConfusionLayout {
+    /// Room for the caption above, row labels to the left and column labels below.
+    fn new(size: (u32, u32), n: usize) -> ConfusionLayout {
+        let (left, top, right, bottom) = (130, 56, 24, 76);
+        let cell = ((size.0 as i32 - left - right).min(size.1 as i32 - top - bottom) / n.max(1) as i32).max(1);
+        ConfusionLayout { left, top, cell }
+    }
+
+    /// The cell of true class `t` and predicted class `p`: top-left and bottom-right corners.
+    fn cell(&self, t: usize, p: usize) -> ((i32, i32), (i32, i32)) {
+        let (x, y) = (self.left + p as i32 * self.cell, self.top + t as i32 * self.cell);
+        ((x, y), (x + self.cell, y + self.cell))
+    }
+
+    fn centre(&self, t: usize, p: usize) -> (i32, i32) {
+        let ((x0, y0), (x1, y1)) = self.cell(t, p);
+        ((x0 + x1) / 2, (y0 + y1) / 2)
+    }
+
+    /// Anchor (right edge, vertical centre) of the label of row `t`.
+    fn row_label(&self, t: usize) -> (i32, i32) {
+        (self.left - 8, self.centre(t, 0).1)
+    }
+
+    /// Anchor (horizontal centre, top edge) of the label of column `p`, below `n` rows.
+    fn column_label(&self, p: usize, n: usize) -> (i32, i32) {
+        (self.centre(0, p).0, self.top + n as i32 * self.cell + 8)
+    }
+}
+
+/// The fill of a cell holding `share` of its row.
+fn shade(share: f64) -> RGBColor {
+    let share = share.clamp(0.0, 1.0);
+    RGBColor(255 - (share * 200.0) as u8, 255 - (share * 160.0) as u8, 255)
+}
+
+/// Draws `counts` (rows true, columns predicted, in the order of `names`) as a heatmap whose
+/// cells are shaded by their share of the row, with the count centred in each cell.
+fn plot_confusion(path: &Path, caption: &str, names: &[String], counts: &[Vec<f64>]) -> Result<()> {
+    let size = (640, 640);
+    let n = names.len();
+    let layout = ConfusionLayout::new(size, n);
+    let err = plot_error(path);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let centred = Pos::new(HPos::Center, VPos::Center);
+    let font = |px: u32| ("sans-serif", px).into_font();
+    let text = |s: &str, at: (i32, i32), px: u32, pos: Pos, color: &RGBColor| {
+        root.draw(&Text::new(s.to_owned(), at, font(px).color(color).pos(pos))).map_err(|e| err(&e))
+    };
+    text(caption, (size.0 as i32 / 2, 24), 20, centred, &BLACK)?;
+    for (t, row) in counts.iter().enumerate() {
+        let total = row.iter().sum::<f64>().max(1.0);
+        for (p, &v) in row.iter().enumerate() {
+            let share = v / total;
+            root.draw(&Rectangle::new(<[_; 2]>::from(layout.cell(t, p)), shade(share).filled()))
+                .map_err(|e| err(&e))?;
+            root.draw(&Rectangle::new(<[_; 2]>::from(layout.cell(t, p)), WHITE.stroke_width(1)))
+                .map_err(|e| err(&e))?;
+            let ink = if share > 0.55 { WHITE } else { BLACK };
+            text(&format!("{v:.0}"), layout.centre(t, p), 16, centred, &ink)?;
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        text(name, layout.row_label(i), 15, Pos::new(HPos::Right, VPos::Center), &BLACK)?;
+        text(name, layout.column_label(i, n), 15, Pos::new(HPos::Center, VPos::Top), &BLACK)?;
+    }
+    let side = n as i32 * layout.cell;
+    let below = Pos::new(HPos::Center, VPos::Top);
+    text("predicted", (layout.left + side / 2, layout.top + side + 40), 16, below, &BLACK)?;
+    text("true", (20, layout.top + side / 2), 16, centred, &BLACK)?;
+    root.present().map_err(|e| err(&e))
 }
 
 fn cell(test: &Collected, level: &str, metric: &str, class: Option<&String>) -> String {
     match test.get(&(level.to_owned(), metric.to_owned(), class.cloned())) {
-        Some(v) if metric == "support" => format!("{:.1}", mean_sd(v).0),
+        Some(v) if metric == "support" => format!("{:.0}", v.iter().sum::<f64>()),
         Some(v) => {
             let (m, s) = mean_sd(v);
             format!("{m:.3} ± {s:.3}")
@@ -341,6 +396,49 @@ mod tests {
         let truth = [true, false, true, false];
         let scores = [0.9, 0.5, 0.5, 0.1];
         assert_eq!(roc_points(&truth, &scores), vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+    }
+
+    /// Pixels of `img` within `r` of `at` for which `ink` holds.
+    fn any_ink(img: &image::RgbImage, at: (i32, i32), r: (i32, i32), ink: impl Fn([u8; 3]) -> bool) -> bool {
+        (-r.0..=r.0).any(|dx| (-r.1..=r.1).any(|dy| ink(img.get_pixel((at.0 + dx) as u32, (at.1 + dy) as u32).0)))
+    }
+
+    #[test]
+    fn confusion_rows_are_true_classes_from_the_top_with_counts_and_labels_centred() {
+        register_font();
+        let names: Vec<String> = ["N", "PB", "IC"].map(String::from).to_vec();
+        // Asymmetric, so a flipped or transposed drawing cannot pass.
+        let counts = vec![vec![8.0, 0.0, 0.0], vec![1.0, 0.0, 7.0], vec![0.0, 4.0, 4.0]];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confusion.png");
+        plot_confusion(&path, "test", &names, &counts).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let layout = ConfusionLayout::new(img.dimensions(), names.len());
+        let dark = |p: [u8; 3]| p.iter().all(|&c| c < 110);
+        let light = |p: [u8; 3]| p.iter().all(|&c| c > 200);
+        for (t, row) in counts.iter().enumerate() {
+            let total: f64 = row.iter().sum();
+            for (p, &v) in row.iter().enumerate() {
+                // The fill, read inside the cell away from its count: row t is true class t.
+                let ((x0, y0), (x1, y1)) = layout.cell(t, p);
+                let fill = shade(v / total);
+                for (x, y) in [(x0 + 4, y0 + 4), (x1 - 5, y1 - 5)] {
+                    assert_eq!(img.get_pixel(x as u32, y as u32).0, [fill.0, fill.1, fill.2], "cell ({t}, {p})");
+                }
+                // The count sits on the cell's centre, in ink that reads on its fill.
+                let ink: &dyn Fn([u8; 3]) -> bool = if v / total > 0.55 { &light } else { &dark };
+                assert!(any_ink(&img, layout.centre(t, p), (4, 4), ink), "count of ({t}, {p}) not at its centre");
+                assert!(!any_ink(&img, (x0 + 6, y0 + 6), (2, 2), dark), "ink in the corner of ({t}, {p})");
+            }
+            // Row labels on the row's centre line, column labels on the column's.
+            assert_eq!(layout.row_label(t).1, layout.centre(t, 0).1);
+            assert_eq!(layout.column_label(t, 3).0, layout.centre(0, t).0);
+            let (x, y) = layout.row_label(t);
+            assert!(any_ink(&img, (x - 10, y), (8, 3), dark), "row label {t}");
+            let (x, y) = layout.column_label(t, 3);
+            assert!(any_ink(&img, (x, y + 7), (4, 5), dark), "column label {t}");
+        }
+        assert!(layout.centre(1, 0).1 > layout.centre(0, 0).1, "rows run down the page in class order");
     }
 
     #[test]
