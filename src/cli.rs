@@ -87,8 +87,9 @@ pub enum Command {
         /// List the tables and their columns instead.
         #[arg(long)]
         schema: bool,
-        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-        format: OutputFormat,
+        /// Output format; by default the `--out` file's extension (.csv, .json, .parquet), else a table.
+        #[arg(long, value_enum)]
+        format: Option<OutputFormat>,
         /// Write to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,

@@ -3,6 +3,8 @@
 mod cli;
 mod interrupt;
 
+use std::collections::HashSet;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use cli::{Bench, Cli, Command, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
 use pipeline::{Dag, Freshness, RunOptions, Store};
-use schemas::workflow::Workflow;
+use schemas::workflow::{Setting, Workflow};
 
 fn main() -> ExitCode {
     stages::hmil::memory::retain_freed_memory();
@@ -19,25 +21,69 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say_error(&pipeline::error_chain(&*e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Whether log lines, and so the messages that end a command, are JSON.
+static JSON_LOG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Tells the user of an error: an `error:` line, or a JSON log line under `--log-format json`.
+fn say_error(message: &str) {
+    if JSON_LOG.get() == Some(&true) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("error: {message}");
+    }
+}
+
+/// Tells the user of something to look at: a `warning:` line, or a JSON log line.
+fn say_warning(message: &str) {
+    if JSON_LOG.get() == Some(&true) {
+        tracing::warn!("{message}");
+    } else {
+        eprintln!("warning: {message}");
+    }
+}
+
+/// Logs to stderr. Without `-v`, warnings only when progress bars show on a terminal; with no
+/// terminal (a log file, a cluster job) the bars are hidden, so node starts and ends and epochs
+/// are logged instead. Colour only on a terminal.
 fn init_tracing(verbose: u8, format: LogFormat) {
+    let terminal = std::io::stderr().is_terminal();
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 if terminal => "warn",
+        0 | 1 => "info",
         2 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HMIL_FLOW_LOG").unwrap_or_else(|_| default.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(terminal);
+    let _ = JSON_LOG.set(matches!(format, LogFormat::Json));
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),
     }
+}
+
+/// A workflow file read with its settings applied.
+struct Parsed {
+    path: PathBuf,
+    /// Digest of the file's text and the settings applied to it.
+    digest: String,
+    workflow: Workflow,
+}
+
+fn parse(args: &WorkflowArgs) -> Result<Parsed> {
+    let path = &args.workflow;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let settings = settings(&args.set)?;
+    let workflow = Workflow::parse(&text, path, &settings)?;
+    let texts: Vec<&str> = settings.iter().map(|s| s.text.as_str()).collect();
+    let digest = pipeline::hash_bytes(format!("{text}\0{}", texts.join("\0")).as_bytes());
+    Ok(Parsed { path: path.clone(), digest, workflow })
 }
 
 /// A loaded workflow: its file, digest, typed contents, DAG and store.
@@ -50,20 +96,17 @@ struct Loaded {
 }
 
 fn load(args: &WorkflowArgs) -> Result<Loaded> {
-    let path = &args.workflow;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let overrides = overrides(&args.set);
-    let workflow = Workflow::parse(&text, path, &overrides)?;
-    let digest = pipeline::hash_bytes(format!("{text}\0{}", overrides.join("\0")).as_bytes());
+    let Parsed { path, digest, workflow } = parse(args)?;
     let dag = Dag::new(stages::nodes(&workflow, &digest))?;
     let store = Store::open(&workflow.workflow.workspace)?;
-    Ok(Loaded { path: path.clone(), digest, workflow, dag, store })
+    Ok(Loaded { path, digest, workflow, dag, store })
 }
 
-/// `KEY=VALUE` settings from `HMIL_FLOW_SET` (whitespace-separated), then from `--set`.
-fn overrides(set: &[String]) -> Vec<String> {
-    let env = std::env::var("HMIL_FLOW_SET").unwrap_or_default();
-    env.split_whitespace().map(str::to_owned).chain(set.iter().cloned()).collect()
+/// Settings from `HMIL_FLOW_SET` (whitespace-separated, quotes group), then from `--set`.
+fn settings(set: &[String]) -> Result<Vec<Setting>> {
+    let mut out = Setting::from_env(&std::env::var("HMIL_FLOW_SET").unwrap_or_default())?;
+    out.extend(set.iter().map(|s| Setting::cli(s)));
+    Ok(out)
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -79,19 +122,26 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             interrupt::catch();
             let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED };
             let summary = pipeline::run(&l.dag, &l.store, &opts)?;
-            pipeline::write_runs(&l.store, &summary, &l.workflow.workflow.name, &l.digest)?;
+            let settings = serde_json::to_string(&l.workflow)?;
+            let of = pipeline::RunOf { workflow: &l.workflow.workflow.name, digest: &l.digest, settings: &settings };
+            pipeline::write_runs(&l.store, &summary, of)?;
             for n in &summary.nodes {
                 println!(
                     "{:<9} {:>8.2}s  {:<28} {}",
                     n.status.as_str(),
                     n.seconds,
                     n.id,
-                    n.reason.as_deref().unwrap_or("")
+                    pipeline::first_line(n.reason.as_deref().unwrap_or(""))
                 );
             }
             if let Some(file) = summary_json {
                 let json = serde_json::to_string_pretty(&summary)?;
                 std::fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
+            }
+            for n in &summary.nodes {
+                for w in &n.warnings {
+                    say_warning(&format!("{}: {w}", n.id));
+                }
             }
             let count = |s: pipeline::Status| summary.nodes.iter().filter(|n| n.status == s).count();
             let (failed, interrupted) = (count(pipeline::Status::Failed), count(pipeline::Status::Interrupted));
@@ -103,12 +153,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             );
             if failed > 0 {
                 for n in summary.nodes.iter().filter(|n| n.status == pipeline::Status::Failed) {
-                    eprintln!("error: {} failed: {}", n.id, n.reason.as_deref().unwrap_or(""));
+                    say_error(&format!("{} failed: {}", n.id, n.reason.as_deref().unwrap_or("")));
                 }
                 return Ok(ExitCode::FAILURE);
             }
             if interrupted > 0 {
-                eprintln!("interrupted: finished nodes are kept; run it again to go on");
+                say_warning("interrupted: finished nodes are kept; run it again to go on");
                 return Ok(ExitCode::from(130));
             }
         }
@@ -120,7 +170,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Query { wf, sql, schema, format, out } => query(&wf, sql.as_deref(), schema, format, out.as_deref())?,
         Command::Predict { checkpoint, features, workflow, out, device } => {
             let classes = match workflow {
-                Some(path) => Some(stages::classes(&Workflow::load(&path, &overrides(&[]))?)),
+                Some(path) => Some(stages::classes(&Workflow::load(&path, &settings(&[])?)?)),
                 None => None,
             };
             let device = stages::hmil::train::device(&device)?;
@@ -165,6 +215,9 @@ fn print_status(status: &[pipeline::NodeStatus]) {
         match &s.freshness {
             Freshness::Fresh => println!("fresh  {}", s.id),
             Freshness::Stale(why) => println!("stale  {}: {}", s.id, why.join("; ")),
+        }
+        for w in &s.warnings {
+            println!("       warning: {w}");
         }
     }
 }
@@ -251,9 +304,29 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn query(wf: &WorkflowArgs, sql: Option<&str>, schema: bool, format: OutputFormat, out: Option<&Path>) -> Result<()> {
-    let workflow = Workflow::load(&wf.workflow, &overrides(&wf.set))?;
-    let ws = query::Workspace::open(&workflow.workflow.workspace)?;
+/// The cache keys of the workflow's nodes as they stand now (what `status` computes): the rows
+/// `query` marks current.
+fn current_keys(l: &Loaded) -> Result<HashSet<String>> {
+    if let Err(e) = l.workflow.check_paths() {
+        say_warning(&format!("no result is current: {e}"));
+    }
+    let status = pipeline::status(&l.dag, &l.store, &[], false)?;
+    Ok(status.into_iter().filter(|s| s.freshness == Freshness::Fresh).filter_map(|s| s.key).collect())
+}
+
+fn query(
+    wf: &WorkflowArgs,
+    sql: Option<&str>,
+    schema: bool,
+    format: Option<OutputFormat>,
+    out: Option<&Path>,
+) -> Result<()> {
+    let workspace = parse(wf)?.workflow.workflow.workspace;
+    if !workspace.join("objects").is_dir() {
+        return Err(query::Error::NoWorkspace(workspace).into());
+    }
+    let l = load(wf)?;
+    let ws = query::Workspace::open(l.store.root(), &current_keys(&l)?)?;
     if schema {
         for (name, schema) in ws.tables() {
             let cols: Vec<String> = schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
@@ -267,11 +340,13 @@ fn query(wf: &WorkflowArgs, sql: Option<&str>, schema: bool, format: OutputForma
         Err(query::Error::Sql(message)) => bail!("{message}"),
         Err(e) => return Err(e.into()),
     };
-    let format = match format {
-        OutputFormat::Table => query::Format::Table,
-        OutputFormat::Csv => query::Format::Csv,
-        OutputFormat::Json => query::Format::Json,
-        OutputFormat::Parquet => query::Format::Parquet,
+    let format = match (format, out.and_then(query::Format::of_path)) {
+        (Some(OutputFormat::Table), _) => query::Format::Table,
+        (Some(OutputFormat::Csv), _) => query::Format::Csv,
+        (Some(OutputFormat::Json), _) => query::Format::Json,
+        (Some(OutputFormat::Parquet), _) => query::Format::Parquet,
+        (None, Some(by_extension)) => by_extension,
+        (None, None) => query::Format::Table,
     };
     match out {
         Some(path) => {

@@ -20,6 +20,15 @@ fn hmil_flow(args: &[&str]) -> String {
     text
 }
 
+/// Runs `hmil-flow` expecting it to fail; returns (stdout, stderr).
+fn hmil_flow_fails(args: &[&str]) -> (String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(!out.status.success(), "hmil-flow {args:?} succeeded:\n{stdout}{stderr}");
+    (stdout, stderr)
+}
+
 /// Runs the workflow and returns node id → status.
 fn run(wf: &Path, extra: &[&str]) -> BTreeMap<String, String> {
     let summary = wf.with_file_name("summary.json");
@@ -311,4 +320,164 @@ fn ctrl_c_stops_training_keeps_finished_stages_and_a_rerun_goes_on() {
         assert_eq!(statuses[id], "cached", "{statuses:?}");
     }
     assert_eq!(statuses["report"], "executed");
+}
+
+/// Test metrics of the current results: one `fold` line per fold, after the CSV header.
+fn current_folds(wf: &str, set: &[&str]) -> Vec<String> {
+    let sql = "SELECT fold, workflow FROM metrics WHERE split = 'test' AND level = 'fine' \
+               AND metric = 'auc_macro' AND current ORDER BY fold";
+    let mut args = vec!["query", wf, sql, "--format", "csv"];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    hmil_flow(&args).lines().skip(1).map(str::to_owned).collect()
+}
+
+#[test]
+fn current_means_this_workflow_with_these_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 2);
+    let wf_s = wf.to_str().unwrap();
+    run(&wf, &[]);
+    run(&wf, &["--set", "splits.folds=4"]);
+    assert!(run(&wf, &[]).values().all(|s| s == "cached"));
+    assert_eq!(current_folds(wf_s, &[]), ["0,test", "1,test", "2,test"], "folds 3 of the 4-fold run are not current");
+    assert_eq!(current_folds(wf_s, &["splits.folds=4"]).len(), 4, "query --set loads that workflow");
+
+    // A second workflow in the same folder shares the workspace, not the current results.
+    let other = dir.path().join("other.toml");
+    let text = fs::read_to_string(&wf)
+        .unwrap()
+        .replace("name = \"test\"", "name = \"other\"")
+        .replace("seed = 11", "seed = 12");
+    fs::write(&other, text).unwrap();
+    run(&other, &[]);
+    assert_eq!(current_folds(wf_s, &[]), ["0,test", "1,test", "2,test"]);
+    assert_eq!(current_folds(other.to_str().unwrap(), &[]), ["0,other", "1,other", "2,other"]);
+    let whose =
+        hmil_flow(&["query", wf_s, "SELECT DISTINCT workflow FROM metrics ORDER BY workflow", "--format", "csv"]);
+    assert_eq!(whose, "workflow\nother\ntest\n");
+
+    // The runs table keeps the settings each run used.
+    let sql = "SELECT count(DISTINCT run_id) AS n FROM runs WHERE settings LIKE '%\"folds\":4%'";
+    assert_eq!(hmil_flow(&["query", wf_s, sql, "--format", "csv"]), "n\n1\n");
+
+    // Output formats: by the file's extension, JSON with nulls and a final newline.
+    let out = dir.path().join("auc.csv");
+    hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT fold FROM metrics WHERE current ORDER BY fold LIMIT 1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(fs::read_to_string(&out).unwrap(), "fold\n0\n");
+    let json = hmil_flow(&["query", wf_s, "SELECT class FROM metrics WHERE class IS NULL LIMIT 1", "--format", "json"]);
+    assert_eq!(json, "[{\"class\":null}]\n");
+
+    // Read-only, and an unknown table lists the tables.
+    let (out, err) = hmil_flow_fails(&["query", wf_s, "DROP TABLE metrics"]);
+    assert!(err.contains("queries are read-only") && !out.contains("no rows"), "{out}{err}");
+    let (_, err) = hmil_flow_fails(&["query", wf_s, "SELECT * FROM metricz"]);
+    assert!(
+        err.contains("the tables are: attention, ") && err.contains("metrics, ") && err.ends_with("runs\n"),
+        "{err}"
+    );
+    let (_, err) = hmil_flow_fails(&["query", dir.path().join("nope.toml").to_str().unwrap(), "SELECT 1"]);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(!err.contains('\x1b'), "no colour codes into a pipe: {err:?}");
+
+    // A checkpoint alone is enough to predict: its classes and hierarchy are in its metadata.
+    let ckpt = artifact(dir.path(), "train[fold=0]", "model.safetensors");
+    let out = dir.path().join("new.parquet");
+    let feats = dir.path().join("data/pt_files");
+    hmil_flow(&[
+        "predict",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--features",
+        feats.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let p = read(&out);
+    let benign = p.column_by_name("prob_coarse_from_fine_benign").unwrap().as_primitive::<Float64Type>();
+    assert!(benign.values().iter().all(|&v| v > 0.0 && v < 1.0), "{benign:?}");
+    let named = p.column_by_name("coarse_from_fine_pred").unwrap().as_string::<i32>();
+    assert!(named.iter().all(|c| ["benign", "atypical", "malignant"].contains(&c.unwrap())));
+}
+
+#[test]
+fn a_run_without_a_terminal_logs_progress_and_says_each_problem_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 2);
+    let wf_s = wf.to_str().unwrap();
+    let out = Command::new(BIN).args(["run", wf_s]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("train[fold=0]") && err.contains("running (never run)"), "node starts: {err}");
+    assert!(err.contains("epoch 2/2: loss "), "epochs: {err}");
+
+    // The dag shows the files the workflow reads.
+    let dag = hmil_flow(&["dag", wf_s]);
+    assert!(dag.contains("    ← labels: ") && dag.contains("labels.csv"), "{dag}");
+
+    // An unknown --force names the stages.
+    let (_, err) = hmil_flow_fails(&["run", wf_s, "--force", "trian"]);
+    assert!(
+        err.contains("its stages are: index_features, pack_features") && err.contains("did you mean `train`?"),
+        "{err}"
+    );
+
+    // A label outside the hierarchy: the problem list is printed once, at the end.
+    let labels = dir.path().join("data/labels.csv");
+    let csv = fs::read_to_string(&labels).unwrap();
+    let line = csv.lines().find(|l| l.starts_with("case_0001,")).unwrap().to_owned();
+    fs::write(&labels, csv.replace(&line, &line.replace(",N", ",XX"))).unwrap();
+    let (out, err) = hmil_flow_fails(&["run", wf_s]);
+    let text = format!("{out}{err}");
+    assert_eq!(text.matches("label `XX` is not in labels.hierarchy").count(), 1, "{text}");
+    assert!(err.contains("error: join_labels failed: 1 label problem(s)"), "{err}");
+
+    // Under --log-format json every line on stderr is JSON, the final error too.
+    let (_, err) = hmil_flow_fails(&["--log-format", "json", "run", wf_s]);
+    for line in err.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
+    assert!(err.contains("join_labels failed"), "{err}");
+}
+
+#[test]
+fn imported_splits_say_what_they_leave_out_and_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 1);
+    let wf_s = wf.to_str().unwrap();
+    run(&wf, &[]);
+    let clam = dir.path().join("clam");
+    hmil_flow(&["export-splits", wf_s, "--out", clam.to_str().unwrap()]);
+    // Each fold's file loses its last row.
+    for k in 0..3 {
+        let path = clam.join(format!("splits_{k}.csv"));
+        let text = fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = text.lines().collect();
+        fs::write(&path, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+    }
+    let set = ["--set", "splits.method=import", "--set", "splits.dir=clam", "--set", "splits.folds=5"];
+    let mut args = vec!["run", wf_s];
+    args.extend(set);
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: split_folds: splits.folds = 5 is not used: method \"import\" takes its 3 fold(s)"),
+        "{err}"
+    );
+    assert!(err.contains("warning: split_folds: the folds use "), "{err}");
+    let mut args = vec!["status", wf_s];
+    args.extend(set);
+    let status = hmil_flow(&args);
+    assert!(status.contains("fresh  split_folds\n       warning: splits.folds = 5 is not used"), "{status}");
+    assert!(status.contains("slide(s) are in no fold"), "{status}");
 }

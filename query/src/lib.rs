@@ -1,16 +1,18 @@
 //! SQL over a workspace: every Parquet output of every published node becomes a row source of
 //! the table named after the file (`metrics.parquet` → `metrics`), with the columns `run_id`
-//! (the run that produced it), `node`, `cache_key` and `current` (whether it is what the node
-//! holds now) added; the `runs` table holds every run's per-node record.
+//! (the run that produced it), `node`, `cache_key`, `workflow` (the name of the workflow whose
+//! run produced it) and `current` (whether it is an output of the workflow being queried, as it
+//! stands now) added; the `runs` table holds every run's per-node record.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -37,6 +39,7 @@ struct Source {
     run_id: String,
     node: String,
     cache_key: String,
+    workflow: Option<String>,
     current: bool,
 }
 
@@ -49,24 +52,62 @@ fn read_parquet(path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     Ok((schema, batches))
 }
 
-/// Every table of the workspace at `root`: name → sources.
-fn discover(root: &Path) -> Result<BTreeMap<String, Vec<Source>>> {
-    let objects = root.join("objects");
-    if !objects.is_dir() {
-        return Err(Error::NoWorkspace(root.into()));
-    }
-    let mut current: HashSet<String> = HashSet::new();
-    for entry in std::fs::read_dir(root.join("nodes"))
-        .map_err(|source| Error::Io { path: root.join("nodes"), source })?
+/// Every run record of the workspace at `root`, in the current `runs` schema: columns that
+/// older records lack are null.
+fn read_runs(root: &Path) -> Result<Vec<RecordBatch>> {
+    let dir = root.join("runs");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|source| Error::Io { path: dir.clone(), source })?
         .flatten()
-    {
-        if let Ok(bytes) = std::fs::read(entry.path())
-            && let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes)
-            && let Some(key) = record["key"].as_str()
-        {
-            current.insert(key.to_owned());
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    paths.sort();
+    let schema = schemas::runs::schema();
+    let mut out = Vec::new();
+    for path in &paths {
+        for batch in read_parquet(path)?.1 {
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|f| match batch.column_by_name(f.name()) {
+                    Some(c) => c.clone(),
+                    None => new_null_array(f.data_type(), batch.num_rows()),
+                })
+                .collect();
+            out.push(
+                RecordBatch::try_new(schema.clone(), columns)
+                    .map_err(|e| Error::Table { path: path.clone(), message: e.to_string() })?,
+            );
         }
     }
+    Ok(out)
+}
+
+/// Run id → the name of the workflow it ran.
+fn workflow_of_runs(runs: &[RecordBatch]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for b in runs {
+        let col = |name: &str| b.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        if let (Some(run), Some(workflow)) = (col("run_id"), col("workflow")) {
+            for (r, w) in run.iter().zip(workflow.iter()) {
+                if let (Some(r), Some(w)) = (r, w) {
+                    out.insert(r.to_owned(), w.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every table of the workspace at `root`: name → sources. A source is current when its cache
+/// key is in `current`.
+fn discover(
+    root: &Path,
+    current: &HashSet<String>,
+    workflows: &HashMap<String, String>,
+) -> Result<BTreeMap<String, Vec<Source>>> {
+    let objects = root.join("objects");
     let mut tables: BTreeMap<String, Vec<Source>> = BTreeMap::new();
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&objects)
         .map_err(|source| Error::Io { path: objects.clone(), source })?
@@ -84,6 +125,7 @@ fn discover(root: &Path) -> Result<BTreeMap<String, Vec<Source>>> {
                     run_id: m.run_id.clone(),
                     node: m.node.clone(),
                     cache_key: m.key.clone(),
+                    workflow: workflows.get(&m.run_id).cloned(),
                     current: current.contains(&m.key),
                 });
             }
@@ -103,6 +145,7 @@ fn build(name: &str, sources: &[Source]) -> Result<(SchemaRef, Vec<RecordBatch>)
     for extra in ["run_id", "node", "cache_key"] {
         fields.push(Field::new(extra, DataType::Utf8, false));
     }
+    fields.push(Field::new("workflow", DataType::Utf8, true));
     fields.push(Field::new("current", DataType::Boolean, false));
     let schema = Arc::new(Schema::new(fields));
     let mut out = Vec::new();
@@ -117,6 +160,7 @@ fn build(name: &str, sources: &[Source]) -> Result<(SchemaRef, Vec<RecordBatch>)
             for value in [&source.run_id, &source.node, &source.cache_key] {
                 columns.push(Arc::new(StringArray::from(vec![value.as_str(); n])));
             }
+            columns.push(Arc::new(StringArray::from(vec![source.workflow.as_deref(); n])));
             columns.push(Arc::new(BooleanArray::from(vec![source.current; n])));
             out.push(
                 RecordBatch::try_new(schema.clone(), columns)
@@ -135,8 +179,12 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// Registers every artifact table and the `runs` table.
-    pub fn open(root: &Path) -> Result<Workspace> {
+    /// Registers every artifact table and the `runs` table. Rows whose cache key is in
+    /// `current` (the keys of the queried workflow's nodes) have `current = true`.
+    pub fn open(root: &Path, current: &HashSet<String>) -> Result<Workspace> {
+        if !root.join("objects").is_dir() {
+            return Err(Error::NoWorkspace(root.into()));
+        }
         let ctx = SessionContext::new();
         let mut tables = Vec::new();
         let mut register = |name: &str, schema: SchemaRef, batches: Vec<RecordBatch>| -> Result<()> {
@@ -145,22 +193,12 @@ impl Workspace {
             tables.push((name.to_owned(), schema));
             Ok(())
         };
-        for (name, sources) in discover(root)? {
+        let runs = read_runs(root)?;
+        for (name, sources) in discover(root, current, &workflow_of_runs(&runs))? {
             let (schema, batches) = build(&name, &sources)?;
             register(&name, schema, batches)?;
         }
-        let mut runs: Vec<PathBuf> = std::fs::read_dir(root.join("runs"))
-            .map_err(|source| Error::Io { path: root.join("runs"), source })?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect();
-        runs.sort();
-        let mut batches = Vec::new();
-        for path in &runs {
-            batches.extend(read_parquet(path)?.1);
-        }
-        register("runs", schemas::runs::schema(), batches)?;
+        register("runs", schemas::runs::schema(), runs)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .map_err(|source| Error::Io { path: root.into(), source })?;
@@ -172,14 +210,28 @@ impl Workspace {
         &self.tables
     }
 
-    /// Runs one SQL statement.
+    /// Runs one read-only SQL statement (a query: nothing that creates, changes or drops).
     pub fn sql(&self, sql: &str) -> Result<Answer> {
+        let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
         self.runtime.block_on(async {
-            let df = self.ctx.sql(sql).await.map_err(|e| Error::Sql(e.to_string()))?;
+            let df = self.ctx.sql_with_options(sql, read_only).await.map_err(|e| self.explain(e))?;
             let schema = df.schema().inner().clone();
-            let batches = df.collect().await.map_err(|e| Error::Sql(e.to_string()))?;
+            let batches = df.collect().await.map_err(|e| self.explain(e))?;
             Ok(Answer { schema, batches })
         })
+    }
+
+    /// A DataFusion error in words, with the tables listed when a table was not found.
+    fn explain(&self, e: datafusion::error::DataFusionError) -> Error {
+        let message = e.to_string();
+        if message.contains("not found") && message.contains("table") {
+            let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
+            return Error::Sql(format!("{message}; the tables are: {}", names.join(", ")));
+        }
+        if ["DDL not supported", "DML not supported", "Statement not supported"].iter().any(|p| message.contains(p)) {
+            return Error::Sql(format!("{message}; queries are read-only (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE)"));
+        }
+        Error::Sql(message)
     }
 }
 
@@ -196,6 +248,19 @@ pub enum Format {
     Csv,
     Json,
     Parquet,
+}
+
+impl Format {
+    /// The format a file name's extension calls for (`.csv`, `.json`, `.parquet`; else none).
+    pub fn of_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "csv" => Some(Format::Csv),
+            "json" => Some(Format::Json),
+            "parquet" | "pq" => Some(Format::Parquet),
+            "txt" => Some(Format::Table),
+            _ => None,
+        }
+    }
 }
 
 /// Writes `answer` in `format` to `out`; an empty answer still carries its header/schema.
@@ -220,9 +285,12 @@ pub fn write(answer: &Answer, format: Format, out: &mut dyn std::io::Write, path
             batches.iter().try_for_each(|b| w.write(b)).map_err(|e| err(&e))
         }
         Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(out);
+            let mut w = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::JsonArray>(&mut *out);
             batches.iter().try_for_each(|b| w.write(b)).map_err(|e| err(&e))?;
-            w.finish().map_err(|e| err(&e))
+            w.finish().map_err(|e| err(&e))?;
+            writeln!(out).map_err(|e| err(&e))
         }
         Format::Parquet => {
             let mut buf = Vec::new();
@@ -262,7 +330,7 @@ mod tests {
         let empty = answer(0);
         assert_eq!(text(&empty, Format::Csv), "fold\n");
         assert!(text(&empty, Format::Table).contains("fold\n(no rows)"));
-        assert_eq!(text(&empty, Format::Json), "[]");
+        assert_eq!(text(&empty, Format::Json), "[]\n");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.parquet");
         write(&empty, Format::Parquet, &mut File::create(&path).unwrap(), &path).unwrap();
@@ -272,10 +340,59 @@ mod tests {
     }
 
     #[test]
+    fn json_keeps_null_values() {
+        let schema = Arc::new(Schema::new(vec![Field::new("class", DataType::Utf8, true)]));
+        let col: ArrayRef = Arc::new(StringArray::from(vec![Some("N"), None]));
+        let a = Answer { schema: schema.clone(), batches: vec![RecordBatch::try_new(schema, vec![col]).unwrap()] };
+        assert_eq!(text(&a, Format::Json), "[{\"class\":\"N\"},{\"class\":null}]\n");
+    }
+
+    #[test]
+    fn format_follows_the_extension() {
+        assert_eq!(Format::of_path(Path::new("x.CSV")), Some(Format::Csv));
+        assert_eq!(Format::of_path(Path::new("x.json")), Some(Format::Json));
+        assert_eq!(Format::of_path(Path::new("x.parquet")), Some(Format::Parquet));
+        assert_eq!(Format::of_path(Path::new("x")), None);
+    }
+
+    /// A workspace with one published `metrics.parquet` under key `k1` and none under `k2`.
+    fn workspace(dir: &Path) -> Workspace {
+        let obj = dir.join("objects/k1");
+        std::fs::create_dir_all(&obj).unwrap();
+        std::fs::create_dir_all(dir.join("runs")).unwrap();
+        let mut f = File::create(obj.join("metrics.parquet")).unwrap();
+        write(&answer(2), Format::Parquet, &mut f, Path::new("-")).unwrap();
+        let manifest = serde_json::json!({
+            "key": "k1", "node": "evaluate[fold=0]", "run_id": "r1", "created_at": "", "seconds": 0.0,
+            "engine_version": "t", "outputs": {"metrics.parquet": {"digest": "d", "stat": {"bytes": 0, "mtime_ns": 0}}},
+            "parts": {"kind": "evaluate", "code_version": "1", "params": null, "inputs": {}}
+        });
+        std::fs::write(obj.join("manifest.json"), manifest.to_string()).unwrap();
+        Workspace::open(dir, &HashSet::from(["k1".to_owned()])).unwrap()
+    }
+
+    #[test]
+    fn current_is_the_given_keys_and_statements_are_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = workspace(dir.path());
+        let a = ws.sql("SELECT count(*) AS n FROM metrics WHERE current AND workflow IS NULL").unwrap();
+        assert_eq!(text(&a, Format::Csv), "n\n2\n");
+        for statement in
+            ["DROP TABLE metrics", "CREATE TABLE t AS SELECT 1", "INSERT INTO metrics SELECT * FROM metrics"]
+        {
+            let err = ws.sql(statement).err().expect(statement).to_string();
+            assert!(err.contains("queries are read-only"), "{statement}: {err}");
+        }
+        assert!(ws.sql("SELECT count(*) FROM metrics").is_ok(), "nothing was dropped");
+        let err = ws.sql("SELECT * FROM metricz").err().unwrap().to_string();
+        assert!(err.contains("the tables are: metrics, runs"), "{err}");
+    }
+
+    #[test]
     fn rows_are_written_in_each_format() {
         let two = answer(2);
         assert_eq!(text(&two, Format::Csv), "fold\n0\n1\n");
-        assert_eq!(text(&two, Format::Json), r#"[{"fold":0},{"fold":1}]"#);
+        assert_eq!(text(&two, Format::Json), "[{\"fold\":0},{\"fold\":1}]\n");
         assert!(text(&two, Format::Table).contains("| 1    |"));
     }
 }
