@@ -389,6 +389,37 @@ mod tests {
     }
 
     #[test]
+    fn runs_recorded_before_a_column_existed_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        workspace(dir.path());
+        // A run record of the schema before `settings`: every column but that one.
+        let old: Vec<Field> = schemas::runs::schema()
+            .fields()
+            .iter()
+            .filter(|f| f.name() != "settings")
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let old = Arc::new(Schema::new(old));
+        let columns = old
+            .fields()
+            .iter()
+            .map(|f| -> ArrayRef {
+                match f.data_type() {
+                    DataType::Utf8 => Arc::new(StringArray::from(vec!["x"])),
+                    DataType::Float64 => Arc::new(arrow::array::Float64Array::from(vec![1.0])),
+                    _ => Arc::new(arrow::array::TimestampMillisecondArray::from(vec![0]).with_timezone("+00:00")),
+                }
+            })
+            .collect();
+        let mut f = File::create(dir.path().join("runs/r0.parquet")).unwrap();
+        let batch = RecordBatch::try_new(old.clone(), columns).unwrap();
+        write(&Answer { schema: old, batches: vec![batch] }, Format::Parquet, &mut f, Path::new("-")).unwrap();
+        let ws = Workspace::open(dir.path(), &HashSet::new()).unwrap();
+        let a = ws.sql("SELECT count(*) AS n FROM runs WHERE settings IS NULL").unwrap();
+        assert_eq!(text(&a, Format::Csv), "n\n1\n");
+    }
+
+    #[test]
     fn rows_are_written_in_each_format() {
         let two = answer(2);
         assert_eq!(text(&two, Format::Csv), "fold\n0\n1\n");
