@@ -95,11 +95,18 @@ struct Loaded {
     store: Store,
 }
 
+impl Parsed {
+    /// Its DAG, and its store (created if missing).
+    fn load(self) -> Result<Loaded> {
+        let Parsed { path, digest, workflow } = self;
+        let dag = Dag::new(stages::nodes(&workflow, &digest))?;
+        let store = Store::open(&workflow.workflow.workspace)?;
+        Ok(Loaded { path, digest, workflow, dag, store })
+    }
+}
+
 fn load(args: &WorkflowArgs) -> Result<Loaded> {
-    let Parsed { path, digest, workflow } = parse(args)?;
-    let dag = Dag::new(stages::nodes(&workflow, &digest))?;
-    let store = Store::open(&workflow.workflow.workspace)?;
-    Ok(Loaded { path, digest, workflow, dag, store })
+    parse(args)?.load()
 }
 
 /// Settings from `HMIL_FLOW_SET` (whitespace-separated, quotes group), then from `--set`.
@@ -321,11 +328,12 @@ fn query(
     format: Option<OutputFormat>,
     out: Option<&Path>,
 ) -> Result<()> {
-    let workspace = parse(wf)?.workflow.workflow.workspace;
+    let parsed = parse(wf)?;
+    let workspace = &parsed.workflow.workflow.workspace;
     if !workspace.join("objects").is_dir() {
-        return Err(query::Error::NoWorkspace(workspace).into());
+        return Err(query::Error::NoWorkspace(workspace.clone()).into());
     }
-    let l = load(wf)?;
+    let l = parsed.load()?;
     let ws = query::Workspace::open(l.store.root(), &current_keys(&l)?)?;
     if schema {
         for (name, schema) in ws.tables() {

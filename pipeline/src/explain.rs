@@ -31,15 +31,16 @@ pub struct NodeStatus {
     pub warnings: Vec<String>,
 }
 
-/// How many items of a kind a reason names before it counts the rest.
+/// How many items a message names before it counts the rest.
 const NAMED: usize = 3;
 
-/// `items` joined with ", ", or the first few and a count of the rest.
-fn some_of(items: &[String]) -> String {
+/// `items` joined with `sep`, or the first few and a count of the rest, for messages that may
+/// concern hundreds of inputs, files or slides.
+pub fn some_of(items: &[String], sep: &str) -> String {
     if items.len() <= NAMED {
-        return items.join(", ");
+        return items.join(sep);
     }
-    format!("{}, … and {} more", items[..NAMED].join(", "), items.len() - NAMED)
+    format!("{}{sep}… and {} more", items[..NAMED].join(sep), items.len() - NAMED)
 }
 
 /// Digest of an external input: a file's content, or a directory's listing.
@@ -83,7 +84,7 @@ pub(crate) fn key_parts(
         inputs.insert(input.name().to_owned(), InputDigest { describe: input.describe(), digest });
     }
     if !rerunning.is_empty() {
-        unknown.push(format!("upstream {} will rerun", some_of(&rerunning)));
+        unknown.push(format!("upstream {} will rerun", some_of(&rerunning, ", ")));
     }
     if !unknown.is_empty() {
         return Ok(Err(unknown));
@@ -141,7 +142,7 @@ pub fn reasons(
             match items.len() {
                 0 => {}
                 1 => out.push(format!("input {} {what}", items[0])),
-                n => out.push(format!("{n} inputs {what}: {}", some_of(&items))),
+                n => out.push(format!("{n} inputs {what}: {}", some_of(&items, ", "))),
             }
         }
     }

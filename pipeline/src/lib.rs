@@ -20,7 +20,7 @@ pub use dag::Dag;
 pub use digest::{StatCache, hash_bytes, hash_file};
 pub use error::{Error, Result};
 pub use exec::{NodeOutcome, RunOptions, RunSummary, Status, error_chain, first_line, resolve_force, run};
-pub use explain::{Freshness, NodeStatus, status};
+pub use explain::{Freshness, NodeStatus, some_of, status};
 pub use runlog::{RunOf, write_runs};
 pub use stage::{Context, Input, Node, Stage, StageError};
 pub use store::{Manifest, Store};

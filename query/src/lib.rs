@@ -355,7 +355,7 @@ mod tests {
         assert_eq!(Format::of_path(Path::new("x")), None);
     }
 
-    /// A workspace with one published `metrics.parquet` under key `k1` and none under `k2`.
+    /// A workspace with one published `metrics.parquet` (two rows) under key `k1`, which is current.
     fn workspace(dir: &Path) -> Workspace {
         let obj = dir.join("objects/k1");
         std::fs::create_dir_all(&obj).unwrap();

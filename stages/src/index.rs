@@ -174,12 +174,11 @@ impl IndexFeatures {
             )));
         }
         if !bad.is_empty() {
-            let list: Vec<String> = bad.iter().take(3).map(|(p, e)| format!("{}: {e}", p.display())).collect();
-            let more = if bad.len() > 3 { format!("; … and {} more", bad.len() - 3) } else { String::new() };
+            let list: Vec<String> = bad.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect();
             ctx.warn(format!(
-                "skipped {} unreadable feature file(s) (listed in skipped.parquet): {}{more}",
+                "skipped {} unreadable feature file(s) (listed in skipped.parquet): {}",
                 bad.len(),
-                list.join("; ")
+                pipeline::some_of(&list, "; ")
             ));
         }
         if let Some(first) = rows.first()

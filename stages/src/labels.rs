@@ -69,11 +69,9 @@ pub struct Features {
 impl Features {
     /// Why `slide` has no features, with the nearest unlabelled id when it looks like a near miss.
     fn missing(&self, slide: &str, ids: &HashMap<String, &str>, labelled: &HashSet<&str>) -> String {
-        let stem = |p: &str| {
-            let name = std::path::Path::new(p).file_name().map_or(p.into(), |n| n.to_string_lossy().into_owned());
-            name.rsplit_once('.').map_or(name.clone(), |(s, _)| s.to_owned())
-        };
-        if let Some((path, error)) = self.skipped.iter().find(|(p, _)| stem(p) == slide) {
+        // A file's slide id is its stem, as indexing names it.
+        let of_slide = |p: &str| std::path::Path::new(p).file_stem().is_some_and(|s| s.to_string_lossy() == slide);
+        if let Some((path, error)) = self.skipped.iter().find(|(p, _)| of_slide(p)) {
             return format!(
                 "has a label, but its feature file {path} was skipped as unreadable \
                  (dataset.on_bad_file = \"skip\"): {error}"
@@ -253,13 +251,11 @@ pub fn join(rows: Vec<CsvRow>, features: &Features, cfg: &Labels) -> Result<Join
     }
     let mut warnings = Vec::new();
     if !dropped.is_empty() {
-        let some: Vec<String> = dropped.iter().take(3).map(|d| format!("{}: {}", d.slide_id, d.problem)).collect();
-        let more = dropped.len().saturating_sub(3);
+        let list: Vec<String> = dropped.iter().map(|d| format!("{}: {}", d.slide_id, d.problem)).collect();
         warnings.push(format!(
-            "{} slide(s) left out (listed in dropped.parquet): {}{}",
+            "{} slide(s) left out (listed in dropped.parquet): {}",
             dropped.len(),
-            some.join("; "),
-            if more > 0 { format!("; … and {more} more") } else { String::new() }
+            pipeline::some_of(&list, "; ")
         ));
     }
     let empty: Vec<&str> = fine_names
