@@ -46,13 +46,20 @@ pub struct WorkflowArgs {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run every stage that is not cached.
+    /// Run every stage that is not cached, then refresh the results folder and print the
+    /// headline metrics.
     Run {
         #[command(flatten)]
         wf: WorkflowArgs,
+        /// Run only these stages (e.g. `split_folds`) or nodes (`'train[fold=0]'`), and what they need.
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
         /// Show what would run, and why, without running it.
         #[arg(long)]
         dry_run: bool,
+        /// Print only the last line: where the report is, or what failed.
+        #[arg(long, short)]
+        quiet: bool,
         /// Rerun a stage (by name, e.g. `train`, or node id, e.g. `train[fold=3]`) even if cached.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
@@ -73,6 +80,9 @@ pub enum Command {
     Status {
         #[command(flatten)]
         wf: WorkflowArgs,
+        /// Only these stages or nodes, and what they need.
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
         /// Re-hash every cached output.
         #[arg(long)]
         verify: bool,
@@ -119,6 +129,39 @@ pub enum Command {
         /// Directory to write `splits_0.csv`, `splits_1.csv`, … into.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Remove store objects that no current node of the workflow and no recent run uses.
+    Gc {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// Also keep what the newest N runs of the workspace made or used (other workflows
+        /// sharing it, say).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        keep_runs: usize,
+        /// List what would be removed, and its size, without removing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a commented workflow for a features directory and a label CSV, then check it.
+    Init {
+        /// Directory of per-slide feature files.
+        #[arg(long)]
+        features: PathBuf,
+        /// Label CSV (a slide column, a label column, and a case column if cases have several slides).
+        #[arg(long)]
+        labels: PathBuf,
+        /// The workflow file to write.
+        #[arg(long, default_value = "workflow.toml")]
+        out: PathBuf,
+        /// Coarse classes and their fine classes, e.g. `benign=N,PB,UDH;atypical=FEA,ADH;malignant=DCIS,IC`.
+        #[arg(long)]
+        hierarchy: Option<String>,
+        /// The workflow's name (default: the output file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the workflow's DAG.
     Dag {

@@ -1,5 +1,6 @@
-//! Ctrl-C (SIGINT) and SIGTERM during `run`: the first asks the run to stop (finished nodes are
-//! published and the run is recorded), the second exits at once.
+//! Signals. Ctrl-C (SIGINT) and SIGTERM during `run`: the first asks the run to stop (finished
+//! nodes are published and the run is recorded), the second exits at once. A closed output pipe
+//! (`hmil-flow … | head`) ends the process quietly, as it does other command-line tools.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,5 +24,14 @@ pub fn catch() {
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Restores the default action of SIGPIPE, which the Rust runtime ignores (making every print
+/// to a closed pipe a panic).
+pub fn quiet_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to its default is always sound.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

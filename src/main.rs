@@ -16,6 +16,7 @@ use schemas::workflow::{Setting, Workflow};
 
 fn main() -> ExitCode {
     stages::hmil::memory::retain_freed_memory();
+    interrupt::quiet_on_closed_pipe();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.log_format);
     match dispatch(cli.command) {
@@ -118,61 +119,37 @@ fn settings(set: &[String]) -> Result<Vec<Setting>> {
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { wf, dry_run, force, jobs, summary_json, wait, verify } => {
+        Command::Run { wf, targets, dry_run, quiet, force, jobs, summary_json, wait, verify } => {
             let l = load(&wf)?;
             l.workflow.check_paths()?;
+            let part = part_of(&l.dag, &targets)?;
+            let dag = part.as_ref().unwrap_or(&l.dag);
             if dry_run {
-                let forced = pipeline::resolve_force(&l.dag, &force)?;
-                print_status(&pipeline::status(&l.dag, &l.store, &forced, verify)?);
+                let forced = pipeline::resolve(dag, &force, "--force")?;
+                print_status(&pipeline::status(dag, &l.store, &forced, verify)?);
                 return Ok(ExitCode::SUCCESS);
             }
             interrupt::catch();
             let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED };
-            let summary = pipeline::run(&l.dag, &l.store, &opts)?;
+            let summary = pipeline::run(dag, &l.store, &opts)?;
             let settings = serde_json::to_string(&l.workflow)?;
             let of = pipeline::RunOf { workflow: &l.workflow.workflow.name, digest: &l.digest, settings: &settings };
             pipeline::write_runs(&l.store, &summary, of)?;
-            for n in &summary.nodes {
-                println!(
-                    "{:<9} {:>8.2}s  {:<28} {}",
-                    n.status.as_str(),
-                    n.seconds,
-                    n.id,
-                    pipeline::first_line(n.reason.as_deref().unwrap_or(""))
-                );
-            }
             if let Some(file) = summary_json {
                 let json = serde_json::to_string_pretty(&summary)?;
                 std::fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
             }
-            for n in &summary.nodes {
-                for w in &n.warnings {
-                    say_warning(&format!("{}: {w}", n.id));
-                }
-            }
-            let count = |s: pipeline::Status| summary.nodes.iter().filter(|n| n.status == s).count();
-            let (failed, interrupted) = (count(pipeline::Status::Failed), count(pipeline::Status::Interrupted));
-            println!(
-                "run {} of {}: {} node(s), {failed} failed, {interrupted} interrupted",
-                summary.run_id,
-                l.path.display(),
-                summary.nodes.len()
-            );
-            if failed > 0 {
-                for n in summary.nodes.iter().filter(|n| n.status == pipeline::Status::Failed) {
-                    say_error(&format!("{} failed: {}", n.id, n.reason.as_deref().unwrap_or("")));
-                }
-                return Ok(ExitCode::FAILURE);
-            }
-            if interrupted > 0 {
-                say_warning("interrupted: finished nodes are kept; run it again to go on");
-                return Ok(ExitCode::from(130));
-            }
+            return finish_run(&l, &wf, &summary, quiet);
         }
-        Command::Status { wf, verify } => {
+        Command::Status { wf, targets, verify } => {
             let l = load(&wf)?;
             l.workflow.check_paths()?;
-            print_status(&pipeline::status(&l.dag, &l.store, &[], verify)?);
+            let part = part_of(&l.dag, &targets)?;
+            print_status(&pipeline::status(part.as_ref().unwrap_or(&l.dag), &l.store, &[], verify)?);
+        }
+        Command::Gc { wf, keep_runs, dry_run } => gc(&wf, keep_runs, dry_run)?,
+        Command::Init { features, labels, out, hierarchy, name, force } => {
+            init(&features, &labels, &out, hierarchy.as_deref(), name.as_deref(), force)?
         }
         Command::Query { wf, sql, schema, format, out } => query(&wf, sql.as_deref(), schema, format, out.as_deref())?,
         Command::Predict { checkpoint, features, workflow, out, device } => {
@@ -215,6 +192,84 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Bench { what } => bench(what)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The part of `dag` that `targets` need, or `None` for the whole of it.
+fn part_of(dag: &Dag, targets: &[String]) -> Result<Option<Dag>> {
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(dag.with_ancestors(&pipeline::resolve(dag, targets, "target")?)))
+}
+
+/// Ends a run: the results folder refreshed, each node's line and warnings, then the headline
+/// metrics and the report's path, or what failed and the command that reruns it.
+fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, quiet: bool) -> Result<ExitCode> {
+    use pipeline::Status;
+    // First, so that the folder is current even if printing stops (a closed pipe, say).
+    let results = l.workflow.workflow.results.as_deref().expect("resolved when loaded");
+    let status = pipeline::status(&l.dag, &l.store, &[], false)?;
+    pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
+    if !quiet {
+        for n in &summary.nodes {
+            let reason = pipeline::first_line(n.reason.as_deref().unwrap_or(""));
+            let line = format!("{:<9} {:>8.2}s  {:<28} {reason}", n.status.as_str(), n.seconds, n.id);
+            println!("{}", line.trim_end());
+        }
+    }
+    for n in &summary.nodes {
+        for w in &n.warnings {
+            say_warning(&format!("{}: {w}", n.id));
+        }
+    }
+    let count = |s: Status| summary.nodes.iter().filter(|n| n.status == s).count();
+    let (failed, interrupted) = (count(Status::Failed), count(Status::Interrupted));
+    if !quiet {
+        println!(
+            "run {} of {}: {} node(s), {failed} failed, {interrupted} interrupted",
+            summary.run_id,
+            l.path.display(),
+            summary.nodes.len()
+        );
+    }
+    if failed > 0 {
+        for n in summary.nodes.iter().filter(|n| n.status == Status::Failed) {
+            say_error(&format!("{} failed: {}", n.id, n.reason.as_deref().unwrap_or("")));
+            println!("once fixed, rerun it with: {}", rerun_command(wf, &n.id));
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    if interrupted > 0 {
+        say_warning("interrupted: finished nodes are kept; run it again to go on");
+        return Ok(ExitCode::from(130));
+    }
+    let report = status.iter().any(|s| s.stage == stages::REPORT && s.freshness == Freshness::Fresh);
+    if report {
+        if !quiet {
+            print!("{}", stages::report::headline(&results.join("metrics.parquet"))?);
+        }
+        println!("report: {}", results.join("report.md").display());
+    } else {
+        println!("results so far: {} (run without targets for the report)", results.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The command line that reruns node `id` of the workflow with the same settings.
+fn rerun_command(wf: &WorkflowArgs, id: &str) -> String {
+    let quote = |s: &str| {
+        if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
+            s.to_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    let mut words =
+        vec!["hmil-flow".to_owned(), "run".to_owned(), quote(&wf.workflow.display().to_string()), quote(id)];
+    for setting in &wf.set {
+        words.extend(["--set".to_owned(), quote(setting)]);
+    }
+    words.join(" ")
 }
 
 fn print_status(status: &[pipeline::NodeStatus]) {
@@ -368,5 +423,102 @@ fn query(
             query::write(&answer, format, &mut std::io::stdout().lock(), Path::new("<stdout>"))?;
         }
     }
+    Ok(())
+}
+
+/// Removes (or, with `dry_run`, lists) the store objects that no current node of the workflow
+/// and none of the newest `keep_runs` runs uses.
+fn gc(wf: &WorkflowArgs, keep_runs: usize, dry_run: bool) -> Result<()> {
+    let l = load(wf)?;
+    let mut keep = current_keys(&l)?;
+    let current = keep.len();
+    keep.extend(pipeline::recent_keys(&l.store, keep_runs)?);
+    let garbage = pipeline::collect_garbage(&l.store, &keep, dry_run)?;
+    for g in &garbage {
+        println!(
+            "{:>10}  {}  {}",
+            human_bytes(g.bytes),
+            &g.key[..16.min(g.key.len())],
+            g.node.as_deref().unwrap_or("?")
+        );
+    }
+    let total = human_bytes(garbage.iter().map(|g| g.bytes).sum());
+    let (verb, object) = (if dry_run { "would remove" } else { "removed" }, l.store.root().join("objects"));
+    println!(
+        "{verb} {} object(s), {total}, from {}; kept {current} current and what the last {keep_runs} run(s) used",
+        garbage.len(),
+        object.display()
+    );
+    Ok(())
+}
+
+/// `bytes` in B, KB, MB, GB or TB (powers of 1000), to one decimal.
+fn human_bytes(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    for unit in ["B", "KB", "MB", "GB"] {
+        if value < 999.95 {
+            return if unit == "B" { format!("{bytes} B") } else { format!("{value:.1} {unit}") };
+        }
+        value /= 1000.0;
+    }
+    format!("{value:.1} TB")
+}
+
+/// Writes a workflow for `features` and `labels` to `out`, then checks it as `run --dry-run`
+/// would and says what is missing.
+fn init(
+    features: &Path,
+    labels: &Path,
+    out: &Path,
+    hierarchy: Option<&str>,
+    name: Option<&str>,
+    force: bool,
+) -> Result<()> {
+    if out.exists() && !force {
+        bail!("{} exists; pass --force to replace it, or --out another file", out.display());
+    }
+    let survey = stages::init::survey(features, labels)?;
+    let hierarchy = hierarchy.map(stages::init::parse_hierarchy).transpose()?;
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let name = name.map(str::to_owned).or(stem).unwrap_or_else(|| "workflow".into());
+    let formats: Vec<String> = survey.formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
+    println!("features: {} file(s), dimension {}", formats.join(", "), survey.dim);
+    let classes: Vec<String> = survey.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    println!(
+        "labels: {} slides of {} cases; columns slide `{}`, label `{}`, case `{}`; classes: {}",
+        survey.slides,
+        survey.cases,
+        survey.slide_column,
+        survey.label_column,
+        survey.case_column.as_deref().unwrap_or("(none: one slide per case)"),
+        classes.join(", ")
+    );
+    for (what, slides) in [("have no feature file", &survey.without_features), ("have no label", &survey.without_label)]
+    {
+        if !slides.is_empty() {
+            say_warning(&format!("{} slide(s) {what}: {}", slides.len(), pipeline::some_of(slides, ", ")));
+        }
+    }
+    if let Some(h) = &hierarchy {
+        let (missing, unused) = survey.compare(h);
+        if !missing.is_empty() {
+            bail!("--hierarchy lacks the label(s) {}; add each under a coarse class", missing.join(", "));
+        }
+        if !unused.is_empty() {
+            say_warning(&format!("--hierarchy class(es) without slides: {}", unused.join(", ")));
+        }
+    }
+    std::fs::write(out, survey.draft(&name, out, hierarchy.as_ref()))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
+    let l = load(&WorkflowArgs { workflow: out.to_path_buf(), set: Vec::new() })
+        .with_context(|| format!("checking {}", out.display()))?;
+    l.workflow.check_paths()?;
+    let stale = pipeline::status(&l.dag, &l.store, &[], false)?;
+    println!("checked: {} node(s) to run, {} fold(s)", stale.len(), l.workflow.splits.folds());
+    if hierarchy.is_none() {
+        say_warning("each class is its own coarse class: group them under [labels.hierarchy], or pass --hierarchy");
+    }
+    println!("next: hmil-flow run {}", out.display());
     Ok(())
 }

@@ -159,7 +159,7 @@ fn unchanged_output_stops_propagation_and_force_reruns() {
     // Same bytes out, so its dependent stays cached.
     assert_eq!(status_of(&forced, "abc"), Status::Cached);
     let err = pipeline::run(&dag, &store, &RunOptions { force: vec!["nope".into()], ..Default::default() });
-    assert!(matches!(&err, Err(Error::UnknownForce { known, .. }) if known.contains("ab, abc, bd")), "{err:?}");
+    assert!(matches!(&err, Err(Error::UnknownNode { known, .. }) if known.contains("ab, abc, bd")), "{err:?}");
 }
 
 #[test]

@@ -144,9 +144,43 @@ threads = 1
 fn learns_caches_and_reruns_exactly_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     let wf = setup(dir.path(), 25);
+    let wf_s = wf.to_str().unwrap();
+    let results = dir.path().join("results/test");
+
+    // A target runs what it needs and nothing else: the folds, to check before any training.
+    let status = hmil_flow(&["status", wf_s, "train[fold=1]"]);
+    let ids: Vec<&str> = status.lines().map(|l| l.split_whitespace().nth(1).unwrap().trim_end_matches(':')).collect();
+    assert_eq!(ids, ["index_features", "pack_features", "join_labels", "split_folds", "train[fold=1]"], "{status}");
+    let folds_only = run(&wf, &["split_folds"]);
+    assert_eq!(folds_only.keys().collect::<Vec<_>>(), ["index_features", "join_labels", "split_folds"]);
+    assert!(results.join("splits.parquet").is_file() && !results.join("report.md").exists());
+
     let first = run(&wf, &[]);
-    assert!(first.values().all(|s| s == "executed"), "{first:?}");
     assert_eq!(first.len(), 4 + 2 * 3 + 1);
+    let ran: Vec<&str> = first.iter().filter(|(_, s)| *s == "cached").map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ran, ["index_features", "join_labels", "split_folds"], "{first:?}");
+    assert_eq!(executed(&first).len(), first.len() - 3, "{first:?}");
+
+    // The results folder holds the current outputs under readable names, as links into the store.
+    let report_md = fs::read_to_string(results.join("report.md")).unwrap();
+    assert_eq!(report_md, fs::read_to_string(artifact(dir.path(), "report", "report.md")).unwrap());
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let model = artifact(dir.path(), "train[fold=2]", "model.safetensors");
+    assert_eq!(inode(&results.join("folds/2/model.safetensors")), inode(&model), "a link, not a copy");
+    for file in ["labels.parquet", "splits.parquet", "predictions.parquet", "roc.png", "folds/0/history.parquet"] {
+        assert!(results.join(file).is_file(), "{file}");
+    }
+    let folds = read(&results.join("metrics.parquet")).column_by_name("fold").unwrap().clone();
+    let folds: Vec<i32> = folds.as_primitive::<arrow::datatypes::Int32Type>().values().to_vec();
+    assert!((0..3).all(|k| folds.contains(&k)), "every fold's metrics in one table");
+
+    // The run ends with the headline metrics and the report's path; --quiet keeps the last line.
+    let said = hmil_flow(&["run", wf_s]);
+    let last = format!("report: {}", results.join("report.md").display());
+    assert!(said.contains("test split, mean ± sd over 3 folds:") && said.contains("  fine     0."), "{said}");
+    assert_eq!(said.lines().last(), Some(last.as_str()), "{said}");
+    let quiet = Command::new(BIN).args(["run", wf_s, "--quiet"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&quiet.stdout), format!("{last}\n"));
 
     // It learns: fine-level macro AUC on held-out test slides well above chance (0.5).
     let auc = mean_test_metric(dir.path(), 3, "fine", "auc_macro");
@@ -165,7 +199,6 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     }
 
     // SQL over the artifacts.
-    let wf_s = wf.to_str().unwrap();
     let csv = hmil_flow(&[
         "query",
         wf_s,
@@ -219,6 +252,9 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     let after_label = run(&wf, &[]);
     assert_eq!(after_label["index_features"], "cached");
     assert_eq!(after_label["pack_features"], "cached");
+    let new_report = fs::read_to_string(results.join("report.md")).unwrap();
+    assert_eq!(new_report, fs::read_to_string(artifact(dir.path(), "report", "report.md")).unwrap());
+    assert_ne!(new_report, report_md, "the results folder shows the report of the new labels");
     let mut expected = vec!["join_labels", "split_folds", "report"];
     expected.extend([
         "evaluate[fold=0]",
@@ -253,6 +289,23 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     ]);
     let rows: serde_json::Value = serde_json::from_str(per_run.trim()).unwrap();
     assert!(rows.as_array().unwrap().len() >= 3, "{per_run}");
+
+    // gc keeps every current object and removes the rest: the outputs of the old labels, the
+    // three-epoch models, and an orphan.
+    let orphan = dir.path().join(".hmil-flow/objects/0123456789abcdef");
+    fs::create_dir_all(&orphan).unwrap();
+    fs::write(orphan.join("out.bin"), [0u8; 100]).unwrap();
+    let objects = || fs::read_dir(dir.path().join(".hmil-flow/objects")).unwrap().count();
+    let before = objects();
+    let planned = hmil_flow(&["gc", wf_s, "--keep-runs", "0", "--dry-run"]);
+    assert_eq!(objects(), before, "a dry run removes nothing");
+    assert!(planned.contains("100 B  0123456789abcdef  ?"), "{planned}");
+    assert!(planned.contains("  join_labels\n") && planned.contains("  train[fold=0]\n"), "{planned}");
+    let removed = hmil_flow(&["gc", wf_s, "--keep-runs", "0"]);
+    assert_eq!(removed.replace("removed", "would remove"), planned);
+    assert_eq!(objects(), 4 + 2 * 3 + 1, "{removed}");
+    let after_gc = run(&wf, &[]);
+    assert!(after_gc.values().all(|s| s == "cached"), "{after_gc:?}");
 }
 
 #[test]
@@ -380,7 +433,9 @@ fn current_means_this_workflow_with_these_settings() {
     assert!(err.contains("queries are read-only") && !out.contains("no rows"), "{out}{err}");
     let (_, err) = hmil_flow_fails(&["query", wf_s, "SELECT * FROM metricz"]);
     assert!(
-        err.contains("the tables are: attention, ") && err.contains("metrics, ") && err.ends_with("runs\n"),
+        err.contains("the tables are: all_folds_metrics, all_folds_predictions, attention, ")
+            && err.contains(" metrics, ")
+            && err.ends_with("runs\n"),
         "{err}"
     );
     let (_, err) = hmil_flow_fails(&["query", dir.path().join("nope.toml").to_str().unwrap(), "SELECT 1"]);
@@ -440,6 +495,7 @@ fn a_run_without_a_terminal_logs_progress_and_says_each_problem_once() {
     let text = format!("{out}{err}");
     assert_eq!(text.matches("label `XX` is not in labels.hierarchy").count(), 1, "{text}");
     assert!(err.contains("error: join_labels failed: 1 label problem(s)"), "{err}");
+    assert!(out.ends_with(&format!("once fixed, rerun it with: hmil-flow run {wf_s} join_labels\n")), "{out}");
 
     // Under --log-format json every line on stderr is JSON, the final error too.
     let (_, err) = hmil_flow_fails(&["--log-format", "json", "run", wf_s]);
@@ -480,4 +536,38 @@ fn imported_splits_say_what_they_leave_out_and_status_shows_it() {
     let status = hmil_flow(&args);
     assert!(status.contains("fresh  split_folds\n       warning: splits.folds = 5 is not used"), "{status}");
     assert!(status.contains("slide(s) are in no fold"), "{status}");
+}
+
+#[test]
+fn init_writes_a_workflow_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 1);
+    let (features, labels) = (dir.path().join("data/pt_files"), dir.path().join("data/labels.csv"));
+    let out = dir.path().join("mine.toml");
+    let args = |hierarchy: Option<&str>| {
+        let mut a = vec!["init", "--features", features.to_str().unwrap(), "--labels", labels.to_str().unwrap()];
+        a.extend(["--out", out.to_str().unwrap(), "--force"]);
+        a.extend(hierarchy.map(|h| ["--hierarchy", h]).into_iter().flatten());
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let said = hmil_flow(&args(None).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(said.contains("dimension 48") && said.contains("columns slide `slide_id`, label `label`"), "{said}");
+    assert!(said.contains("group them under [labels.hierarchy]"), "{said}");
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(text.contains("features = \"data/pt_files\"") && text.contains("N = [\"N\"]"), "{text}");
+
+    let bad = args(Some("benign=N,PB;malignant=IC"));
+    let (_, err) = hmil_flow_fails(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("--hierarchy lacks the label(s) UDH, FEA, ADH, DCIS"), "{err}");
+
+    let good = args(Some("benign=N,PB,UDH;atypical=FEA,ADH;malignant=DCIS,IC"));
+    let said = hmil_flow(&good.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        said.contains("checked: ") && said.ends_with(&format!("next: hmil-flow run {}\n", out.display())),
+        "{said}"
+    );
+    assert!(!said.contains("group them under"), "{said}");
+    let ran = run(&out, &["--set", "train.epochs=1", "--set", "train.device=cpu", "--set", "splits.folds=2"]);
+    assert_eq!(ran["report"], "executed", "{ran:?}");
+    assert!(dir.path().join("results/mine/report.md").is_file());
 }

@@ -118,6 +118,20 @@ impl Dag {
         out
     }
 
+    /// The part of this DAG that `targets` need: the targets and every node they read from,
+    /// directly or not, in declaration order.
+    pub fn with_ancestors(&self, targets: &[NodeIndex]) -> Dag {
+        let mut needed = vec![false; self.graph.node_count()];
+        let mut todo = targets.to_vec();
+        while let Some(idx) = todo.pop() {
+            if !std::mem::replace(&mut needed[idx.index()], true) {
+                todo.extend(self.parents(idx));
+            }
+        }
+        let nodes = self.graph.node_indices().filter(|i| needed[i.index()]).map(|i| self.graph[i].clone()).collect();
+        Dag::new(nodes).expect("a node's ancestors form a valid DAG")
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.graph.node_count()
@@ -297,6 +311,16 @@ mod tests {
         assert_eq!(dag.matching("train").len(), 1);
         assert_eq!(dag.describe_names("trian"), "its stages are: train, report (did you mean `train`?)");
         assert_eq!(dag.describe_names("zzzzzzzz"), "its stages are: train, report");
+    }
+
+    #[test]
+    fn a_target_brings_its_ancestors_only() {
+        let dag = Dag::new(vec![node("a", &[]), node("b", &["a"]), node("c", &["b"]), node("x", &["a"])]).unwrap();
+        let part = dag.with_ancestors(&dag.matching("b"));
+        let ids: Vec<_> = part.order().iter().map(|&i| part.node(i).id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let both = dag.with_ancestors(&[dag.index_of("c").unwrap(), dag.index_of("x").unwrap()]);
+        assert_eq!(both.len(), 4);
     }
 
     #[test]

@@ -21,8 +21,10 @@ pub enum Error {
     Record { path: PathBuf, source: serde_json::Error },
     #[error("{}: cannot write table: {message}", path.display())]
     Table { path: PathBuf, message: String },
-    #[error("--force `{name}` matches no stage or node of this workflow; {known}")]
-    UnknownForce { name: String, known: String },
+    #[error("{flag} `{name}` matches no stage or node of this workflow; {known}")]
+    UnknownNode { flag: &'static str, name: String, known: String },
+    #[error("{} {message}; move it away, or set workflow.results to another folder", path.display())]
+    ResultsFolder { path: PathBuf, message: String },
 }
 
 /// Result with the engine's error.

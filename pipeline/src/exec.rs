@@ -123,14 +123,14 @@ impl Default for RunOptions {
     }
 }
 
-/// Resolves `--force` names (stage names or node ids) to nodes; an unknown name is an error
-/// that lists the stages and suggests the nearest.
-pub fn resolve_force(dag: &Dag, names: &[String]) -> Result<Vec<NodeIndex>> {
+/// Resolves names given with `flag` (`--force`, `target`: stage names or node ids) to nodes; an
+/// unknown name is an error that lists the stages and suggests the nearest.
+pub fn resolve(dag: &Dag, names: &[String], flag: &'static str) -> Result<Vec<NodeIndex>> {
     let mut out = Vec::new();
     for name in names {
         let matched = dag.matching(name);
         if matched.is_empty() {
-            return Err(Error::UnknownForce { name: name.clone(), known: dag.describe_names(name) });
+            return Err(Error::UnknownNode { flag, name: name.clone(), known: dag.describe_names(name) });
         }
         out.extend(matched);
     }
@@ -148,7 +148,7 @@ pub fn new_run_id() -> String {
 pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let _lock = store.lock(opts.wait)?;
     store.clear_staging()?;
-    let forced = resolve_force(dag, &opts.force)?;
+    let forced = resolve(dag, &opts.force, "--force")?;
     let run_id = new_run_id();
     let started_at = Utc::now();
     let multi = MultiProgress::new();

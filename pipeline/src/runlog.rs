@@ -1,10 +1,14 @@
-//! The `runs` table: every run appends one Parquet file under the workspace's `runs/`.
+//! The `runs` table: every run appends one Parquet file under the workspace's `runs/`; `gc` reads
+//! back what recent runs used.
 
+use std::collections::HashSet;
 use std::fs;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result, io};
 use crate::exec::RunSummary;
@@ -53,4 +57,32 @@ pub fn write_runs(store: &Store, summary: &RunSummary, of: RunOf) -> Result<()> 
     writer.write(&batch).map_err(|e| table_err(e.to_string()))?;
     writer.close().map_err(|e| table_err(e.to_string()))?;
     fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// The cache keys that the newest `runs` runs of the workspace executed or found cached.
+pub fn recent_keys(store: &Store, runs: usize) -> Result<HashSet<String>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(store.runs_dir())
+        .map_err(io(store.runs_dir()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    // Run ids begin with their UTC start time, so names sort by age.
+    files.sort();
+    let mut keys = HashSet::new();
+    for path in files.iter().rev().take(runs) {
+        let table_err = |e: &dyn std::fmt::Display| Error::Table { path: path.clone(), message: e.to_string() };
+        let file = fs::File::open(path).map_err(io(path))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| table_err(&e))?
+            .build()
+            .map_err(|e| table_err(&e))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| table_err(&e))?;
+            let Some(column) = batch.column_by_name("cache_key") else { continue };
+            let column = column.as_string_opt::<i32>().ok_or_else(|| table_err(&"cache_key is not text"))?;
+            keys.extend(column.iter().flatten().map(str::to_owned));
+        }
+    }
+    Ok(keys)
 }

@@ -68,22 +68,45 @@ impl Input {
 }
 
 /// A stage instance in the DAG: a unique id such as `train[fold=3]` and the stage name it expands
-/// from (`train`), which `--force` and reports use.
+/// from (`train`), which `--force`, targets and reports use.
 #[derive(Clone)]
 pub struct Node {
     pub id: String,
     pub stage_name: String,
     pub stage: Arc<dyn Stage>,
+    /// The folder of the results folder its outputs appear in (`""` for the top); by default
+    /// `stage` or `stage/label`.
+    pub results: String,
+    /// Outputs shown there under another name: (output, name).
+    pub results_names: Vec<(String, String)>,
 }
 
 impl Node {
     /// A node named `stage_name`, or `stage_name[label]` when it is one of a fan-out.
     pub fn new(stage_name: &str, label: Option<&str>, stage: Arc<dyn Stage>) -> Node {
-        let id = match label {
-            Some(l) => format!("{stage_name}[{l}]"),
-            None => stage_name.to_owned(),
+        let (id, results) = match label {
+            Some(l) => (format!("{stage_name}[{l}]"), format!("{stage_name}/{l}")),
+            None => (stage_name.to_owned(), stage_name.to_owned()),
         };
-        Node { id, stage_name: stage_name.to_owned(), stage }
+        Node { id, stage_name: stage_name.to_owned(), stage, results, results_names: Vec::new() }
+    }
+
+    /// The node with its outputs shown in folder `dir` of the results folder (`""`: the top).
+    pub fn results_in(mut self, dir: impl Into<String>) -> Node {
+        self.results = dir.into();
+        self
+    }
+
+    /// The node with its output `output` shown as `name` in the results folder.
+    pub fn results_name(mut self, output: &str, name: &str) -> Node {
+        self.results_names.push((output.to_owned(), name.to_owned()));
+        self
+    }
+
+    /// Where output `output` appears in the results folder.
+    pub fn results_path(&self, output: &str) -> PathBuf {
+        let name = self.results_names.iter().find(|(o, _)| o == output).map_or(output, |(_, n)| n.as_str());
+        Path::new(&self.results).join(name)
     }
 }
 

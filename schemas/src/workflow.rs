@@ -34,6 +34,10 @@ pub struct Meta {
     /// Directory of the cache and run records; default `.hmil-flow` beside the workflow file.
     #[serde(default = "default_workspace")]
     pub workspace: PathBuf,
+    /// The results folder: the current outputs under readable names; default `results/<name>`
+    /// beside the workflow file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<PathBuf>,
 }
 
 fn default_workspace() -> PathBuf {
@@ -419,6 +423,13 @@ impl Workflow {
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         let bad = |key: &str, message: String| Err((key.to_owned(), message));
         self.labels.hierarchy.validate().or_else(|m| bad("labels.hierarchy", m))?;
+        let name = &self.workflow.name;
+        if name.trim().is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return bad(
+                "workflow.name",
+                format!("`{name}` names the results folder: give a name without `/` or a leading `.`"),
+            );
+        }
         let s = &self.splits;
         if s.folds() < 1 || (s.method == SplitMethod::Kfold && s.folds() < 2) {
             return bad("splits.folds", format!("{} folds: kfold needs at least 2, other methods 1", s.folds()));
@@ -462,6 +473,8 @@ impl Workflow {
             }
         };
         join(&mut self.workflow.workspace);
+        let results = self.workflow.results.get_or_insert_with(|| Path::new("results").join(&self.workflow.name));
+        join(results);
         join(&mut self.dataset.features);
         join(&mut self.dataset.labels);
         if let Some(dir) = &mut self.splits.dir {

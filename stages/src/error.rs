@@ -17,6 +17,9 @@ pub enum Error {
     Splits(String),
     #[error("{}", .0)]
     Features(String),
+    /// A bad argument to `init`.
+    #[error("{}", .0)]
+    Init(String),
     /// The run was interrupted; says where the stage stopped.
     #[error("stopped {0}")]
     Interrupted(String),

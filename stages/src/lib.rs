@@ -5,6 +5,7 @@ pub mod error;
 pub mod features;
 pub mod hmil;
 pub mod index;
+pub mod init;
 pub mod labels;
 pub mod pack;
 pub mod report;
@@ -28,25 +29,32 @@ pub const PACK: &str = "pack_features";
 pub const JOIN: &str = "join_labels";
 /// See [`INDEX`].
 pub const SPLIT: &str = "split_folds";
+/// Node id of the report, made last.
+pub const REPORT: &str = "report";
 
 /// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`
-/// and `evaluate[fold=k]` per fold, then `report` (which names `workflow_digest`).
+/// and `evaluate[fold=k]` per fold, then `report` (which names `workflow_digest`). In the
+/// results folder, the labels, splits and report are at the top, the feature index under
+/// `features/`, and each fold's model and evaluation under `folds/<k>/`.
 pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
     let classes = classes(wf);
     let sources = hmil::train::Sources { pack_node: PACK.into(), labels_node: JOIN.into(), splits_node: SPLIT.into() };
     let mut nodes = vec![
-        Node::new(INDEX, None, Arc::new(index::IndexFeatures { dir: d.features.clone(), on_bad_file: d.on_bad_file })),
+        Node::new(INDEX, None, Arc::new(index::IndexFeatures { dir: d.features.clone(), on_bad_file: d.on_bad_file }))
+            .results_in("features"),
         Node::new(
             PACK,
             None,
             Arc::new(pack::PackFeatures { dir: d.features.clone(), dtype: d.pack_dtype, index_node: INDEX.into() }),
-        ),
+        )
+        .results_in("features"),
         Node::new(
             JOIN,
             None,
             Arc::new(labels::JoinLabels { csv: d.labels.clone(), labels: wf.labels.clone(), index_node: INDEX.into() }),
-        ),
+        )
+        .results_in(""),
         Node::new(
             SPLIT,
             None,
@@ -55,11 +63,13 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
                 seed: wf.workflow.seed,
                 labels_node: JOIN.into(),
             }),
-        ),
+        )
+        .results_in(""),
     ];
     let mut folds = Vec::new();
     for fold in 0..fold_count(wf) {
         let label = format!("fold={fold}");
+        let results = format!("folds/{fold}");
         let train = Node::new(
             "train",
             Some(&label),
@@ -70,7 +80,8 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
                 classes: classes.clone(),
                 sources: sources.clone(),
             }),
-        );
+        )
+        .results_in(&results);
         let evaluate = hmil::evaluate::EvaluateFold {
             fold,
             config: wf.evaluate.clone(),
@@ -79,7 +90,7 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             sources: sources.clone(),
             train_node: train.id.clone(),
         };
-        let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate));
+        let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate)).results_in(results);
         folds.push((train.id.clone(), evaluate.id.clone()));
         nodes.push(train);
         nodes.push(evaluate);
@@ -91,7 +102,12 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         classes,
         folds,
     };
-    nodes.push(Node::new("report", None, Arc::new(report)));
+    nodes.push(
+        Node::new(REPORT, None, Arc::new(report))
+            .results_in("")
+            .results_name(report::ALL_METRICS, "metrics.parquet")
+            .results_name(report::ALL_PREDICTIONS, "predictions.parquet"),
+    );
     nodes
 }
 

@@ -1,5 +1,7 @@
 //! `report`: `report.md` (mean ± sd over folds of every metric and level, per-class tables,
-//! confusion matrices) and PNG plots (ROC per fine class, confusion heatmap, training curves).
+//! confusion matrices), PNG plots (ROC per fine class, confusion heatmap, training curves), and
+//! every fold's metrics and predictions in one table each; [`headline`] reads the numbers a run
+//! ends with back from those.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,6 +18,12 @@ use crate::hmil::metrics::binary_auc;
 use crate::hmil::train::Classes;
 use crate::table;
 
+/// Every fold's `metrics.parquet` in one table: named apart from them, so that the `metrics`
+/// table of `query` holds each row once; the results folder shows it as `metrics.parquet`.
+pub const ALL_METRICS: &str = "all_folds_metrics.parquet";
+/// Every fold's `predictions.parquet` in one table; see [`ALL_METRICS`].
+pub const ALL_PREDICTIONS: &str = "all_folds_predictions.parquet";
+
 /// The `report` stage.
 pub struct Report {
     pub workflow: String,
@@ -31,8 +39,9 @@ impl Stage for Report {
         "report"
     }
     /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
+    /// 3: all folds' metrics and predictions as tables.
     fn code_version(&self) -> &str {
-        "2"
+        "3"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
@@ -53,7 +62,7 @@ impl Stage for Report {
             .collect()
     }
     fn outputs(&self) -> Vec<String> {
-        ["report.md", "roc.png", "confusion.png", "curves.png"].map(String::from).to_vec()
+        ["report.md", "roc.png", "confusion.png", "curves.png", ALL_METRICS, ALL_PREDICTIONS].map(String::from).to_vec()
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.write(ctx)?)
@@ -81,24 +90,16 @@ impl Report {
         register_font();
         let k = self.folds.len();
         let mut test: Collected = BTreeMap::new();
-        let mut preds = Vec::new();
-        let mut histories = Vec::new();
+        let (mut metrics, mut preds, mut histories) = (Vec::new(), Vec::new(), Vec::new());
         for fold in 0..k {
             let m = table::read(ctx.input(&format!("metrics{fold}")))?;
-            let (split, level, metric) =
-                (table::strings(&m, "split"), table::strings(&m, "level"), table::strings(&m, "metric"));
-            let class = m.column_by_name("class").expect("class column").as_string::<i32>().clone();
-            for (i, v) in f64s(&m, "value").into_iter().enumerate() {
-                if split[i] == "test"
-                    && let Some(v) = v
-                {
-                    let c = (!class.is_null(i)).then(|| class.value(i).to_owned());
-                    test.entry((level[i].clone(), metric[i].clone(), c)).or_default().push(v);
-                }
-            }
+            collect_test(&m, &mut test);
+            metrics.push(m);
             preds.push(table::read(ctx.input(&format!("predictions{fold}")))?);
             histories.push(table::read(ctx.input(&format!("history{fold}")))?);
         }
+        table::write_all(&ctx.output(ALL_METRICS), &metrics)?;
+        table::write_all(&ctx.output(ALL_PREDICTIONS), &preds)?;
         let mut md = String::new();
         let _ = writeln!(md, "# {} — cross-validated HMIL results\n", self.workflow);
         let _ = writeln!(
@@ -286,6 +287,68 @@ fn plot_confusion(path: &Path, caption: &str, names: &[String], counts: &[Vec<f6
     text("predicted", (layout.left + side / 2, layout.top + side + 40), 16, below, &BLACK)?;
     text("true", (20, layout.top + side / 2), 16, centred, &BLACK)?;
     root.present().map_err(|e| err(&e))
+}
+
+/// Adds the test-split values of a `metrics` table to `test`.
+fn collect_test(m: &RecordBatch, test: &mut Collected) {
+    let (split, level, metric) = (table::strings(m, "split"), table::strings(m, "level"), table::strings(m, "metric"));
+    let class = m.column_by_name("class").expect("class column").as_string::<i32>().clone();
+    for (i, v) in f64s(m, "value").into_iter().enumerate() {
+        if split[i] == "test"
+            && let Some(v) = v
+        {
+            let c = (!class.is_null(i)).then(|| class.value(i).to_owned());
+            test.entry((level[i].clone(), metric[i].clone(), c)).or_default().push(v);
+        }
+    }
+}
+
+/// The numbers a run ends with: macro AUC and balanced accuracy on the test splits, fine and
+/// coarse, as mean ± sd over folds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Headline {
+    pub folds: usize,
+    pub levels: Vec<HeadlineLevel>,
+}
+
+/// One level's headline numbers, as (mean, sd) over folds; `None` where no fold has the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadlineLevel {
+    pub level: &'static str,
+    pub auc_macro: Option<(f64, f64)>,
+    pub balanced_accuracy: Option<(f64, f64)>,
+}
+
+/// The headline of the report's [`ALL_METRICS`] table.
+pub fn headline(metrics: &Path) -> Result<Headline> {
+    let m = table::read(metrics)?;
+    let mut test = Collected::new();
+    collect_test(&m, &mut test);
+    let mut folds = table::i32s(&m, "fold");
+    folds.sort_unstable();
+    folds.dedup();
+    let value = |level: &str, metric: &str| test.get(&(level.to_owned(), metric.to_owned(), None)).map(|v| mean_sd(v));
+    let levels = ["fine", "coarse"]
+        .map(|level| HeadlineLevel {
+            level,
+            auc_macro: value(level, "auc_macro"),
+            balanced_accuracy: value(level, "balanced_accuracy"),
+        })
+        .to_vec();
+    Ok(Headline { folds: folds.len(), levels })
+}
+
+impl std::fmt::Display for Headline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: Option<(f64, f64)>| v.map_or_else(|| "–".to_owned(), |(m, s)| format!("{m:.3} ± {s:.3}"));
+        let folds = if self.folds == 1 { "1 fold".to_owned() } else { format!("{} folds", self.folds) };
+        writeln!(f, "test split, mean ± sd over {folds}:")?;
+        writeln!(f, "  {:<8} {:<15}  balanced accuracy", "level", "macro AUC")?;
+        for l in &self.levels {
+            writeln!(f, "  {:<8} {:<15}  {}", l.level, show(l.auc_macro), show(l.balanced_accuracy))?;
+        }
+        Ok(())
+    }
 }
 
 fn cell(test: &Collected, level: &str, metric: &str, class: Option<&String>) -> String {

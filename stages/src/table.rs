@@ -26,6 +26,14 @@ pub fn write(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<(
     Ok(())
 }
 
+/// Writes `batches` (of one schema) to `path` as one Parquet file.
+pub fn write_all(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Table { path: path.into(), message: e.to_string() };
+    let schema = batches.first().ok_or_else(|| err(&"no table to write"))?.schema();
+    let batch = concat_batches(&schema, batches).map_err(|e| err(&e))?;
+    write(path, schema, batch.columns().to_vec())
+}
+
 /// Reads a whole Parquet file as one batch.
 pub fn read(path: &Path) -> Result<RecordBatch> {
     let err = |e: &dyn std::fmt::Display| Error::Table { path: path.into(), message: e.to_string() };
