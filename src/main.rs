@@ -514,8 +514,9 @@ fn init(
     let l = load(&WorkflowArgs { workflow: out.to_path_buf(), set: Vec::new() })
         .with_context(|| format!("checking {}", out.display()))?;
     l.workflow.check_paths()?;
-    let stale = pipeline::status(&l.dag, &l.store, &[], false)?;
-    println!("checked: {} node(s) to run, {} fold(s)", stale.len(), l.workflow.splits.folds());
+    let status = pipeline::status(&l.dag, &l.store, &[], false)?;
+    let stale = status.iter().filter(|s| s.freshness != Freshness::Fresh).count();
+    println!("checked: {} node(s), {stale} to run; {} fold(s)", status.len(), l.workflow.splits.folds());
     if hierarchy.is_none() {
         say_warning("each class is its own coarse class: group them under [labels.hierarchy], or pass --hierarchy");
     }

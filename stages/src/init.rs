@@ -141,7 +141,7 @@ impl Survey {
     /// The workflow file's text, for a file written at `out` (paths in it relative to its folder).
     /// Without `hierarchy`, each class is its own coarse class, marked to be grouped.
     pub fn draft(&self, name: &str, out: &Path, hierarchy: Option<&Hierarchy>) -> String {
-        let base = out.parent().unwrap_or(Path::new("."));
+        let base = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let path = |p: &Path| toml_string(&relative_to(p, base).display().to_string());
         let mut t = String::new();
         let formats: Vec<String> = self.formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
