@@ -209,7 +209,7 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
     // First, so that the folder is current even if printing stops (a closed pipe, say).
     let results = l.workflow.workflow.results.as_deref().expect("resolved when loaded");
     let status = pipeline::status(&l.dag, &l.store, &[], false)?;
-    pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
+    let refreshed = pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
     if !quiet {
         for n in &summary.nodes {
             let reason = pipeline::first_line(n.reason.as_deref().unwrap_or(""));
@@ -250,7 +250,8 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
         }
         println!("report: {}", results.join("report.md").display());
     } else {
-        println!("results so far: {} (run without targets for the report)", results.display());
+        let missing = pipeline::some_of(&refreshed.missing, ", ");
+        println!("results so far: {} (not made yet: {missing})", results.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -151,7 +151,11 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     let status = hmil_flow(&["status", wf_s, "train[fold=1]"]);
     let ids: Vec<&str> = status.lines().map(|l| l.split_whitespace().nth(1).unwrap().trim_end_matches(':')).collect();
     assert_eq!(ids, ["index_features", "pack_features", "join_labels", "split_folds", "train[fold=1]"], "{status}");
+    let planned = hmil_flow(&["run", wf_s, "split_folds", "--dry-run"]);
+    assert_eq!(planned.lines().count(), 3, "index_features, join_labels, split_folds: {planned}");
     let folds_only = run(&wf, &["split_folds"]);
+    let said = hmil_flow(&["run", wf_s, "split_folds"]);
+    assert!(said.contains("(not made yet: pack_features, train[fold=0], evaluate[fold=0], … and 5 more)"), "{said}");
     assert_eq!(folds_only.keys().collect::<Vec<_>>(), ["index_features", "join_labels", "split_folds"]);
     assert!(results.join("splits.parquet").is_file() && !results.join("report.md").exists());
 

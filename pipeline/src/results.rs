@@ -1,7 +1,7 @@
 //! The results folder: a workflow's current outputs under readable names, as hard links into the
 //! store (symbolic links where the store is on another file system), never second copies.
 //!
-//! The folder is a symbolic link to a hidden sibling directory, `.<name>.<nonce>`. A refresh
+//! The folder is a symbolic link to a hidden sibling directory, `.<name>.<run id>`. A refresh
 //! fills a new sibling and renames a new link over the old one, so a reader sees the old folder
 //! or the new one, never a mix; the old sibling is removed afterwards. Removing the folder loses
 //! nothing: the store keeps every file.
@@ -19,7 +19,7 @@ use crate::store::Store;
 pub struct Refreshed {
     /// Files linked, as paths relative to the folder.
     pub files: Vec<PathBuf>,
-    /// Nodes without current outputs, whose files the folder lacks.
+    /// Nodes without current outputs (not run yet, or failed), whose files the folder lacks.
     pub missing: Vec<String>,
 }
 
@@ -30,7 +30,7 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
     let previous = current_target(dir, &name)?;
     fs::create_dir_all(&parent).map_err(io(&parent))?;
     remove_leftovers(&parent, &name, previous.as_deref());
-    let nonce = &crate::exec::new_run_id();
+    let nonce = crate::exec::new_run_id();
     let target_name = format!(".{name}.{nonce}");
     let target = parent.join(&target_name);
     let mut refreshed = Refreshed::default();
@@ -66,12 +66,29 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
     Ok(refreshed)
 }
 
+/// Whether `file` is a hidden directory (or link, `….link`) that a refresh of folder `name` made:
+/// `.<name>.<run id>`, where a run id is `YYYYMMDDTHHMMSSZ-xxxxxx`. Exact, so that the folder
+/// `demo` never takes the directories of a neighbour named `demo.v2`.
+fn made_for(file: &str, name: &str) -> bool {
+    let Some(rest) = file.strip_prefix('.').and_then(|f| f.strip_prefix(name)).and_then(|f| f.strip_prefix('.')) else {
+        return false;
+    };
+    let id = rest.strip_suffix(".link").unwrap_or(rest).as_bytes();
+    id.len() == 23
+        && id.iter().enumerate().all(|(i, &c)| match i {
+            8 => c == b'T',
+            15 => c == b'Z',
+            16 => c == b'-',
+            0..8 | 9..15 => c.is_ascii_digit(),
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// Removes what refreshes killed part-way left beside the folder, keeping its current `target`.
 fn remove_leftovers(parent: &Path, name: &str, target: Option<&Path>) {
-    let prefix = format!(".{name}.");
     for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
         let file = entry.file_name();
-        if file.to_string_lossy().starts_with(&prefix) && target != Some(Path::new(&file)) {
+        if made_for(&file.to_string_lossy(), name) && target != Some(Path::new(&file)) {
             let path = entry.path();
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
@@ -97,7 +114,7 @@ fn current_target(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
         return Err(not_ours("exists and is not a results folder made by hmil-flow"));
     }
     let target = fs::read_link(dir).map_err(io(dir))?;
-    let ours = target.parent() == Some(Path::new("")) && target.to_string_lossy().starts_with(&format!(".{name}."));
+    let ours = target.parent() == Some(Path::new("")) && made_for(&target.to_string_lossy(), name);
     if !ours {
         return Err(not_ours(&format!("links to {}, not to a results folder made by hmil-flow", target.display())));
     }
@@ -129,7 +146,24 @@ mod tests {
         let elsewhere = dir.path().join("other");
         std::os::unix::fs::symlink("/tmp", &elsewhere).unwrap();
         assert!(current_target(&elsewhere, "other").unwrap_err().to_string().contains("links to /tmp"));
-        std::os::unix::fs::symlink(".x.123", dir.path().join("x")).unwrap();
-        assert_eq!(current_target(&dir.path().join("x"), "x").unwrap(), Some(PathBuf::from(".x.123")));
+        let ours = ".x.20261125T171508Z-da7cc5";
+        std::os::unix::fs::symlink(ours, dir.path().join("x")).unwrap();
+        assert_eq!(current_target(&dir.path().join("x"), "x").unwrap(), Some(PathBuf::from(ours)));
+    }
+
+    #[test]
+    fn a_neighbour_with_a_longer_name_is_not_taken_for_ours() {
+        assert!(made_for(".demo.20261125T171508Z-da7cc5", "demo"));
+        assert!(made_for(".demo.20261125T171508Z-da7cc5.link", "demo"));
+        assert!(!made_for(".demo.v2.20261125T171508Z-da7cc5", "demo"));
+        assert!(!made_for(".demo.20261125T171508Z-da7cc5x", "demo"));
+        assert!(!made_for(".demo.notes", "demo"));
+        let dir = tempfile::tempdir().unwrap();
+        let neighbour = dir.path().join(".demo.v2.20261125T171508Z-da7cc5");
+        fs::create_dir(&neighbour).unwrap();
+        remove_leftovers(dir.path(), "demo", None);
+        assert!(neighbour.is_dir(), "refreshing demo leaves demo.v2 alone");
+        remove_leftovers(dir.path(), "demo.v2", None);
+        assert!(!neighbour.exists(), "a leftover of demo.v2 is removed by demo.v2's refresh");
     }
 }
