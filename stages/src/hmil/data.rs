@@ -1,10 +1,11 @@
 //! Bags for training and evaluation: the packed feature store loaded once per process and
-//! device (shared by every fold), labels, and fold membership.
+//! device (shared by every fold; memory-mapped on the CPU), labels, and fold membership.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use memmap2::Mmap;
 use tch::{Device, Kind, Tensor};
 
 use super::model::Batch;
@@ -12,8 +13,17 @@ use crate::error::{Error, Result};
 use crate::splits::Part;
 use crate::table;
 
-/// Stores already on a device, by (features.bin path, device).
-static RESIDENT: Mutex<Vec<((PathBuf, Device), Tensor)>> = Mutex::new(Vec::new());
+/// A loaded store, kept for the rest of the process so that every fold reuses it.
+struct Resident {
+    features_bin: PathBuf,
+    device: Device,
+    x: Tensor,
+    /// The file's memory map, which a CPU tensor views: it lives as long as the tensor, here.
+    _map: Option<Mmap>,
+}
+
+/// Stores already loaded, by (features.bin path, device).
+static RESIDENT: Mutex<Vec<Resident>> = Mutex::new(Vec::new());
 
 /// One labelled bag.
 #[derive(Debug, Clone)]
@@ -27,7 +37,8 @@ pub struct Bag {
     pub len: i64,
 }
 
-/// Every instance of every slide, resident on one device.
+/// Every instance of every slide: on the CPU a view of `features.bin` memory-mapped read-only
+/// (the page cache holds it, never a second buffer), on a GPU a copy made from that map.
 pub struct Store {
     /// Instances × D, float32 or float16 as packed.
     x: Tensor,
@@ -48,21 +59,18 @@ impl Store {
         let dim = *dims.first().ok_or_else(|| Error::Features("the packed store holds no slide".into()))?;
         let kind = if dtype.first().map(String::as_str) == Some("float16") { Kind::Half } else { Kind::Float };
         let total: i64 = counts.iter().sum();
-        let key = (features_bin.to_path_buf(), device);
         let mut resident = RESIDENT.lock().expect("feature cache poisoned");
-        let x = match resident.iter().find(|(k, _)| *k == key) {
-            Some((_, x)) => x.shallow_clone(),
+        let x = match resident.iter().find(|r| r.features_bin == features_bin && r.device == device) {
+            Some(r) => r.x.shallow_clone(),
             None => {
-                let bytes = std::fs::read(features_bin).map_err(|e| Error::io(features_bin, e))?;
-                let expected = total * dim * if kind == Kind::Half { 2 } else { 4 };
-                if bytes.len() as i64 != expected {
-                    return Err(Error::BadFile {
-                        path: features_bin.into(),
-                        message: format!("holds {} bytes, the index says {expected}", bytes.len()),
-                    });
-                }
-                let x = Tensor::from_data_size(&bytes, &[total, dim], kind).to(device);
-                resident.push((key, x.shallow_clone()));
+                let (view, map) = map_store(features_bin, total, dim, kind)?;
+                let (x, map) = if device == Device::Cpu { (view, map) } else { (view.to(device), None) };
+                resident.push(Resident {
+                    features_bin: features_bin.to_path_buf(),
+                    device,
+                    x: x.shallow_clone(),
+                    _map: map,
+                });
                 x
             }
         };
@@ -108,6 +116,30 @@ impl Store {
     }
 }
 
+/// A CPU tensor of `total` × `dim` over `features_bin` mapped read-only, and the map it views
+/// (none for an empty store). A file whose size the index does not predict is an error.
+fn map_store(features_bin: &Path, total: i64, dim: i64, kind: Kind) -> Result<(Tensor, Option<Mmap>)> {
+    let file = std::fs::File::open(features_bin).map_err(|e| Error::io(features_bin, e))?;
+    let bytes = file.metadata().map_err(|e| Error::io(features_bin, e))?.len() as i64;
+    let expected = total * dim * if kind == Kind::Half { 2 } else { 4 };
+    if bytes != expected {
+        return Err(Error::BadFile {
+            path: features_bin.into(),
+            message: format!("holds {bytes} bytes, the index says {expected}"),
+        });
+    }
+    if bytes == 0 {
+        return Ok((Tensor::zeros([0, dim], (kind, Device::Cpu)), None));
+    }
+    // SAFETY: published store files are never written again (a new pack is a new object), so
+    // the mapped bytes do not change under the tensor.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(features_bin, e))?;
+    // SAFETY: the map is page-aligned, holds exactly total × dim values of `kind`, and is kept
+    // alive beside every tensor that views it (see `Resident`); the view is only read.
+    let x = unsafe { Tensor::from_blob(map.as_ptr(), &[total, dim], &[], kind, Device::Cpu) };
+    Ok((x, Some(map)))
+}
+
 /// The bags of one fold, by split.
 pub struct FoldBags {
     pub train: Vec<Bag>,
@@ -145,4 +177,64 @@ pub fn fold_bags(labels: &Path, splits: &Path, fold: usize, store: &Store) -> Re
         return Err(Error::Splits(format!("fold {fold} has no training slides")));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A packed store of three slides (2, 0 and 3 instances of dimension 4) in `dir`.
+    fn write_store(dir: &Path, kind: Kind) -> (PathBuf, PathBuf, Tensor) {
+        let values = Tensor::arange(5 * 4, (Kind::Float, Device::Cpu)).reshape([5, 4]).to_kind(kind) / 7.0;
+        let bytes_per = if kind == Kind::Half { 2 } else { 4 };
+        let mut bytes = vec![0u8; 5 * 4 * bytes_per];
+        values.copy_data_u8(&mut bytes, 20);
+        let bin = dir.join(format!("features-{kind:?}.bin"));
+        std::fs::write(&bin, &bytes).unwrap();
+        let packed = dir.join(format!("packed-{kind:?}.parquet"));
+        let dtype = if kind == Kind::Half { "float16" } else { "float32" };
+        table::write(
+            &packed,
+            schemas::tables::packed(),
+            vec![
+                table::string_col(["a", "empty", "b"]),
+                Arc::new(arrow::array::Int64Array::from(vec![0, 2, 2])),
+                Arc::new(arrow::array::Int64Array::from(vec![2, 0, 3])),
+                Arc::new(arrow::array::Int64Array::from(vec![4, 4, 4])),
+                table::string_col([dtype; 3]),
+                Arc::new(arrow::array::BooleanArray::from(vec![false; 3])),
+            ],
+        )
+        .unwrap();
+        (bin, packed, Tensor::from_data_size(&bytes, &[5, 4], kind))
+    }
+
+    #[test]
+    fn the_mapped_store_gives_the_batches_a_copy_of_the_file_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [Kind::Float, Kind::Half] {
+            let (bin, packed, copied) = write_store(dir.path(), kind);
+            let store = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu).unwrap();
+            let bag = |id: &str| {
+                let (start, len) = store.rows(id).unwrap();
+                Bag { slide_id: id.into(), case_id: id.into(), fine: 0, coarse: 0, start, len }
+            };
+            let (a, b) = (bag("a"), bag("b"));
+            let batch = store.batch(&[&b, &a]);
+            let rows = Tensor::from_slice(&[2i64, 3, 4, 0, 1]);
+            let expected = copied.index_select(0, &rows).to_kind(Kind::Float);
+            assert!(batch.x.equal(&expected), "{kind:?}: the batch differs from the file's rows");
+            assert_eq!(store.rows("empty"), Some((2, 0)));
+        }
+    }
+
+    #[test]
+    fn a_store_of_the_wrong_size_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bin, packed, _) = write_store(dir.path(), Kind::Float);
+        std::fs::write(&bin, [0u8; 12]).unwrap();
+        let err = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("features-Float.bin: holds 12 bytes, the index says 80"), "{err}");
+    }
 }
