@@ -215,7 +215,8 @@ pub enum Bench {
         /// The features directory.
         dir: PathBuf,
     },
-    /// Time training epochs on synthetic bags resident on the device, beside the matmul floor.
+    /// Time training epochs on synthetic bags resident on the device, beside the matmul floor,
+    /// and report the peak RSS beside the size of the features.
     Epoch {
         #[arg(long, default_value_t = 545)]
         slides: usize,

@@ -355,6 +355,13 @@ fn bench(what: Bench) -> Result<()> {
             for (i, s) in r.epoch_s.iter().enumerate() {
                 println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
             }
+            let gb = |b: u64| b as f64 / 1e9;
+            println!(
+                "peak RSS          {:>8.2} GB  ({:.2}x the {:.2} GB of resident f32 features)",
+                gb(r.peak_rss_bytes),
+                r.peak_rss_bytes as f64 / r.features_bytes as f64,
+                gb(r.features_bytes)
+            );
         }
     }
     Ok(())

@@ -133,6 +133,21 @@ pub struct EpochReport {
     pub matmul_gflops: (f64, f64),
     pub floor_s: f64,
     pub epoch_s: Vec<f64>,
+    /// Bytes of the resident features (f32), and the process's peak resident set size after
+    /// the last epoch.
+    pub features_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+/// The peak resident set size of this process so far, in bytes (0 where unknown).
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    // Linux reports kilobytes.
+    usage.ru_maxrss.max(0) as u64 * 1024
 }
 
 /// Multiply–accumulates per instance of every linear layer (forward).
@@ -203,6 +218,8 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
         matmul_gflops,
         floor_s: flops_per_instance * total as f64 / (matmul_gflops.1 * 1e9),
         epoch_s,
+        features_bytes: (total * dim * 4) as u64,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }
 
