@@ -313,6 +313,7 @@ fn run_node(
         stat_cache: store.stat_cache(),
         interrupt: opts.interrupt,
         warnings: Default::default(),
+        previous: previous_outputs(store, node)?,
     };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
@@ -359,6 +360,18 @@ fn run_node(
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();
     Ok((outcome, Some(manifest)))
+}
+
+/// The directory of the outputs `node` last published, if they are intact and of its stage kind.
+fn previous_outputs(store: &Store, node: &Node) -> Result<Option<std::path::PathBuf>> {
+    let Some(record) = store.record(&node.id)? else { return Ok(None) };
+    if record.parts.kind != node.stage.kind() {
+        return Ok(None);
+    }
+    Ok(match store.lookup(&record.key, false)? {
+        Lookup::Hit(_) => Some(store.object_dir(&record.key)),
+        _ => None,
+    })
 }
 
 /// The first line of a (possibly multi-line) message.

@@ -41,6 +41,8 @@ pub fn packed() -> SchemaRef {
         Field::new("dim", DataType::Int64, false),
         utf8("dtype"),
         Field::new("has_coords", DataType::Boolean, false),
+        // The feature file's digest, as indexed: a later pack copies the rows of an unchanged file.
+        utf8("digest"),
     ])
 }
 

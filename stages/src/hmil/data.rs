@@ -204,6 +204,7 @@ mod tests {
                 Arc::new(arrow::array::Int64Array::from(vec![4, 4, 4])),
                 table::string_col([dtype; 3]),
                 Arc::new(arrow::array::BooleanArray::from(vec![false; 3])),
+                table::string_col(["d1", "d2", "d3"]),
             ],
         )
         .unwrap();
