@@ -176,12 +176,12 @@ pub enum Command {
         #[command(subcommand)]
         what: Bench,
     },
-    /// Write a synthetic dataset in CLAM layout (pt_files/ and labels.csv).
+    /// Write a synthetic dataset in CLAM layout (pt_files/ or h5_files/, and a label CSV).
     Synth {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Dataset shape to imitate.
+        /// Dataset shape to imitate: `bracs` (labels.csv) or `panda` (train.csv with PANDA's columns).
         #[arg(long, default_value = "bracs")]
         preset: String,
         /// Multiplies the preset's slide counts.

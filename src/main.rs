@@ -186,8 +186,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 FeatureFormat::Pt => stages::synth::SynthFormat::Pt,
                 FeatureFormat::H5 => stages::synth::SynthFormat::H5,
             };
-            let opts = stages::synth::SynthOptions { format, scale, mean_instances, dim, seed };
-            synth(&out, &preset, &opts)?
+            let Some(preset) = stages::synth::Preset::named(&preset) else {
+                bail!("unknown preset `{preset}` (known: bracs, panda)");
+            };
+            let opts = stages::synth::SynthOptions { preset, format, scale, mean_instances, dim, seed };
+            synth(&out, &opts)?
         }
         Command::Bench { what } => bench(what)?,
     }
@@ -285,10 +288,7 @@ fn print_status(status: &[pipeline::NodeStatus]) {
     }
 }
 
-fn synth(out: &Path, preset: &str, opts: &stages::synth::SynthOptions) -> Result<()> {
-    if preset != "bracs" {
-        bail!("unknown preset `{preset}` (known: bracs)");
-    }
+fn synth(out: &Path, opts: &stages::synth::SynthOptions) -> Result<()> {
     if opts.scale.is_nan() || opts.scale <= 0.0 || opts.mean_instances == 0 || opts.dim == 0 {
         bail!("--scale, --mean-instances and --dim must be positive");
     }

@@ -575,3 +575,31 @@ fn init_writes_a_workflow_that_runs() {
     assert_eq!(ran["report"], "executed", "{ran:?}");
     assert!(dir.path().join("results/mine/report.md").is_file());
 }
+
+#[test]
+fn the_panda_workflow_runs_on_a_panda_shaped_cohort() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("panda");
+    let d = data.to_str().unwrap();
+    hmil_flow(&["synth", "--preset", "panda", "--out", d, "--scale", "0.002", "--mean-instances", "8", "--dim", "8"]);
+    let wf = concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/panda.toml");
+    let results = dir.path().join("results");
+    let settings = [
+        format!("dataset.features={d}/pt_files"),
+        format!("dataset.labels={d}/train.csv"),
+        format!("workflow.workspace={}", dir.path().join("ws").display()),
+        format!("workflow.results={}", results.display()),
+        "train.epochs=1".into(),
+        "train.device=cpu".into(),
+        "splits.folds=2".into(),
+    ];
+    let mut args = vec!["run", wf];
+    for s in &settings {
+        args.extend(["--set", s.as_str()]);
+    }
+    let said = hmil_flow(&args);
+    let last = format!("report: {}", results.join("report.md").display());
+    assert!(said.lines().any(|l| l == last), "{said}");
+    let report = fs::read_to_string(results.join("report.md")).unwrap();
+    assert!(report.contains("| low_grade |") && report.contains("| 5 |"), "{report}");
+}

@@ -11,8 +11,12 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -34,6 +38,7 @@ pub enum Error {
 type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A source file of a table and the provenance columns added to its rows.
+#[derive(Debug)]
 struct Source {
     path: PathBuf,
     run_id: String,
@@ -41,6 +46,14 @@ struct Source {
     cache_key: String,
     workflow: Option<String>,
     current: bool,
+}
+
+/// A Parquet file's schema, from its footer alone.
+fn parquet_schema(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::Table { path: path.into(), message: e.to_string() })?;
+    Ok(builder.schema().clone())
 }
 
 fn read_parquet(path: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
@@ -134,41 +147,86 @@ fn discover(
     Ok(tables)
 }
 
-/// One table from its sources, provenance columns appended. Sources whose schema differs from
-/// the current one (a changed hierarchy, say) are left out with a warning.
-fn build(name: &str, sources: &[Source]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-    let loaded: Vec<(&Source, SchemaRef, Vec<RecordBatch>)> =
-        sources.iter().map(|s| read_parquet(&s.path).map(|(schema, b)| (s, schema, b))).collect::<Result<_>>()?;
-    let reference = loaded.iter().find(|(s, _, _)| s.current).or(loaded.first()).map(|(_, schema, _)| schema.clone());
-    let Some(reference) = reference else { return Ok((Arc::new(Schema::empty()), Vec::new())) };
-    let mut fields: Vec<Field> = reference.fields().iter().map(|f| f.as_ref().clone()).collect();
-    for extra in ["run_id", "node", "cache_key"] {
-        fields.push(Field::new(extra, DataType::Utf8, false));
-    }
-    fields.push(Field::new("workflow", DataType::Utf8, true));
-    fields.push(Field::new("current", DataType::Boolean, false));
-    let schema = Arc::new(Schema::new(fields));
-    let mut out = Vec::new();
-    for (source, s, batches) in loaded {
-        if s.fields() != reference.fields() {
-            tracing::warn!("{name}: leaving out {} (its columns differ from the current ones)", source.path.display());
-            continue;
+/// A table of Parquet files, read when a statement scans it: its schema comes from the footers,
+/// so a statement pays only for the tables it uses.
+#[derive(Debug)]
+struct LazyTable {
+    name: String,
+    sources: Vec<Source>,
+    /// The columns of the current source (else the first), which every source must have.
+    reference: SchemaRef,
+    /// `reference` with the provenance columns appended.
+    schema: SchemaRef,
+}
+
+impl LazyTable {
+    fn new(name: &str, sources: Vec<Source>) -> Result<LazyTable> {
+        let pick = sources.iter().find(|s| s.current).or(sources.first());
+        let reference = match pick {
+            Some(source) => parquet_schema(&source.path)?,
+            None => Arc::new(Schema::empty()),
+        };
+        let mut fields: Vec<Field> = reference.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for extra in ["run_id", "node", "cache_key"] {
+            fields.push(Field::new(extra, DataType::Utf8, false));
         }
-        for batch in batches {
-            let n = batch.num_rows();
-            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-            for value in [&source.run_id, &source.node, &source.cache_key] {
-                columns.push(Arc::new(StringArray::from(vec![value.as_str(); n])));
+        fields.push(Field::new("workflow", DataType::Utf8, true));
+        fields.push(Field::new("current", DataType::Boolean, false));
+        Ok(LazyTable { name: name.to_owned(), sources, reference, schema: Arc::new(Schema::new(fields)) })
+    }
+
+    /// Every source's rows, provenance columns appended. Sources whose columns differ from the
+    /// reference (a changed hierarchy, say) are left out with a warning.
+    fn load(&self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for source in &self.sources {
+            let (s, batches) = read_parquet(&source.path)?;
+            if s.fields() != self.reference.fields() {
+                tracing::warn!(
+                    "{}: leaving out {} (its columns differ from the current ones)",
+                    self.name,
+                    source.path.display()
+                );
+                continue;
             }
-            columns.push(Arc::new(StringArray::from(vec![source.workflow.as_deref(); n])));
-            columns.push(Arc::new(BooleanArray::from(vec![source.current; n])));
-            out.push(
-                RecordBatch::try_new(schema.clone(), columns)
-                    .map_err(|e| Error::Table { path: source.path.clone(), message: e.to_string() })?,
-            );
+            for batch in batches {
+                let n = batch.num_rows();
+                let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+                for value in [&source.run_id, &source.node, &source.cache_key] {
+                    columns.push(Arc::new(StringArray::from(vec![value.as_str(); n])));
+                }
+                columns.push(Arc::new(StringArray::from(vec![source.workflow.as_deref(); n])));
+                columns.push(Arc::new(BooleanArray::from(vec![source.current; n])));
+                out.push(
+                    RecordBatch::try_new(self.schema.clone(), columns)
+                        .map_err(|e| Error::Table { path: source.path.clone(), message: e.to_string() })?,
+                );
+            }
         }
+        Ok(out)
     }
-    Ok((schema, out))
+}
+
+#[async_trait::async_trait]
+impl TableProvider for LazyTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let batches = self.load().map_err(|e| DataFusionError::External(Box::new(e)))?;
+        MemTable::try_new(self.schema.clone(), vec![batches])?.scan(state, projection, filters, limit).await
+    }
 }
 
 /// A DataFusion session with every table of the workspace at `root` registered.
@@ -179,26 +237,24 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// Registers every artifact table and the `runs` table. Rows whose cache key is in
-    /// `current` (the keys of the queried workflow's nodes) have `current = true`.
+    /// Registers every artifact table (read when a statement scans it) and the `runs` table.
+    /// Rows whose cache key is in `current` (the keys of the queried workflow's nodes) have
+    /// `current = true`.
     pub fn open(root: &Path, current: &HashSet<String>) -> Result<Workspace> {
         if !root.join("objects").is_dir() {
             return Err(Error::NoWorkspace(root.into()));
         }
         let ctx = SessionContext::new();
         let mut tables = Vec::new();
-        let mut register = |name: &str, schema: SchemaRef, batches: Vec<RecordBatch>| -> Result<()> {
-            let table = MemTable::try_new(schema.clone(), vec![batches]).map_err(|e| Error::Sql(e.to_string()))?;
-            ctx.register_table(name, Arc::new(table)).map_err(|e| Error::Sql(e.to_string()))?;
-            tables.push((name.to_owned(), schema));
-            Ok(())
-        };
         let runs = read_runs(root)?;
         for (name, sources) in discover(root, current, &workflow_of_runs(&runs))? {
-            let (schema, batches) = build(&name, &sources)?;
-            register(&name, schema, batches)?;
+            let table = LazyTable::new(&name, sources)?;
+            tables.push((name.clone(), table.schema.clone()));
+            ctx.register_table(&name, Arc::new(table)).map_err(|e| Error::Sql(e.to_string()))?;
         }
-        register("runs", schemas::runs::schema(), runs)?;
+        let table = MemTable::try_new(schemas::runs::schema(), vec![runs]).map_err(|e| Error::Sql(e.to_string()))?;
+        ctx.register_table("runs", Arc::new(table)).map_err(|e| Error::Sql(e.to_string()))?;
+        tables.push(("runs".to_owned(), schemas::runs::schema()));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .map_err(|source| Error::Io { path: root.into(), source })?;

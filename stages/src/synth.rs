@@ -1,7 +1,8 @@
 //! Synthetic datasets in CLAM layout (`pt_files/<slide>.pt` written in PyTorch's own `torch.save`
 //! format, or `h5_files/<slide>.h5` with `features` and `coords` as CLAM writes them, plus
-//! `labels.csv`), shaped like BRACS: its class counts, lognormal bag sizes, some
-//! patients with two slides, and a learnable hierarchical signal: a few instances per bag carry a
+//! `labels.csv`), shaped like BRACS (its class counts, some patients with two slides) or PANDA
+//! (its ISUP grade counts, 32-hex image ids, its `train.csv` columns, one biopsy per case), with
+//! lognormal bag sizes and a learnable hierarchical signal: a few instances per bag carry a
 //! shared coarse-class direction plus a weaker fine-class direction.
 
 use std::fs::File;
@@ -22,6 +23,61 @@ pub const BRACS: [(&str, &str, usize); 7] = [
     ("IC", "malignant", 132),
 ];
 
+/// PANDA's ISUP grades as `workflows/panda.toml` groups them, and image counts (its train.csv).
+pub const PANDA: [(&str, &str, usize); 6] = [
+    ("0", "benign", 2892),
+    ("1", "low_grade", 2666),
+    ("2", "low_grade", 1343),
+    ("3", "high_grade", 1242),
+    ("4", "high_grade", 1249),
+    ("5", "high_grade", 1224),
+];
+
+/// Which cohort to imitate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Bracs,
+    Panda,
+}
+
+impl Preset {
+    /// The preset named `name` (`bracs`, `panda`).
+    pub fn named(name: &str) -> Option<Preset> {
+        match name {
+            "bracs" => Some(Preset::Bracs),
+            "panda" => Some(Preset::Panda),
+            _ => None,
+        }
+    }
+
+    /// (fine class, coarse class, slides).
+    fn classes(self) -> &'static [(&'static str, &'static str, usize)] {
+        match self {
+            Preset::Bracs => &BRACS,
+            Preset::Panda => &PANDA,
+        }
+    }
+
+    fn header(self) -> &'static str {
+        match self {
+            Preset::Bracs => "case_id,slide_id,label",
+            Preset::Panda => "image_id,data_provider,isup_grade,gleason_score",
+        }
+    }
+
+    /// The label file's row for one slide.
+    fn row(self, case: &str, slide: &str, label: &str) -> String {
+        match self {
+            Preset::Bracs => format!("{case},{slide},{label}"),
+            Preset::Panda => {
+                let gleason = ["0+0", "3+3", "3+4", "4+3", "4+4", "4+5"][label.parse::<usize>().unwrap_or(0).min(5)];
+                let provider = if slide.as_bytes()[0].is_multiple_of(2) { "karolinska" } else { "radboud" };
+                format!("{slide},{provider},{label},{gleason}")
+            }
+        }
+    }
+}
+
 /// Which feature files to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SynthFormat {
@@ -34,6 +90,7 @@ pub enum SynthFormat {
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
+    pub preset: Preset,
     pub format: SynthFormat,
     /// Multiplies every class count (at least 3 slides per class are kept).
     pub scale: f64,
@@ -51,7 +108,8 @@ pub struct SynthSummary {
     pub instances: usize,
 }
 
-/// Writes `out/pt_files/*.pt` (or `out/h5_files/*.h5`) and `out/labels.csv`.
+/// Writes `out/pt_files/*.pt` (or `out/h5_files/*.h5`) and `out/labels.csv` (PANDA:
+/// `out/train.csv`).
 pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)) -> Result<SynthSummary> {
     let feature_dir = out.join(match opts.format {
         SynthFormat::Pt => "pt_files",
@@ -65,43 +123,55 @@ pub fn generate(out: &Path, opts: &SynthOptions, progress: &dyn Fn(usize, usize)
         let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
         v.into_iter().map(|x| x / norm).collect::<Vec<f64>>()
     };
+    let classes = opts.preset.classes();
     let coarse_names: Vec<&str> = {
-        let mut c: Vec<&str> = BRACS.iter().map(|b| b.1).collect();
+        let mut c: Vec<&str> = classes.iter().map(|b| b.1).collect();
         c.dedup();
         c
     };
     let coarse_dir: Vec<Vec<f64>> = coarse_names.iter().map(|_| unit(&mut rng)).collect();
-    let fine_dir: Vec<Vec<f64>> = BRACS.iter().map(|_| unit(&mut rng)).collect();
+    let fine_dir: Vec<Vec<f64>> = classes.iter().map(|_| unit(&mut rng)).collect();
     let scale = (d as f64).sqrt();
 
-    // Slides per class, grouped into cases: every seventh case has two slides.
+    // Slides per class, grouped into cases: for BRACS every seventh case has two slides; a PANDA
+    // biopsy is its own case, named by a 32-hex image id.
     let mut slides: Vec<(String, String, usize)> = Vec::new();
     let mut case_no = 0;
-    for (fine, &(_, _, count)) in BRACS.iter().enumerate() {
+    for (fine, &(_, _, count)) in classes.iter().enumerate() {
         let n = ((count as f64 * opts.scale).round() as usize).max(3);
         let mut i = 0;
         while i < n {
             case_no += 1;
-            let slides_in_case = if case_no % 7 == 0 && i + 1 < n { 2 } else { 1 };
+            let slides_in_case = if opts.preset == Preset::Bracs && case_no % 7 == 0 && i + 1 < n { 2 } else { 1 };
             for _ in 0..slides_in_case {
-                slides.push((format!("{:06}", slides.len() + 1), format!("case_{case_no:04}"), fine));
+                let (slide, case) = match opts.preset {
+                    Preset::Bracs => (format!("{:06}", slides.len() + 1), format!("case_{case_no:04}")),
+                    Preset::Panda => {
+                        let id = format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64());
+                        (id.clone(), id)
+                    }
+                };
+                slides.push((slide, case, fine));
                 i += 1;
             }
         }
     }
-    let csv_path = out.join("labels.csv");
+    let csv_path = out.join(match opts.preset {
+        Preset::Bracs => "labels.csv",
+        Preset::Panda => "train.csv",
+    });
     let mut csv = BufWriter::new(File::create(&csv_path).map_err(|e| Error::io(&csv_path, e))?);
-    writeln!(csv, "case_id,slide_id,label").map_err(|e| Error::io(&csv_path, e))?;
+    writeln!(csv, "{}", opts.preset.header()).map_err(|e| Error::io(&csv_path, e))?;
     let sigma: f64 = 0.5;
     let mut instances = 0;
     let mut feats = Vec::new();
     for (k, (slide, case, fine)) in slides.iter().enumerate() {
-        writeln!(csv, "{case},{slide},{}", BRACS[*fine].0).map_err(|e| Error::io(&csv_path, e))?;
+        writeln!(csv, "{}", opts.preset.row(case, slide, classes[*fine].0)).map_err(|e| Error::io(&csv_path, e))?;
         let z = rng.normal();
         let n =
             ((opts.mean_instances as f64).ln() + sigma * z).exp().round().clamp(8.0, 8.0 * opts.mean_instances as f64)
                 as usize;
-        let coarse = coarse_names.iter().position(|c| *c == BRACS[*fine].1).expect("coarse listed");
+        let coarse = coarse_names.iter().position(|c| *c == classes[*fine].1).expect("coarse listed");
         feats.clear();
         for _ in 0..n {
             let informative = rng.uniform() < 0.1;
@@ -201,7 +271,14 @@ mod tests {
     #[test]
     fn written_h5_reads_back_with_coords() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SynthOptions { format: SynthFormat::H5, scale: 0.02, mean_instances: 10, dim: 4, seed: 1 };
+        let opts = SynthOptions {
+            preset: Preset::Bracs,
+            format: SynthFormat::H5,
+            scale: 0.02,
+            mean_instances: 10,
+            dim: 4,
+            seed: 1,
+        };
         let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
         let files: Vec<_> = std::fs::read_dir(dir.path().join("h5_files")).unwrap().collect();
         assert_eq!(files.len(), s.slides);
@@ -216,7 +293,14 @@ mod tests {
     #[test]
     fn bracs_shape_and_determinism() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SynthOptions { format: SynthFormat::Pt, scale: 0.1, mean_instances: 16, dim: 8, seed: 3 };
+        let opts = SynthOptions {
+            preset: Preset::Bracs,
+            format: SynthFormat::Pt,
+            scale: 0.1,
+            mean_instances: 16,
+            dim: 8,
+            seed: 3,
+        };
         let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
         // max(3, round(0.1 * count)) per class: 4+15+7+4+5+6+13.
         assert_eq!(s.slides, 54);
@@ -227,6 +311,31 @@ mod tests {
         generate(again.path(), &opts, &|_, _| {}).unwrap();
         for f in ["labels.csv", "pt_files/000007.pt"] {
             assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), std::fs::read(again.path().join(f)).unwrap());
+        }
+    }
+
+    #[test]
+    fn panda_has_its_ids_grades_and_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SynthOptions {
+            preset: Preset::Panda,
+            format: SynthFormat::Pt,
+            scale: 0.002,
+            mean_instances: 8,
+            dim: 4,
+            seed: 5,
+        };
+        let s = generate(dir.path(), &opts, &|_, _| {}).unwrap();
+        // max(3, round(0.002 * count)) per grade: 6+5+3+3+3+3.
+        assert_eq!((s.slides, s.cases), (23, 23), "one biopsy per case");
+        let csv = std::fs::read_to_string(dir.path().join("train.csv")).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some("image_id,data_provider,isup_grade,gleason_score"));
+        for line in lines {
+            let f: Vec<&str> = line.split(',').collect();
+            assert!(f[0].len() == 32 && f[0].chars().all(|c| c.is_ascii_hexdigit()), "{line}");
+            assert!(dir.path().join(format!("pt_files/{}.pt", f[0])).is_file(), "{line}");
+            assert!(["karolinska", "radboud"].contains(&f[1]) && ("0"..="5").contains(&f[2]), "{line}");
         }
     }
 }
