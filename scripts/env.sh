@@ -23,6 +23,6 @@ cd "$root"
 # Says, before a build with no earlier build to reuse, how long it usually takes.
 first_build_note() {
     if [ ! -e "${CARGO_TARGET_DIR:-target}/debug/hmil-flow" ]; then
-        setup "first build of hmil-flow and its dependencies: usually about 10 min on 2 cores; later builds take seconds"
+        setup "first build of hmil-flow and its dependencies: usually about 11 min on 2 cores; later builds take seconds"
     fi
 }
