@@ -417,6 +417,14 @@ impl Workflow {
                 return Err(Error::MissingPath { key: key.into(), path: path.clone() });
             }
         }
+        let features = absolute(&self.dataset.features);
+        let results = self.workflow.results.as_deref().unwrap_or(Path::new(""));
+        for (key, path) in [("workflow.workspace", self.workflow.workspace.as_path()), ("workflow.results", results)] {
+            if absolute(path).starts_with(&features) {
+                let (key, path, features) = (key.into(), path.to_path_buf(), self.dataset.features.clone());
+                return Err(Error::InsideFeatures { key, path, features });
+            }
+        }
         Ok(())
     }
 
@@ -486,6 +494,25 @@ impl Workflow {
     }
 }
 
+/// `path` with its longest existing ancestor resolved (links followed) and the rest appended,
+/// so that paths not yet made compare with existing ones.
+fn absolute(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(resolved) = std::fs::canonicalize(existing) {
+            return rest.iter().rev().fold(resolved, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 /// Sets `a.b.c=value` in `table`; the value is read as TOML, or else taken as a string.
 fn apply_override(table: &mut toml::Table, setting: &Setting) -> Result<()> {
     let bad = |message: &str| setting.error(message);
@@ -535,6 +562,21 @@ malignant = ["DCIS", "IC"]
         assert_eq!(wf.labels.hierarchy.coarse(), ["benign", "atypical", "malignant"]);
         assert_eq!(wf.labels.hierarchy.fine_to_coarse(), [0, 0, 0, 1, 1, 2, 2]);
         assert_eq!(wf.splits.folds(), 5);
+    }
+
+    #[test]
+    fn results_or_workspace_inside_the_features_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("feats")).unwrap();
+        std::fs::write(dir.path().join("labels.csv"), "").unwrap();
+        let flow = dir.path().join("flow.toml");
+        assert!(Workflow::parse(MINIMAL, &flow, &[]).unwrap().check_paths().is_ok());
+        let inside = Workflow::parse(MINIMAL, &flow, &[Setting::cli("workflow.results=feats/results/t")]).unwrap();
+        let err = inside.check_paths().unwrap_err().to_string();
+        assert!(err.contains("workflow.results = ") && err.contains("is inside dataset.features"), "{err}");
+        let everything = Workflow::parse(MINIMAL, &flow, &[Setting::cli("dataset.features=.")]).unwrap();
+        let err = everything.check_paths().unwrap_err().to_string();
+        assert!(err.starts_with("workflow.workspace = "), "{err}");
     }
 
     #[test]
