@@ -215,6 +215,11 @@ pub enum Bench {
         /// The features directory.
         dir: PathBuf,
     },
+    /// Pack a directory of feature files from scratch, then again after one slide is added.
+    Pack {
+        /// The features directory (only read).
+        dir: PathBuf,
+    },
     /// Time training epochs on synthetic bags resident on the device, beside the matmul floor,
     /// and report the peak RSS beside the size of the features.
     Epoch {

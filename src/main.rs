@@ -331,6 +331,21 @@ fn bench(what: Bench) -> Result<()> {
             }
             println!("unchanged reindex   {:>8.3}s  files read: {}", r.reindex_s, r.reindex_files_read);
         }
+        Bench::Pack { dir } => {
+            let scratch = tempfile_dir()?;
+            let r = stages::bench::pack(&dir, &scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let r = r?;
+            let gb = |b: u64| b as f64 / 1e9;
+            println!("{} slides, a {:.2} GB store", r.slides, gb(r.store_bytes));
+            println!("full pack         {:>8.2}s", r.full_s);
+            println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
+            println!(
+                "peak RSS          {:>8.2} GB  ({:.2}x the store)",
+                gb(r.peak_rss_bytes),
+                r.peak_rss_bytes as f64 / r.store_bytes as f64
+            );
+        }
         Bench::Epoch { slides, instances, dim, epochs, threads, device } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);

@@ -603,3 +603,14 @@ fn the_panda_workflow_runs_on_a_panda_shaped_cohort() {
     let report = fs::read_to_string(results.join("report.md")).unwrap();
     assert!(report.contains("| low_grade |") && report.contains("| 5 |"), "{report}");
 }
+
+#[test]
+fn bench_pack_times_a_full_pack_and_one_added_slide() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 1);
+    let said = hmil_flow(&["bench", "pack", dir.path().join("data/pt_files").to_str().unwrap()]);
+    for line in ["full pack ", "one slide added ", "x the full pack)", "peak RSS "] {
+        assert!(said.contains(line), "{line}: {said}");
+    }
+    assert!(said.contains(" slides, a 0.00 GB store"), "{said}");
+}

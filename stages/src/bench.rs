@@ -240,3 +240,61 @@ fn matmul_throughput(dim: i64, device: Device) -> f64 {
     }
     best
 }
+
+/// A full pack against a repack after one slide is added, with the peak memory of the process.
+#[derive(Debug)]
+pub struct PackReport {
+    pub slides: usize,
+    /// Bytes of the packed `features.bin`.
+    pub store_bytes: u64,
+    pub full_s: f64,
+    pub added_s: f64,
+    /// Peak resident set size of the process after both packs.
+    pub peak_rss_bytes: u64,
+}
+
+/// Packs the feature files under `dir` from scratch (through links in `scratch`, so `dir` is
+/// only read), then adds a copy of one file as a new slide and packs again, as a workflow would.
+pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
+    let files = feature_files(dir)?;
+    let feats = scratch.join("features");
+    for (_, path, _) in &files {
+        let relative = path.strip_prefix(dir).unwrap_or(path);
+        let link = feats.join(relative);
+        let parent = link.parent().expect("a file in a folder");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let target = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+        std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io(&link, e))?;
+    }
+    let index = crate::index::IndexFeatures { dir: feats.clone(), on_bad_file: Default::default() };
+    let pack =
+        crate::pack::PackFeatures { dir: feats.clone(), dtype: Default::default(), index_node: crate::INDEX.into() };
+    let dag = pipeline::Dag::new(vec![
+        pipeline::Node::new(crate::INDEX, None, std::sync::Arc::new(index)),
+        pipeline::Node::new(crate::PACK, None, std::sync::Arc::new(pack)),
+    ])
+    .map_err(|e| Error::Features(e.to_string()))?;
+    let store = pipeline::Store::open(&scratch.join("ws")).map_err(|e| Error::Features(e.to_string()))?;
+    let run = || -> Result<(f64, std::path::PathBuf)> {
+        let summary = pipeline::run(&dag, &store, &Default::default()).map_err(|e| Error::Features(e.to_string()))?;
+        let node = &summary.nodes[1];
+        match (node.status, &node.key) {
+            (pipeline::Status::Executed, Some(key)) => Ok((node.seconds, store.object_dir(key))),
+            _ => Err(Error::Features(format!(
+                "pack_features {}: {}",
+                node.status.as_str(),
+                node.reason.clone().unwrap_or_default()
+            ))),
+        }
+    };
+    let (full_s, object) = run()?;
+    let store_bytes = std::fs::metadata(object.join("features.bin")).map_err(|e| Error::io(&object, e))?.len();
+    let (_, first, format) = &files[0];
+    let added = feats.join(format!(
+        "zz-added-slide.{}",
+        first.extension().map(|e| e.to_string_lossy()).unwrap_or_else(|| format.name().into())
+    ));
+    std::fs::copy(first, &added).map_err(|e| Error::io(&added, e))?;
+    let (added_s, _) = run()?;
+    Ok(PackReport { slides: files.len(), store_bytes, full_s, added_s, peak_rss_bytes: peak_rss_bytes() })
+}
