@@ -212,7 +212,7 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
     // First, so that the folder is current even if printing stops (a closed pipe, say).
     let results = l.workflow.workflow.results.as_deref().expect("resolved when loaded");
     let status = pipeline::status(&l.dag, &l.store, &[], false)?;
-    let refreshed = pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
+    let missing = pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
     if !quiet {
         for n in &summary.nodes {
             let reason = pipeline::first_line(n.reason.as_deref().unwrap_or(""));
@@ -253,8 +253,7 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
         }
         println!("report: {}", results.join("report.md").display());
     } else {
-        let missing = pipeline::some_of(&refreshed.missing, ", ");
-        println!("results so far: {} (not made yet: {missing})", results.display());
+        println!("results so far: {} (not made yet: {})", results.display(), pipeline::some_of(&missing, ", "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -336,15 +335,10 @@ fn bench(what: Bench) -> Result<()> {
             let r = stages::bench::pack(&dir, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);
             let r = r?;
-            let gb = |b: u64| b as f64 / 1e9;
             println!("{} slides, a {:.2} GB store", r.slides, gb(r.store_bytes));
             println!("full pack         {:>8.2}s", r.full_s);
             println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
-            println!(
-                "peak RSS          {:>8.2} GB  ({:.2}x the store)",
-                gb(r.peak_rss_bytes),
-                r.peak_rss_bytes as f64 / r.store_bytes as f64
-            );
+            print_peak_rss(r.peak_rss_bytes, r.store_bytes, "the store");
         }
         Bench::Epoch { slides, instances, dim, epochs, threads, device } => {
             if let Some(t) = threads {
@@ -370,16 +364,21 @@ fn bench(what: Bench) -> Result<()> {
             for (i, s) in r.epoch_s.iter().enumerate() {
                 println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
             }
-            let gb = |b: u64| b as f64 / 1e9;
-            println!(
-                "peak RSS          {:>8.2} GB  ({:.2}x the {:.2} GB of resident f32 features)",
-                gb(r.peak_rss_bytes),
-                r.peak_rss_bytes as f64 / r.features_bytes as f64,
-                gb(r.features_bytes)
-            );
+            let features = format!("the {:.2} GB of resident f32 features", gb(r.features_bytes));
+            print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
         }
     }
     Ok(())
+}
+
+/// `bytes` in GB (10^9).
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// The bench line of the peak RSS, as a multiple of `size` bytes (`what`).
+fn print_peak_rss(peak: u64, size: u64, what: &str) {
+    println!("peak RSS          {:>8.2} GB  ({:.2}x {what})", gb(peak), peak as f64 / size as f64);
 }
 
 /// A fresh scratch directory under the system temp dir.
@@ -504,9 +503,7 @@ fn init(
     let hierarchy = hierarchy.map(stages::init::parse_hierarchy).transpose()?;
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned());
     let name = name.map(str::to_owned).or(stem).unwrap_or_else(|| "workflow".into());
-    let formats: Vec<String> = survey.formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
-    println!("features: {} file(s), dimension {}", formats.join(", "), survey.dim);
-    let classes: Vec<String> = survey.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    println!("features: {} file(s), dimension {}", survey.formats_text(), survey.dim);
     println!(
         "labels: {} slides of {} cases; columns slide `{}`, label `{}`, case `{}`; classes: {}",
         survey.slides,
@@ -514,7 +511,7 @@ fn init(
         survey.slide_column,
         survey.label_column,
         survey.case_column.as_deref().unwrap_or("(none: one slide per case)"),
-        classes.join(", ")
+        survey.classes_text()
     );
     for (what, slides) in [("have no feature file", &survey.without_features), ("have no label", &survey.without_label)]
     {

@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use exec::{NodeOutcome, RunOptions, RunSummary, Status, error_chain, first_line, resolve, run};
 pub use explain::{Freshness, NodeStatus, some_of, status};
 pub use gc::{Garbage, collect_garbage};
-pub use results::{Refreshed, refresh_results};
+pub use results::refresh_results;
 pub use runlog::{RunOf, recent_keys, write_runs};
 pub use stage::{Context, Input, Node, Stage, StageError};
 pub use store::{Manifest, Store};

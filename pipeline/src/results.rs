@@ -14,18 +14,10 @@ use crate::error::{Error, Result, io};
 use crate::explain::{Freshness, NodeStatus};
 use crate::store::Store;
 
-/// What a refresh put in the results folder.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Refreshed {
-    /// Files linked, as paths relative to the folder.
-    pub files: Vec<PathBuf>,
-    /// Nodes without current outputs (not run yet, or failed), whose files the folder lacks.
-    pub missing: Vec<String>,
-}
-
 /// Points the results folder `dir` at the outputs of every node that `status` (of the whole
-/// `dag`) finds fresh, each under its node's `results` folder.
-pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatus]) -> Result<Refreshed> {
+/// `dag`) finds fresh, each under its node's `results` folder. Returns the nodes without current
+/// outputs (not run yet, or failed), whose files the folder lacks.
+pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatus]) -> Result<Vec<String>> {
     let (parent, name) = split(dir)?;
     let previous = current_target(dir, &name)?;
     fs::create_dir_all(&parent).map_err(io(&parent))?;
@@ -33,16 +25,16 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
     let nonce = crate::exec::new_run_id();
     let target_name = format!(".{name}.{nonce}");
     let target = parent.join(&target_name);
-    let mut refreshed = Refreshed::default();
+    let (mut missing, mut linked) = (Vec::new(), std::collections::HashSet::new());
     for s in status {
         let (Freshness::Fresh, Some(key)) = (&s.freshness, &s.key) else {
-            refreshed.missing.push(s.id.clone());
+            missing.push(s.id.clone());
             continue;
         };
         let node = dag.node(dag.index_of(&s.id).expect("a status is of a node of the DAG"));
         for artifact in node.stage.outputs() {
             let relative = node.results_path(&artifact);
-            if refreshed.files.contains(&relative) {
+            if !linked.insert(relative.clone()) {
                 let _ = fs::remove_dir_all(&target);
                 return Err(Error::ResultsFolder {
                     path: dir.to_path_buf(),
@@ -53,7 +45,6 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
                 });
             }
             link(&store.object_dir(key).join(&artifact), &target.join(&relative))?;
-            refreshed.files.push(relative);
         }
     }
     fs::create_dir_all(&target).map_err(io(&target))?;
@@ -63,7 +54,7 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
     if let Some(old) = previous {
         let _ = fs::remove_dir_all(parent.join(old));
     }
-    Ok(refreshed)
+    Ok(missing)
 }
 
 /// Whether `file` is a hidden directory (or link, `….link`) that a refresh of folder `name` made:

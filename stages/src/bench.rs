@@ -266,14 +266,8 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
         let target = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io(&link, e))?;
     }
-    let index = crate::index::IndexFeatures { dir: feats.clone(), on_bad_file: Default::default() };
-    let pack =
-        crate::pack::PackFeatures { dir: feats.clone(), dtype: Default::default(), index_node: crate::INDEX.into() };
-    let dag = pipeline::Dag::new(vec![
-        pipeline::Node::new(crate::INDEX, None, std::sync::Arc::new(index)),
-        pipeline::Node::new(crate::PACK, None, std::sync::Arc::new(pack)),
-    ])
-    .map_err(|e| Error::Features(e.to_string()))?;
+    let dag = pipeline::Dag::new(crate::feature_nodes(&feats, Default::default(), Default::default()))
+        .map_err(|e| Error::Features(e.to_string()))?;
     let store = pipeline::Store::open(&scratch.join("ws")).map_err(|e| Error::Features(e.to_string()))?;
     let run = || -> Result<(f64, std::path::PathBuf)> {
         let summary = pipeline::run(&dag, &store, &Default::default()).map_err(|e| Error::Features(e.to_string()))?;
@@ -289,11 +283,9 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
     };
     let (full_s, object) = run()?;
     let store_bytes = std::fs::metadata(object.join("features.bin")).map_err(|e| Error::io(&object, e))?.len();
-    let (_, first, format) = &files[0];
-    let added = feats.join(format!(
-        "zz-added-slide.{}",
-        first.extension().map(|e| e.to_string_lossy()).unwrap_or_else(|| format.name().into())
-    ));
+    let first = &files[0].1;
+    let extension = first.extension().expect("a feature file's extension names its format");
+    let added = feats.join(format!("zz-added-slide.{}", extension.to_string_lossy()));
     std::fs::copy(first, &added).map_err(|e| Error::io(&added, e))?;
     let (added_s, _) = run()?;
     Ok(PackReport { slides: files.len(), store_bytes, full_s, added_s, peak_rss_bytes: peak_rss_bytes() })

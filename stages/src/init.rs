@@ -138,13 +138,22 @@ impl Survey {
         (missing, unused)
     }
 
+    /// The feature files by format: `136 pt`.
+    pub fn formats_text(&self) -> String {
+        self.formats.iter().map(|(f, n)| format!("{n} {f}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The classes with their slides: `N 11, PB 37`.
+    pub fn classes_text(&self) -> String {
+        self.classes.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
+    }
+
     /// The workflow file's text, for a file written at `out` (paths in it relative to its folder).
     /// Without `hierarchy`, each class is its own coarse class, marked to be grouped.
     pub fn draft(&self, name: &str, out: &Path, hierarchy: Option<&Hierarchy>) -> String {
         let base = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let path = |p: &Path| toml_string(&relative_to(p, base).display().to_string());
         let mut t = String::new();
-        let formats: Vec<String> = self.formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
         let _ = writeln!(t, "# Written by `hmil-flow init`. Check the hierarchy and the splits, then:");
         let _ = writeln!(t, "#   hmil-flow run {}\n", out.display());
         let _ = writeln!(t, "[workflow]\nname = {}\nseed = 0\n", toml_string(name));
@@ -152,7 +161,7 @@ impl Survey {
         let _ = writeln!(
             t,
             "# {} feature file(s); {} has {} instances of dimension {}.",
-            formats.join(", "),
+            self.formats_text(),
             self.first_file.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
             self.first_instances,
             self.dim
@@ -188,8 +197,7 @@ impl Survey {
             );
             let _ = writeln!(t, "on_missing = \"drop\"");
         }
-        let counts: Vec<String> = self.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        let _ = writeln!(t, "\n# Slides per class: {}.", counts.join(", "));
+        let _ = writeln!(t, "\n# Slides per class: {}.", self.classes_text());
         let _ = writeln!(t, "# Coarse classes, each with its fine classes; their order numbers the classes.");
         let _ = writeln!(t, "[labels.hierarchy]");
         match hierarchy {

@@ -14,10 +14,11 @@ pub mod splits;
 pub mod synth;
 mod table;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use pipeline::Node;
-use schemas::workflow::Workflow;
+use schemas::workflow::{OnBadFile, PackDtype, Workflow};
 
 pub use error::{Error, Result};
 
@@ -40,15 +41,8 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
     let classes = classes(wf);
     let sources = hmil::train::Sources { pack_node: PACK.into(), labels_node: JOIN.into(), splits_node: SPLIT.into() };
-    let mut nodes = vec![
-        Node::new(INDEX, None, Arc::new(index::IndexFeatures { dir: d.features.clone(), on_bad_file: d.on_bad_file }))
-            .results_in("features"),
-        Node::new(
-            PACK,
-            None,
-            Arc::new(pack::PackFeatures { dir: d.features.clone(), dtype: d.pack_dtype, index_node: INDEX.into() }),
-        )
-        .results_in("features"),
+    let mut nodes = feature_nodes(&d.features, d.on_bad_file, d.pack_dtype);
+    nodes.extend([
         Node::new(
             JOIN,
             None,
@@ -65,7 +59,7 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             }),
         )
         .results_in(""),
-    ];
+    ]);
     let mut folds = Vec::new();
     for fold in 0..fold_count(wf) {
         let label = format!("fold={fold}");
@@ -109,6 +103,17 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             .results_name(report::ALL_PREDICTIONS, "predictions.parquet"),
     );
     nodes
+}
+
+/// `index_features` and `pack_features` over the feature files under `dir`, shown under
+/// `features/` in the results folder.
+pub fn feature_nodes(dir: &Path, on_bad_file: OnBadFile, dtype: PackDtype) -> Vec<Node> {
+    let index = index::IndexFeatures { dir: dir.to_path_buf(), on_bad_file };
+    let pack = pack::PackFeatures { dir: dir.to_path_buf(), dtype, index_node: INDEX.into() };
+    vec![
+        Node::new(INDEX, None, Arc::new(index)).results_in("features"),
+        Node::new(PACK, None, Arc::new(pack)).results_in("features"),
+    ]
 }
 
 /// The workflow's class hierarchy as the model sees it.

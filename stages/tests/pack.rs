@@ -3,19 +3,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use pipeline::{Dag, Node, RunOptions, RunSummary, Status, Store};
+use pipeline::{Dag, RunOptions, RunSummary, Status, Store};
 use schemas::workflow::{OnBadFile, PackDtype};
-use stages::index::IndexFeatures;
-use stages::pack::PackFeatures;
 use stages::synth::write_pt;
 
 fn dag(dir: &Path) -> Dag {
-    let index = IndexFeatures { dir: dir.into(), on_bad_file: OnBadFile::Error };
-    let pack = PackFeatures { dir: dir.into(), dtype: PackDtype::F32, index_node: "index_features".into() };
-    Dag::new(vec![Node::new("index_features", None, Arc::new(index)), Node::new("pack_features", None, Arc::new(pack))])
-        .unwrap()
+    Dag::new(stages::feature_nodes(dir, OnBadFile::Error, PackDtype::F32)).unwrap()
 }
 
 fn slide(dir: &Path, name: &str, rows: usize, seed: f32) {
