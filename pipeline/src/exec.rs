@@ -15,7 +15,7 @@ use crate::dag::Dag;
 use crate::error::{Error, Result};
 use crate::explain::{key_parts, miss_reasons};
 use crate::stage::{Context, Input, Node};
-use crate::store::{Lookup, Manifest, Record, Store};
+use crate::store::{Lookup, Manifest, Record, Store, is_directory};
 
 /// How a node ended in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -314,6 +314,7 @@ fn run_node(
         interrupt: opts.interrupt,
         warnings: Default::default(),
         previous: previous_outputs(store, node)?,
+        items: store.item_cache(&*node.stage),
     };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
@@ -321,7 +322,7 @@ fn run_node(
     let failure = match result {
         Ok(Ok(())) => outputs
             .iter()
-            .find(|o| !staging.join(o).is_file())
+            .find(|o| if is_directory(o) { !staging.join(o).is_dir() } else { !staging.join(o).is_file() })
             .map(|o| format!("the stage did not write its declared output {o}")),
         Ok(Err(e)) => Some(error_chain(&*e)),
         Err(panic) => {

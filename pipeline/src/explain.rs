@@ -70,8 +70,8 @@ pub(crate) fn key_parts(
             },
             Input::Artifact { node, artifact, .. } => {
                 let up = dag.index_of(node).expect("validated by Dag::new");
-                match upstream.get(&up).and_then(|m| m.outputs.get(artifact)) {
-                    Some(out) => out.digest.clone(),
+                match upstream.get(&up).and_then(|m| m.artifact_digest(artifact)) {
+                    Some(digest) => digest,
                     None => {
                         if !rerunning.contains(node) {
                             rerunning.push(node.clone());

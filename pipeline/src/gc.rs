@@ -6,6 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use crate::error::{Result, io};
+use crate::items::unlinked;
 use crate::store::{Manifest, Store};
 
 /// A store object that nothing keeps.
@@ -18,7 +19,8 @@ pub struct Garbage {
     pub bytes: u64,
 }
 
-/// The objects of `store` whose keys are not in `keep`, largest first; removed unless `dry_run`.
+/// The objects of `store` whose keys are not in `keep`, largest first, then the per-slide items
+/// nothing links any more; removed unless `dry_run`.
 /// Holds the workspace lock, so no run publishes meanwhile. Each object is first renamed into
 /// staging, so an interrupted collection leaves no half-removed object behind.
 pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> Result<Vec<Garbage>> {
@@ -40,13 +42,26 @@ pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> 
     garbage.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
     if !dry_run {
         for g in &garbage {
-            let from = objects.join(&g.key);
-            let trash = store.root().join("staging").join(format!("gc-{}", g.key));
-            fs::rename(&from, &trash).map_err(io(&from))?;
-            fs::remove_dir_all(&trash).map_err(io(&trash))?;
+            remove(store, &objects.join(&g.key), &g.key)?;
+        }
+    }
+    // Per-slide items whose files no object links (after the removals above; a dry run lists
+    // only those unlinked already).
+    for dir in unlinked(&store.root().join("items")) {
+        let key = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        garbage.push(Garbage { bytes: size(&dir), node: Some("(a per-slide item)".into()), key: key.clone() });
+        if !dry_run {
+            remove(store, &dir, &key)?;
         }
     }
     Ok(garbage)
+}
+
+/// Renames `dir` into staging, then removes it.
+fn remove(store: &Store, dir: &Path, key: &str) -> Result<()> {
+    let trash = store.root().join("staging").join(format!("gc-{key}"));
+    fs::rename(dir, &trash).map_err(io(dir))?;
+    fs::remove_dir_all(&trash).map_err(io(&trash))
 }
 
 /// Bytes of the files under `path` (links not followed).

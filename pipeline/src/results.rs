@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::dag::Dag;
 use crate::error::{Error, Result, io};
 use crate::explain::{Freshness, NodeStatus};
-use crate::store::Store;
+use crate::store::{Store, is_directory};
 
 /// Points the results folder `dir` at the outputs of every node that `status` (of the whole
 /// `dag`) finds fresh, each under its node's `results` folder. Returns the nodes without current
@@ -44,7 +44,15 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
                     ),
                 });
             }
-            link(&store.object_dir(key).join(&artifact), &target.join(&relative))?;
+            let from = store.object_dir(key).join(&artifact);
+            if is_directory(&artifact) {
+                fs::create_dir_all(target.join(&relative)).map_err(io(&target))?;
+                for entry in fs::read_dir(&from).map_err(io(&from))?.flatten() {
+                    link(&entry.path(), &target.join(&relative).join(entry.file_name()))?;
+                }
+            } else {
+                link(&from, &target.join(&relative))?;
+            }
         }
     }
     fs::create_dir_all(&target).map_err(io(&target))?;

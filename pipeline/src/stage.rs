@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::digest::StatCache;
+use crate::items::{Item, ItemCache};
 
 /// The error a stage reports; each stage crate converts its own error enum into it.
 pub type StageError = Box<dyn std::error::Error + Send + Sync>;
@@ -122,6 +123,7 @@ pub struct Context<'a> {
     pub(crate) warnings: Mutex<Vec<String>>,
     /// The outputs this node published last (with other inputs), when still intact in the store.
     pub(crate) previous: Option<PathBuf>,
+    pub(crate) items: ItemCache,
 }
 
 impl Context<'_> {
@@ -165,7 +167,21 @@ impl Context<'_> {
         self.previous.as_ref().map(|dir| dir.join(name)).filter(|p| p.is_file())
     }
 
+    /// The item of this stage (with its code version and params) for `facts`, made by `make` into
+    /// an empty directory unless an earlier run made it. Items outlive runs, so a run killed
+    /// mid-cohort keeps the slides it finished, and a changed cohort remakes only what changed.
+    /// `facts` must name everything else the item depends on (the slide's content hash, the
+    /// encoder's digest); outputs should hard-link the item files they publish.
+    pub fn item(
+        &self,
+        facts: &serde_json::Value,
+        make: impl FnOnce(&Path) -> Result<(), StageError>,
+    ) -> Result<Item, StageError> {
+        self.items.get_or_make(facts, make)
+    }
+
     /// Path to write the declared output `name` to (a staging location, published atomically).
+    /// A declared output whose name ends in `/` is a directory: create it and write its files.
     pub fn output(&self, name: &str) -> PathBuf {
         self.out_dir.join(name)
     }

@@ -2,6 +2,7 @@
 //!
 //! Layout under the workspace directory:
 //! - `objects/<key>/` — a node's outputs and `manifest.json`, published by one atomic rename;
+//! - `items/<key>/` — per-slide work of a stage, kept across runs (see [`crate::items`]);
 //! - `nodes/<node id>.json` — what each node last ran with, to explain why it would rerun;
 //! - `staging/` — where running stages write; anything left here by a killed run is discarded;
 //! - `runs/<run id>.parquet` — the `runs` table; `stat-cache.json` — file digests; `lock`.
@@ -78,6 +79,29 @@ pub struct Manifest {
     pub warnings: Vec<String>,
 }
 
+impl Manifest {
+    /// The digest of output `name`: a file's, or for a directory output the digest of its files'
+    /// names and digests. None when the manifest lacks it.
+    pub fn artifact_digest(&self, name: &str) -> Option<String> {
+        if !is_directory(name) {
+            return self.outputs.get(name).map(|o| o.digest.clone());
+        }
+        let listing: String = self
+            .outputs
+            .range(name.to_owned()..)
+            .take_while(|(file, _)| file.starts_with(name))
+            .map(|(file, o)| format!("{file}\t{}\n", o.digest))
+            .collect();
+        Some(hash_bytes(listing.as_bytes()))
+    }
+}
+
+/// Whether a declared output is a directory of files (its name ends in `/`), such as one
+/// feature file per slide; each of its files is digested and checked on its own.
+pub fn is_directory(output: &str) -> bool {
+    output.ends_with('/')
+}
+
 /// What a node last ran (or was found cached) with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
@@ -106,7 +130,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
-        for sub in ["objects", "nodes", "staging", "runs"] {
+        for sub in ["objects", "items", "nodes", "staging", "runs"] {
             fs::create_dir_all(root.join(sub)).map_err(io(root.join(sub)))?;
         }
         let stat_cache = StatCache::load(root.join("stat-cache.json"));
@@ -126,6 +150,19 @@ impl Store {
     /// Directory holding the outputs published under `key`.
     pub fn object_dir(&self, key: &str) -> PathBuf {
         self.root.join("objects").join(key)
+    }
+
+    /// Where `stage` (with its current code version and params) keeps its per-item work.
+    pub fn item_cache(&self, stage: &dyn crate::Stage) -> crate::items::ItemCache {
+        crate::items::ItemCache {
+            dir: self.root.join("items"),
+            staging: self.root.join("staging"),
+            salt: serde_json::json!({
+                "kind": stage.kind(),
+                "code_version": stage.code_version(),
+                "params": stage.params(),
+            }),
+        }
     }
 
     /// Directory of the `runs` table.
@@ -171,13 +208,29 @@ impl Store {
         fs::create_dir_all(&dir).map_err(io(&dir))
     }
 
-    /// Digests the outputs in `staging`, writes the manifest, and publishes the directory under
-    /// the manifest's key with one rename (replacing a damaged entry).
+    /// Digests the outputs in `staging` (each file of a directory output, see [`is_directory`]),
+    /// writes the manifest, and publishes the directory under the manifest's key with one rename
+    /// (replacing a damaged entry).
     pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[String]) -> Result<Manifest> {
         for name in outputs {
-            let path = staging.join(name);
-            let stat = Stat::of(&path)?;
-            manifest.outputs.insert(name.clone(), OutputRecord { digest: hash_file(&path)?, stat });
+            let files = if is_directory(name) {
+                let dir = staging.join(name);
+                let mut files: Vec<String> = fs::read_dir(&dir)
+                    .map_err(io(&dir))?
+                    .flatten()
+                    .filter(|e| e.path().is_file())
+                    .map(|e| format!("{name}{}", e.file_name().to_string_lossy()))
+                    .collect();
+                files.sort();
+                files
+            } else {
+                vec![name.clone()]
+            };
+            for file in files {
+                let path = staging.join(&file);
+                let stat = Stat::of(&path)?;
+                manifest.outputs.insert(file, OutputRecord { digest: hash_file(&path)?, stat });
+            }
         }
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_atomic(&staging.join("manifest.json"), &json)?;
@@ -291,6 +344,40 @@ mod tests {
         fs::remove_file(&out).unwrap();
         assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing")));
         assert!(matches!(store.lookup("nope", false).unwrap(), Lookup::Missing));
+    }
+
+    #[test]
+    fn a_directory_output_is_digested_file_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let publish = |files: &[(&str, &str)], params: serde_json::Value| {
+            let stage = store.staging_dir("n").unwrap();
+            fs::create_dir(stage.join("h5")).unwrap();
+            for (name, body) in files {
+                fs::write(stage.join("h5").join(name), body).unwrap();
+            }
+            let p = parts(params);
+            let manifest = Manifest {
+                key: p.key(),
+                node: "n".into(),
+                parts: p,
+                outputs: BTreeMap::new(),
+                run_id: "r".into(),
+                created_at: String::new(),
+                seconds: 0.0,
+                engine_version: "t".into(),
+                warnings: Vec::new(),
+            };
+            store.publish(&stage, manifest, &["h5/".into()]).unwrap()
+        };
+        let a = publish(&[("s1.h5", "one"), ("s2.h5", "two")], serde_json::json!(1));
+        assert_eq!(a.outputs.keys().collect::<Vec<_>>(), ["h5/s1.h5", "h5/s2.h5"]);
+        let b = publish(&[("s1.h5", "one"), ("s2.h5", "2")], serde_json::json!(2));
+        let c = publish(&[("s1.h5", "one"), ("s2.h5", "two")], serde_json::json!(3));
+        assert_ne!(a.artifact_digest("h5/"), b.artifact_digest("h5/"));
+        assert_eq!(a.artifact_digest("h5/"), c.artifact_digest("h5/"));
+        fs::write(store.object_dir(&a.key).join("h5/s2.h5"), "changed").unwrap();
+        assert!(matches!(store.lookup(&a.key, false).unwrap(), Lookup::Damaged(m) if m.contains("h5/s2.h5")));
     }
 
     #[test]
