@@ -60,31 +60,36 @@ pub fn tile(slide: &Slide, spec: &GridSpec, tissue: &TissueParams) -> Result<Til
 }
 
 /// An RGB image of the whole slide at about [`OVERVIEW_DOWNSAMPLE`], and its exact downsample.
-/// The level nearest that downsample is read whole when it is at least half as coarse; otherwise
-/// a finer level is read block by block and each block sampled down (as a coarser level would
-/// be, without blurring tissue into the background), so memory stays bounded.
 pub fn overview(slide: &Slide) -> Result<(RgbImage, f64)> {
+    image_at(slide, OVERVIEW_DOWNSAMPLE)
+}
+
+/// An RGB image of the whole slide at about `downsample` level-0 pixels per pixel, and its exact
+/// downsample. The level nearest that downsample is read whole when it is at least half as
+/// coarse; otherwise a finer level is read block by block and each block sampled down (as a
+/// coarser level would be, without blurring tissue into the background), so memory stays
+/// bounded.
+pub fn image_at(slide: &Slide, downsample: f64) -> Result<(RgbImage, f64)> {
     let levels = slide.levels();
-    let index = slide.level_for_downsample(OVERVIEW_DOWNSAMPLE);
+    let index = slide.level_for_downsample(downsample);
     let level = levels[index];
-    if level.downsample >= OVERVIEW_DOWNSAMPLE / 2.0 {
+    if level.downsample >= downsample / 2.0 {
         let image = slide.read_rgb(0, 0, index, level.width as u32, level.height as u32)?;
         return Ok((image, levels[0].width as f64 / level.width as f64));
     }
     let (w0, h0) = (levels[0].width, levels[0].height);
-    let (w, h) = ((w0 as f64 / OVERVIEW_DOWNSAMPLE).ceil() as u32, (h0 as f64 / OVERVIEW_DOWNSAMPLE).ceil() as u32);
+    let (w, h) = ((w0 as f64 / downsample).ceil() as u32, (h0 as f64 / downsample).ceil() as u32);
     let mut out = RgbImage::new(w, h);
-    let per_block = f64::from(BLOCK) * OVERVIEW_DOWNSAMPLE / level.downsample;
+    let side = (f64::from(BLOCK) * downsample / level.downsample).ceil() as u32;
     for by in (0..h).step_by(BLOCK as usize) {
         for bx in (0..w).step_by(BLOCK as usize) {
-            let (x0, y0) = ((f64::from(bx) * OVERVIEW_DOWNSAMPLE) as i64, (f64::from(by) * OVERVIEW_DOWNSAMPLE) as i64);
-            let side = per_block.ceil() as u32;
+            let (x0, y0) = ((f64::from(bx) * downsample) as i64, (f64::from(by) * downsample) as i64);
             let block = slide.read_rgb(x0, y0, index, side, side)?;
             let small = resize(&block, BLOCK, BLOCK, FilterType::Nearest);
             image::imageops::replace(&mut out, &small, i64::from(bx), i64::from(by));
         }
     }
-    Ok((out, OVERVIEW_DOWNSAMPLE))
+    Ok((out, downsample))
 }
 
 /// The patches of a slide with `levels` at `mpp` microns per level-0 pixel whose footprint on

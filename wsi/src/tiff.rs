@@ -38,8 +38,8 @@ fn rational(id: u16, value: f64) -> Tag {
 }
 
 /// Writes `image` as a pyramid of `levels` levels in `tile`-pixel tiles, with `mpp` microns per
-/// level-0 pixel.
-pub fn write_pyramid(path: &Path, image: &RgbImage, mpp: f64, tile: u32, levels: usize) -> Result<()> {
+/// level-0 pixel (none: no resolution tags, as some scanners' exports lack them).
+pub fn write_pyramid(path: &Path, image: &RgbImage, mpp: Option<f64>, tile: u32, levels: usize) -> Result<()> {
     let io = |source: std::io::Error| Error::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::create(path).map_err(io)?;
     let mut out = BufWriter::new(file);
@@ -52,7 +52,7 @@ pub fn write_pyramid(path: &Path, image: &RgbImage, mpp: f64, tile: u32, levels:
             level = resize(&level, w, h, FilterType::Triangle);
         }
         let (ifd, pointer) =
-            write_level(&mut out, &level, mpp * f64::from(1u32 << index), tile, index > 0).map_err(io)?;
+            write_level(&mut out, &level, mpp.map(|m| m * f64::from(1u32 << index)), tile, index > 0).map_err(io)?;
         let here = out.stream_position().map_err(io)?;
         out.seek(SeekFrom::Start(next_pointer)).map_err(io)?;
         out.write_all(&offset32(ifd).map_err(io)?.to_le_bytes()).map_err(io)?;
@@ -71,7 +71,7 @@ fn offset32(at: u64) -> std::io::Result<u32> {
 fn write_level<W: Write + Seek>(
     out: &mut W,
     image: &RgbImage,
-    mpp: f64,
+    mpp: Option<f64>,
     tile: u32,
     reduced: bool,
 ) -> std::io::Result<(u64, u64)> {
@@ -95,8 +95,7 @@ fn write_level<W: Write + Seek>(
             out.write_all(&bytes)?;
         }
     }
-    let per_cm = 10_000.0 / mpp;
-    let tags = [
+    let mut tags = vec![
         longs(254, &[u32::from(reduced)]),
         longs(256, &[image.width()]),
         longs(257, &[image.height()]),
@@ -104,15 +103,18 @@ fn write_level<W: Write + Seek>(
         shorts(259, &[8]),
         shorts(262, &[2]),
         shorts(277, &[3]),
-        rational(282, per_cm),
-        rational(283, per_cm),
         shorts(284, &[1]),
-        shorts(296, &[3]),
         longs(322, &[tile]),
         longs(323, &[tile]),
         longs(324, &offsets),
         longs(325, &counts),
     ];
+    if let Some(mpp) = mpp {
+        let per_cm = 10_000.0 / mpp;
+        tags.extend([rational(282, per_cm), rational(283, per_cm), shorts(296, &[3])]);
+    }
+    // Directory entries go in ascending tag order.
+    tags.sort_by_key(|t| t.id);
     // Out-of-line values first, then the directory that points at them.
     let mut inline = Vec::new();
     for tag in &tags {

@@ -173,7 +173,11 @@ mod tests {
         let large = TissueParams { min_area: 20.0, ..params() };
         assert!(segment(&drawn(), 16.0, &large).pixels().all(|p| p.0[0] == 0), "11 patches < 20");
         let big_holes = TissueParams { min_hole_area: 2.0, ..params() };
-        assert_eq!(segment(&drawn(), 16.0, &big_holes).get_pixel(95, 75).0[0], 255, "a hole under 2 patches stays tissue");
+        assert_eq!(
+            segment(&drawn(), 16.0, &big_holes).get_pixel(95, 75).0[0],
+            255,
+            "a hole under 2 patches stays tissue"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ fn drawn_slide(dir: &Path) -> PathBuf {
         }
     });
     let path = dir.join("drawn.tif");
-    wsi::tiff::write_pyramid(&path, &image, 0.5, 256, 4).unwrap();
+    wsi::tiff::write_pyramid(&path, &image, Some(0.5), 256, 4).unwrap();
     path
 }
 
@@ -87,8 +87,8 @@ fn the_patch_grid_covers_the_drawn_tissue_and_no_background() {
             "patch at ({x}, {y}) lies on background"
         );
     }
-    let picture = wsi::qc::picture(&tiling);
-    assert_eq!((picture.width(), picture.height()), (128, 96));
+    let picture = wsi::qc::picture(&slide, &tiling).unwrap();
+    assert_eq!((picture.width(), picture.height()), (1024, 768), "8192 wide: 8 level-0 pixels per pixel");
 }
 
 #[test]
@@ -102,8 +102,7 @@ fn a_tifffile_pyramid_is_segmented_where_its_tissue_is() {
     assert_eq!((tiling.grid.level, tiling.grid.size0, tiling.grid.read_size), (1, 256, 128));
     let mut patches = tiling.grid.patches.clone();
     patches.sort();
-    let expected: Vec<[i64; 2]> =
-        (0..4).flat_map(|i| (0..4).map(move |j| [512 + 256 * i, 256 + 256 * j])).collect();
+    let expected: Vec<[i64; 2]> = (0..4).flat_map(|i| (0..4).map(move |j| [512 + 256 * i, 256 + 256 * j])).collect();
     assert_eq!(patches, expected);
 }
 
@@ -143,7 +142,22 @@ fn files_openslide_refuses_are_errors_naming_them() {
     let unreadable = Slide::open(&fixture("unreadable.svs")).unwrap();
     let err = unreadable.read_rgb(0, 0, 0, 16, 16).unwrap_err().to_string();
     assert!(err.contains("unreadable.svs"), "{err}");
-    let small = Slide::open(&fixture("small.svs")).unwrap();
-    let no_mpp = GridSpec { mpp: 0.5, patch_size: 8, mpp_fallback: None };
-    assert!(tile(&small, &no_mpp, &TissueParams::default()).is_ok(), "small.svs has its mpp");
+}
+
+#[test]
+fn a_slide_without_resolution_needs_a_fallback() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bare.tif");
+    let image = RgbImage::from_fn(1024, 1024, |x, _| if x < 512 { Rgb([200, 100, 160]) } else { Rgb([250, 250, 250]) });
+    wsi::tiff::write_pyramid(&path, &image, None, 256, 2).unwrap();
+    let slide = Slide::open(&path).unwrap();
+    assert_eq!(slide.mpp(), None);
+    let spec = GridSpec { mpp: 0.5, patch_size: 128, mpp_fallback: None };
+    let tissue = TissueParams { min_area: 0.5, ..TissueParams::default() };
+    let err = tile(&slide, &spec, &tissue).err().expect("no mpp").to_string();
+    assert!(err.contains("bare.tif") && err.contains("mpp_fallback"), "{err}");
+    let with_fallback = GridSpec { mpp_fallback: Some(0.25), ..spec };
+    let tiling = tile(&slide, &with_fallback, &tissue).unwrap();
+    assert_eq!((tiling.mpp, tiling.grid.size0), (0.25, 256));
 }
