@@ -176,11 +176,16 @@ pub enum Command {
         #[command(subcommand)]
         what: Bench,
     },
-    /// Write a synthetic dataset in CLAM layout (pt_files/ or h5_files/, and a label CSV).
+    /// Write a synthetic dataset in CLAM layout (pt_files/ or h5_files/, and a label CSV), or
+    /// with --slides, synthetic whole-slide images (pyramidal TIFF) and their labels.
     Synth {
-        /// Output directory.
+        /// Output directory of feature files.
+        #[arg(long, required_unless_present = "slides", conflicts_with = "slides")]
+        out: Option<PathBuf>,
+        /// Output directory of slides: `slides/<slide>.tif` (OpenSlide reads them) and
+        /// `labels.csv`, four classes in two coarse groups, `--scale` × 6 slides per class.
         #[arg(long)]
-        out: PathBuf,
+        slides: Option<PathBuf>,
         /// Dataset shape to imitate: `bracs` (labels.csv) or `panda` (train.csv with PANDA's columns).
         #[arg(long, default_value = "bracs")]
         preset: String,

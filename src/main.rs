@@ -181,7 +181,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let l = load(&wf)?;
             print!("{}", if dot { l.dag.to_dot() } else { l.dag.to_text() });
         }
-        Command::Synth { out, preset, scale, mean_instances, dim, seed, format } => {
+        Command::Synth { slides: Some(dir), scale, seed, .. } => synth_slides(&dir, scale, seed)?,
+        Command::Synth { out: Some(out), preset, scale, mean_instances, dim, seed, format, .. } => {
             let format = match format {
                 FeatureFormat::Pt => stages::synth::SynthFormat::Pt,
                 FeatureFormat::H5 => stages::synth::SynthFormat::H5,
@@ -192,6 +193,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let opts = stages::synth::SynthOptions { preset, format, scale, mean_instances, dim, seed };
             synth(&out, &opts)?
         }
+        Command::Synth { .. } => bail!("give --out DIR (feature files) or --slides DIR (slides)"),
         Command::Bench { what } => bench(what)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -285,6 +287,35 @@ fn print_status(status: &[pipeline::NodeStatus]) {
             println!("       warning: {w}");
         }
     }
+}
+
+fn synth_slides(dir: &Path, scale: f64, seed: u64) -> Result<()> {
+    if scale.is_nan() || scale <= 0.0 {
+        bail!("--scale must be positive");
+    }
+    let opts = stages::synth_slides::SlideOptions {
+        per_class: ((6.0 * scale).round() as usize).max(1),
+        seed,
+        ..Default::default()
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
+    )?);
+    let summary = stages::synth_slides::generate_slides(dir, &opts, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} slides ({} × {} pixels at {} µm per pixel) and labels.csv to {}",
+        summary.slides,
+        opts.width,
+        opts.height,
+        stages::synth_slides::SLIDE_MPP,
+        dir.display()
+    );
+    Ok(())
 }
 
 fn synth(out: &Path, opts: &stages::synth::SynthOptions) -> Result<()> {

@@ -43,7 +43,8 @@ impl ItemCache {
         if dir.is_dir() {
             return Ok(Item { dir, made: false });
         }
-        let nonce = hash_bytes(format!("{key}{:?}{:?}", std::thread::current().id(), std::time::Instant::now()).as_bytes());
+        let nonce =
+            hash_bytes(format!("{key}{:?}{:?}", std::thread::current().id(), std::time::Instant::now()).as_bytes());
         let staging = self.staging.join(format!("item-{}", &nonce[..16]));
         let io = |path: &Path, e: std::io::Error| -> StageError { format!("{}: {e}", path.display()).into() };
         fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;

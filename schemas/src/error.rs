@@ -14,8 +14,8 @@ pub enum Error {
     Override { from: &'static str, setting: String, message: String },
     #[error("{key} = {}: no such file or directory; set it in the workflow, with --set {key}=PATH, or in HMIL_FLOW_SET", path.display())]
     MissingPath { key: String, path: PathBuf },
-    #[error("{key} = {}: it is inside dataset.features = {}, which would then read its files as features; move one of them", path.display(), features.display())]
-    InsideFeatures { key: String, path: PathBuf, features: PathBuf },
+    #[error("{key} = {}: it is inside {source_key} = {}, which would then read its files as input; move one of them", path.display(), features.display())]
+    InsideFeatures { key: String, path: PathBuf, source_key: String, features: PathBuf },
     /// `origin` says which setting gave the value, when one did (` (from --set k=v)`).
     #[error("{}: `{key}`: {message}{origin}", path.display())]
     Invalid { path: PathBuf, key: String, message: String, origin: String },

@@ -27,9 +27,48 @@ pub fn features() -> SchemaRef {
     ])
 }
 
-/// `skipped.parquet` (index_features): files left out under `on_bad_file = "skip"`.
+/// `skipped.parquet` (index_features, tile_slides): files left out under `on_bad_file = "skip"`
+/// or `on_bad_slide = "skip"`, and slides without tissue.
 pub fn skipped() -> SchemaRef {
     schema(vec![utf8("path"), utf8("error")])
+}
+
+/// `slides.parquet` (tile_slides): one row per slide found, with how it is tiled.
+pub fn slides() -> SchemaRef {
+    schema(vec![
+        utf8("slide_id"),
+        utf8("path"),
+        // OpenSlide's hash of the slide's metadata and lowest-resolution level.
+        utf8("quickhash"),
+        Field::new("width", DataType::Int64, false),
+        Field::new("height", DataType::Int64, false),
+        Field::new("mpp", DataType::Float64, false),
+        // Pyramid level patches are read from, and their side there and at level 0.
+        Field::new("level", DataType::Int32, false),
+        Field::new("read_size", DataType::Int64, false),
+        Field::new("size", DataType::Int64, false),
+        Field::new("patches", DataType::Int64, false),
+    ])
+}
+
+/// `tiles.parquet` (tile_slides): one row per patch on tissue; x, y at level 0.
+pub fn tiles() -> SchemaRef {
+    schema(vec![
+        utf8("slide_id"),
+        Field::new("x", DataType::Int64, false),
+        Field::new("y", DataType::Int64, false),
+        Field::new("level", DataType::Int32, false),
+        Field::new("size", DataType::Int64, false),
+    ])
+}
+
+/// `extracted.parquet` (extract_features): one row per slide encoded.
+pub fn extracted() -> SchemaRef {
+    schema(vec![
+        utf8("slide_id"),
+        Field::new("patches", DataType::Int64, false),
+        Field::new("dim", DataType::Int64, false),
+    ])
 }
 
 /// `packed.parquet` (pack_features): where each slide's rows sit in `features.bin`/`coords.bin`.

@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 pub struct Workflow {
     pub workflow: Meta,
     pub dataset: Dataset,
+    /// Whole-slide images to make the features from, instead of `dataset.features`.
+    pub slides: Option<Slides>,
+    /// The TorchScript encoder that turns patches into features (with `[slides]`).
+    pub encoder: Option<Encoder>,
     pub labels: Labels,
     #[serde(default)]
     pub splits: Splits,
@@ -66,14 +70,140 @@ pub enum PackDtype {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dataset {
-    /// A directory of per-slide feature files (`.pt`, `.h5`, `.safetensors`, `.npy`), searched recursively.
-    pub features: PathBuf,
+    /// A directory of per-slide feature files (`.pt`, `.h5`, `.safetensors`, `.npy`), searched
+    /// recursively; not set when `[slides]` makes the features.
+    pub features: Option<PathBuf>,
     /// The label CSV.
     pub labels: PathBuf,
     #[serde(default)]
     pub on_bad_file: OnBadFile,
     #[serde(default)]
     pub pack_dtype: PackDtype,
+}
+
+/// `[slides]`: a folder of whole-slide images, tiled at a target resolution.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slides {
+    /// Searched recursively for files OpenSlide reads (.svs .tif .tiff .ndpi .mrxs .scn .bif …).
+    pub dir: PathBuf,
+    /// Microns per pixel of the patches (0.5 when neither this nor `magnification` is set).
+    pub mpp: Option<f64>,
+    /// Objective magnification of the patches instead of `mpp` (20 means 0.5 µm per pixel).
+    pub magnification: Option<f64>,
+    /// Patch side in pixels at the target resolution.
+    #[serde(default = "default_patch_size")]
+    pub patch_size: u32,
+    /// Microns per level-0 pixel of slides whose files do not say.
+    pub mpp_fallback: Option<f64>,
+    /// What to do with a slide OpenSlide cannot read: stop, or list it in `skipped.parquet`.
+    #[serde(default)]
+    pub on_bad_slide: OnBadFile,
+    #[serde(default)]
+    pub tissue: Tissue,
+}
+
+fn default_patch_size() -> u32 {
+    256
+}
+
+impl Slides {
+    /// Microns per pixel of the patches.
+    pub fn target_mpp(&self) -> f64 {
+        match (self.mpp, self.magnification) {
+            (Some(mpp), _) => mpp,
+            (None, Some(mag)) => 10.0 / mag,
+            (None, None) => 0.5,
+        }
+    }
+}
+
+/// How the tissue threshold is found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TissueMethod {
+    /// Saturation above `threshold`.
+    #[default]
+    Saturation,
+    /// Otsu's threshold of the saturation.
+    Otsu,
+}
+
+/// `[slides.tissue]`: CLAM's tissue segmentation and its defaults; areas are in 512 × 512
+/// level-0 patches.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tissue {
+    pub method: TissueMethod,
+    pub threshold: u8,
+    pub median: u32,
+    pub close: u32,
+    pub min_area: f64,
+    pub min_hole_area: f64,
+    pub max_holes: usize,
+}
+
+impl Default for Tissue {
+    fn default() -> Self {
+        Tissue {
+            method: TissueMethod::Saturation,
+            threshold: 8,
+            median: 7,
+            close: 4,
+            min_area: 100.0,
+            min_hole_area: 16.0,
+            max_holes: 8,
+        }
+    }
+}
+
+/// Precision of the encoder's forward pass on CUDA (the CPU computes in float32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderDtype {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+}
+
+/// `[encoder]`: a TorchScript patch encoder and how patches are fed to it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encoder {
+    /// A TorchScript file (`torch.jit.save`) mapping (B, 3, H, W) float images to (B, D).
+    pub model: PathBuf,
+    #[serde(default = "default_input_size")]
+    pub input_size: u32,
+    #[serde(default = "imagenet_mean")]
+    pub mean: [f64; 3],
+    #[serde(default = "imagenet_std")]
+    pub std: [f64; 3],
+    #[serde(default = "default_encoder_batch")]
+    pub batch_size: usize,
+    /// `auto`, `cpu`, or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub dtype: EncoderDtype,
+    /// Threads reading and decoding patches (default: the cores, at most 8).
+    pub readers: Option<usize>,
+}
+
+fn default_input_size() -> u32 {
+    224
+}
+fn imagenet_mean() -> [f64; 3] {
+    [0.485, 0.456, 0.406]
+}
+fn imagenet_std() -> [f64; 3] {
+    [0.229, 0.224, 0.225]
+}
+fn default_encoder_batch() -> usize {
+    256
+}
+fn default_device() -> String {
+    "auto".into()
 }
 
 /// What to do with slides that have labels but no features (or the reverse), or bad labels.
@@ -293,7 +423,7 @@ impl Default for Train {
             weight_decay: 0.0,
             dropout: 0.0,
             align_weight: 0.0,
-            device: "auto".into(),
+            device: default_device(),
             bf16: false,
             select: SelectMetric::FineAuc,
             balance: Balance::None,
@@ -412,20 +542,35 @@ impl Workflow {
 
     /// Checks that the dataset paths exist, naming the key to set when one does not.
     pub fn check_paths(&self) -> Result<()> {
-        for (key, path) in [("dataset.features", &self.dataset.features), ("dataset.labels", &self.dataset.labels)] {
+        let (source_key, source) = self.feature_source();
+        let mut required = vec![(source_key, source), ("dataset.labels", self.dataset.labels.as_path())];
+        if let Some(e) = &self.encoder {
+            required.push(("encoder.model", e.model.as_path()));
+        }
+        for (key, path) in required {
             if !path.exists() {
-                return Err(Error::MissingPath { key: key.into(), path: path.clone() });
+                return Err(Error::MissingPath { key: key.into(), path: path.to_path_buf() });
             }
         }
-        let features = absolute(&self.dataset.features);
+        let features = absolute(source);
         let results = self.workflow.results.as_deref().unwrap_or(Path::new(""));
         for (key, path) in [("workflow.workspace", self.workflow.workspace.as_path()), ("workflow.results", results)] {
             if absolute(path).starts_with(&features) {
-                let (key, path, features) = (key.into(), path.to_path_buf(), self.dataset.features.clone());
-                return Err(Error::InsideFeatures { key, path, features });
+                let (key, path, features) = (key.into(), path.to_path_buf(), source.to_path_buf());
+                return Err(Error::InsideFeatures { key, path, source_key: source_key.into(), features });
             }
         }
         Ok(())
+    }
+
+    /// Where the features come from: `slides.dir` with `[slides]`, else `dataset.features`,
+    /// with its key (validation makes sure one is set).
+    pub fn feature_source(&self) -> (&'static str, &Path) {
+        match (&self.slides, &self.dataset.features) {
+            (Some(s), _) => ("slides.dir", &s.dir),
+            (None, Some(f)) => ("dataset.features", f),
+            (None, None) => unreachable!("validate requires dataset.features or [slides]"),
+        }
     }
 
     fn validate(&self) -> std::result::Result<(), (String, String)> {
@@ -437,6 +582,45 @@ impl Workflow {
                 "workflow.name",
                 format!("`{name}` names the results folder: give a name without `/` or a leading `.`"),
             );
+        }
+        match (&self.dataset.features, &self.slides, &self.encoder) {
+            (None, None, _) => {
+                return bad(
+                    "dataset.features",
+                    "set the folder of feature files, or add [slides] and [encoder]".into(),
+                );
+            }
+            (Some(_), Some(_), _) => {
+                return bad(
+                    "dataset.features",
+                    "is set beside [slides]: the features come from one or the other".into(),
+                );
+            }
+            (None, Some(_), None) => return bad("encoder", "[slides] needs an [encoder] (a TorchScript file)".into()),
+            (Some(_), None, Some(_)) => return bad("encoder", "[encoder] is only read with [slides]".into()),
+            _ => {}
+        }
+        if let Some(sl) = &self.slides {
+            if sl.mpp.is_some() && sl.magnification.is_some() {
+                return bad("slides.magnification", "is set beside slides.mpp: give one".into());
+            }
+            if !(sl.target_mpp().is_finite() && sl.target_mpp() > 0.0) {
+                return bad("slides.mpp", format!("{} is not a positive resolution", sl.target_mpp()));
+            }
+            if sl.patch_size < 8 {
+                return bad("slides.patch_size", format!("{} pixels is too small a patch", sl.patch_size));
+            }
+            if sl.mpp_fallback.is_some_and(|m| m.is_nan() || m <= 0.0) {
+                return bad("slides.mpp_fallback", "must be positive microns per pixel".into());
+            }
+        }
+        if let Some(e) = &self.encoder {
+            if e.batch_size == 0 || e.input_size < 8 {
+                return bad("encoder.batch_size", "batch_size and input_size must be positive".into());
+            }
+            if !valid_device(&e.device) {
+                return bad("encoder.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", e.device));
+            }
         }
         let s = &self.splits;
         if s.folds() < 1 || (s.method == SplitMethod::Kfold && s.folds() < 2) {
@@ -459,10 +643,7 @@ impl Workflow {
         if !(0.0..1.0).contains(&t.dropout) {
             return bad("train.dropout", format!("{} is not in [0, 1)", t.dropout));
         }
-        if !(t.device == "auto"
-            || t.device == "cpu"
-            || t.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
-        {
+        if !valid_device(&t.device) {
             return bad("train.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", t.device));
         }
         if self.evaluate.batch_size == 0 {
@@ -483,7 +664,15 @@ impl Workflow {
         join(&mut self.workflow.workspace);
         let results = self.workflow.results.get_or_insert_with(|| Path::new("results").join(&self.workflow.name));
         join(results);
-        join(&mut self.dataset.features);
+        if let Some(features) = &mut self.dataset.features {
+            join(features);
+        }
+        if let Some(slides) = &mut self.slides {
+            join(&mut slides.dir);
+        }
+        if let Some(encoder) = &mut self.encoder {
+            join(&mut encoder.model);
+        }
         join(&mut self.dataset.labels);
         if let Some(dir) = &mut self.splits.dir {
             join(dir);
@@ -492,6 +681,11 @@ impl Workflow {
             join(file);
         }
     }
+}
+
+/// Whether `device` is `auto`, `cpu` or `cuda:N`.
+fn valid_device(device: &str) -> bool {
+    device == "auto" || device == "cpu" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 /// `path` with its longest existing ancestor resolved (links followed) and the rest appended,
@@ -556,7 +750,7 @@ malignant = ["DCIS", "IC"]
     #[test]
     fn loads_with_defaults_and_resolves_paths() {
         let wf = Workflow::parse(MINIMAL, Path::new("/w/flow.toml"), &[]).unwrap();
-        assert_eq!(wf.dataset.features, Path::new("/w/feats"));
+        assert_eq!(wf.dataset.features.as_deref().unwrap(), Path::new("/w/feats"));
         assert_eq!(wf.workflow.workspace, Path::new("/w/.hmil-flow"));
         assert_eq!(wf.labels.hierarchy.fine(), ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"]);
         assert_eq!(wf.labels.hierarchy.coarse(), ["benign", "atypical", "malignant"]);
@@ -601,7 +795,7 @@ malignant = ["DCIS", "IC"]
             &[Setting::cli("dataset.features=/data/x"), Setting::cli("splits.folds=10")],
         )
         .unwrap();
-        assert_eq!(wf.dataset.features, Path::new("/data/x"));
+        assert_eq!(wf.dataset.features.as_deref().unwrap(), Path::new("/data/x"));
         assert_eq!(wf.splits.folds(), 10);
         let err =
             Workflow::parse(MINIMAL, Path::new("f.toml"), &[Setting::cli("splits.fold=3")]).unwrap_err().to_string();
@@ -627,7 +821,7 @@ malignant = ["DCIS", "IC"]
         let texts: Vec<&str> = set.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(texts, ["dataset.features=/data/my slides", "train.lr=3e-4", r#"x=a "b""#]);
         let wf = Workflow::parse(MINIMAL, Path::new("/w/f.toml"), &set[..2]).unwrap();
-        assert_eq!(wf.dataset.features, Path::new("/data/my slides"));
+        assert_eq!(wf.dataset.features.as_deref().unwrap(), Path::new("/data/my slides"));
         let err = Workflow::parse(MINIMAL, Path::new("f.toml"), &Setting::from_env("train.epoch=3").unwrap())
             .unwrap_err()
             .to_string();

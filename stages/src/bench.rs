@@ -266,8 +266,12 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
         let target = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io(&link, e))?;
     }
-    let dag = pipeline::Dag::new(crate::feature_nodes(&feats, Default::default(), Default::default()))
-        .map_err(|e| Error::Features(e.to_string()))?;
+    let dag = pipeline::Dag::new(crate::feature_nodes(
+        &crate::index::FeatureDir::External(feats.clone()),
+        Default::default(),
+        Default::default(),
+    ))
+    .map_err(|e| Error::Features(e.to_string()))?;
     let store = pipeline::Store::open(&scratch.join("ws")).map_err(|e| Error::Features(e.to_string()))?;
     let run = || -> Result<(f64, std::path::PathBuf)> {
         let summary = pipeline::run(&dag, &store, &Default::default()).map_err(|e| Error::Features(e.to_string()))?;

@@ -71,9 +71,27 @@ fn walk(dir: &Path, out: &mut Vec<(String, PathBuf, Format)>) -> Result<()> {
     Ok(())
 }
 
+/// Where the feature files are: a folder the user gave, or a directory output of a node that
+/// made them (`extract_features`).
+#[derive(Debug, Clone)]
+pub enum FeatureDir {
+    External(PathBuf),
+    Made { node: String, artifact: String },
+}
+
+impl FeatureDir {
+    /// The directory as the input `name` of a stage.
+    pub fn input(&self, name: &str) -> Input {
+        match self {
+            FeatureDir::External(dir) => Input::external(name, dir),
+            FeatureDir::Made { node, artifact } => Input::artifact(name, node, artifact),
+        }
+    }
+}
+
 /// The `index_features` stage.
 pub struct IndexFeatures {
-    pub dir: PathBuf,
+    pub features: FeatureDir,
     pub on_bad_file: OnBadFile,
 }
 
@@ -88,7 +106,7 @@ impl Stage for IndexFeatures {
         serde_json::json!({ "on_bad_file": self.on_bad_file })
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::external("features", &self.dir)]
+        vec![self.features.input("features")]
     }
     fn outputs(&self) -> Vec<String> {
         vec!["features.parquet".into(), "skipped.parquet".into()]

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod extract;
 pub mod features;
 pub mod hmil;
 pub mod index;
@@ -12,23 +13,30 @@ pub mod report;
 pub mod rng;
 pub mod splits;
 pub mod synth;
+pub mod synth_slides;
 mod table;
+pub mod tile;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use pipeline::Node;
-use schemas::workflow::{OnBadFile, PackDtype, Workflow};
+use schemas::workflow::{Encoder, OnBadFile, PackDtype, Slides, Workflow};
+
+use index::FeatureDir;
 
 pub use error::{Error, Result};
 
 /// Node ids of the preprocessing stages.
+pub const TILE: &str = "tile_slides";
+/// See [`TILE`].
+pub const EXTRACT: &str = "extract_features";
+/// See [`TILE`].
 pub const INDEX: &str = "index_features";
-/// See [`INDEX`].
+/// See [`TILE`].
 pub const PACK: &str = "pack_features";
-/// See [`INDEX`].
+/// See [`TILE`].
 pub const JOIN: &str = "join_labels";
-/// See [`INDEX`].
+/// See [`TILE`].
 pub const SPLIT: &str = "split_folds";
 /// Node id of the report, made last.
 pub const REPORT: &str = "report";
@@ -41,7 +49,16 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
     let classes = classes(wf);
     let sources = hmil::train::Sources { pack_node: PACK.into(), labels_node: JOIN.into(), splits_node: SPLIT.into() };
-    let mut nodes = feature_nodes(&d.features, d.on_bad_file, d.pack_dtype);
+    let mut nodes = match (&wf.slides, &wf.encoder, &d.features) {
+        (Some(slides), Some(encoder), _) => {
+            let made = FeatureDir::Made { node: EXTRACT.into(), artifact: extract::H5_DIR.into() };
+            let mut nodes = slide_nodes(slides, encoder);
+            nodes.extend(feature_nodes(&made, d.on_bad_file, d.pack_dtype));
+            nodes
+        }
+        (_, _, Some(dir)) => feature_nodes(&FeatureDir::External(dir.clone()), d.on_bad_file, d.pack_dtype),
+        _ => unreachable!("validated: dataset.features, or [slides] with [encoder]"),
+    };
     nodes.extend([
         Node::new(
             JOIN,
@@ -105,11 +122,22 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     nodes
 }
 
-/// `index_features` and `pack_features` over the feature files under `dir`, shown under
+/// `tile_slides` and `extract_features`: patches of the slides in `slides.dir`, and their features
+/// (one CLAM `.h5` per slide), shown under `slides/` in the results folder.
+pub fn slide_nodes(slides: &Slides, encoder: &Encoder) -> Vec<Node> {
+    let tile = tile::TileSlides::new(slides);
+    let extract = extract::ExtractFeatures::new(slides, encoder, TILE);
+    vec![
+        Node::new(TILE, None, Arc::new(tile)).results_in("slides"),
+        Node::new(EXTRACT, None, Arc::new(extract)).results_in("slides"),
+    ]
+}
+
+/// `index_features` and `pack_features` over the feature files in `features`, shown under
 /// `features/` in the results folder.
-pub fn feature_nodes(dir: &Path, on_bad_file: OnBadFile, dtype: PackDtype) -> Vec<Node> {
-    let index = index::IndexFeatures { dir: dir.to_path_buf(), on_bad_file };
-    let pack = pack::PackFeatures { dir: dir.to_path_buf(), dtype, index_node: INDEX.into() };
+pub fn feature_nodes(features: &FeatureDir, on_bad_file: OnBadFile, dtype: PackDtype) -> Vec<Node> {
+    let index = index::IndexFeatures { features: features.clone(), on_bad_file };
+    let pack = pack::PackFeatures { features: features.clone(), dtype, index_node: INDEX.into() };
     vec![
         Node::new(INDEX, None, Arc::new(index)).results_in("features"),
         Node::new(PACK, None, Arc::new(pack)).results_in("features"),

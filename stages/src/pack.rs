@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{AsArray, BooleanArray, Int64Array};
@@ -23,7 +23,7 @@ use crate::table;
 /// The `pack_features` stage.
 pub struct PackFeatures {
     /// The features directory (read again for the bytes; its listing is part of the key).
-    pub dir: PathBuf,
+    pub features: crate::index::FeatureDir,
     pub dtype: PackDtype,
     /// Node id of `index_features`.
     pub index_node: String,
@@ -41,7 +41,7 @@ impl Stage for PackFeatures {
         serde_json::json!({ "dtype": self.dtype })
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::external("features_dir", &self.dir), Input::artifact("index", &self.index_node, "features.parquet")]
+        vec![self.features.input("features_dir"), Input::artifact("index", &self.index_node, "features.parquet")]
     }
     fn outputs(&self) -> Vec<String> {
         vec!["features.bin".into(), "coords.bin".into(), "packed.parquet".into()]

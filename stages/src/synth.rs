@@ -219,10 +219,8 @@ pub fn write_pt(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result
 pub fn write_h5(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
     let side = (rows as f64).sqrt().ceil().max(1.0) as usize;
     let coords: Vec<i64> = (0..rows).flat_map(|i| [(i % side) as i64 * 256, (i / side) as i64 * 256]).collect();
-    let mut file = hdf5_pure::FileBuilder::new();
-    file.create_dataset("features").with_f32_data(values).with_shape(&[rows as u64, cols as u64]);
-    file.create_dataset("coords").with_i64_data(&coords).with_shape(&[rows as u64, 2]);
-    file.write(path).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })
+    crate::features::h5::write(path, values, (rows, cols), &coords, None)
+        .map_err(|message| Error::BadFile { path: path.into(), message })
 }
 
 /// The pickle `torch.save` writes for a contiguous float32 tensor in storage `0`.

@@ -11,7 +11,12 @@ use stages::index::IndexFeatures;
 use stages::synth::write_pt;
 
 fn index_dag(dir: &Path, on_bad_file: OnBadFile) -> Dag {
-    Dag::new(vec![Node::new("index_features", None, Arc::new(IndexFeatures { dir: dir.into(), on_bad_file }))]).unwrap()
+    Dag::new(vec![Node::new(
+        "index_features",
+        None,
+        Arc::new(IndexFeatures { features: stages::index::FeatureDir::External(dir.into()), on_bad_file }),
+    )])
+    .unwrap()
 }
 
 fn features(dir: &Path) {

@@ -9,7 +9,8 @@ use schemas::workflow::{OnBadFile, PackDtype};
 use stages::synth::write_pt;
 
 fn dag(dir: &Path) -> Dag {
-    Dag::new(stages::feature_nodes(dir, OnBadFile::Error, PackDtype::F32)).unwrap()
+    let features = stages::index::FeatureDir::External(dir.to_path_buf());
+    Dag::new(stages::feature_nodes(&features, OnBadFile::Error, PackDtype::F32)).unwrap()
 }
 
 fn slide(dir: &Path, name: &str, rows: usize, seed: f32) {

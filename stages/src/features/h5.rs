@@ -41,3 +41,34 @@ pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'static>, String> {
     let coords = if has("coords") { Some(read(&file, "coords", "coords")?) } else { None };
     Ok(FeatureArrays { features, coords })
 }
+
+/// Where a CLAM `.h5`'s patches were read: written as attributes of `coords`, as CLAM
+/// (`patch_size`, `patch_level`) and TRIDENT (`patch_size_level0`) do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchAttrs {
+    pub patch_size: i64,
+    pub patch_level: i64,
+    pub patch_size_level0: i64,
+}
+
+/// Writes a CLAM `.h5`: `features` (rows × cols float32) and `coords` (rows × 2 int64, level-0
+/// top-left corners), with `attrs` on `coords` when given.
+pub fn write(
+    path: &std::path::Path,
+    features: &[f32],
+    (rows, cols): (usize, usize),
+    coords: &[i64],
+    attrs: Option<PatchAttrs>,
+) -> Result<(), String> {
+    let mut file = hdf5_pure::FileBuilder::new();
+    file.create_dataset("features").with_f32_data(features).with_shape(&[rows as u64, cols as u64]);
+    let c = file.create_dataset("coords");
+    c.with_i64_data(coords).with_shape(&[rows as u64, 2]);
+    if let Some(a) = attrs {
+        use hdf5_pure::AttrValue::I64;
+        c.set_attr("patch_size", I64(a.patch_size));
+        c.set_attr("patch_level", I64(a.patch_level));
+        c.set_attr("patch_size_level0", I64(a.patch_size_level0));
+    }
+    file.write(path).map_err(|e| e.to_string())
+}

@@ -1,7 +1,7 @@
 //! Readers of per-slide feature files: PyTorch `.pt` (torch.save), HDF5 (CLAM, TRIDENT, STAMP),
 //! `.safetensors` and `.npy`. Each reader works on the file's bytes, so a file is read once.
 
-mod h5;
+pub mod h5;
 mod npy;
 mod pickle;
 mod pt;

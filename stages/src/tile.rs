@@ -1,0 +1,340 @@
+//! `tile_slides`: per slide, the tissue mask and the patch grid at the target resolution, and a
+//! QC picture of both. Each slide's tiling is an item of the workspace, so a changed, added or
+//! removed slide is the only one tiled again, and a run killed mid-cohort keeps what it tiled.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array};
+use pipeline::{Context, Input, Stage, StageError};
+use schemas::workflow::{OnBadFile, Slides, TissueMethod};
+use serde::{Deserialize, Serialize};
+use wsi::{GridSpec, Slide, Threshold, TissueParams};
+
+use crate::error::{Error, Result};
+use crate::table;
+
+/// File extensions of the slide formats OpenSlide reads.
+pub const SLIDE_EXTENSIONS: &[&str] =
+    &["svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "svslide", "bif", "czi", "dcm"];
+
+/// Every slide file under `dir` (recursively, hidden entries left out), sorted, with its slide
+/// id (the file stem). Two files with one stem are an error naming both.
+pub fn slide_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path
+                .extension()
+                .is_some_and(|e| SLIDE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+            {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut paths = Vec::new();
+    walk(dir, &mut paths)?;
+    paths.sort();
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    let mut out = Vec::new();
+    for path in paths {
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(first) = seen.insert(id.clone(), path.clone()) {
+            return Err(Error::Features(format!(
+                "slide {id} has two files: {} and {}; keep one of them in slides.dir",
+                first.display(),
+                path.display()
+            )));
+        }
+        out.push((id, path));
+    }
+    if out.is_empty() {
+        return Err(Error::Features(format!(
+            "{}: no slide files (.{}) found; point slides.dir at the folder of slides",
+            dir.display(),
+            SLIDE_EXTENSIONS.join(" .")
+        )));
+    }
+    Ok(out)
+}
+
+/// How one slide was tiled, as its item records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlideTiling {
+    pub width: u64,
+    pub height: u64,
+    pub mpp: f64,
+    pub level: usize,
+    pub read_size: u32,
+    pub size: u32,
+    pub patches: Vec<[i64; 2]>,
+}
+
+/// The `tile_slides` stage.
+pub struct TileSlides {
+    pub dir: PathBuf,
+    pub spec: GridSpec,
+    pub tissue: TissueParams,
+    pub on_bad_slide: OnBadFile,
+}
+
+impl TileSlides {
+    /// The stage for the workflow's `[slides]`.
+    pub fn new(slides: &Slides) -> TileSlides {
+        let t = &slides.tissue;
+        TileSlides {
+            dir: slides.dir.clone(),
+            spec: GridSpec {
+                mpp: slides.target_mpp(),
+                patch_size: slides.patch_size,
+                mpp_fallback: slides.mpp_fallback,
+            },
+            tissue: TissueParams {
+                threshold: match t.method {
+                    TissueMethod::Saturation => Threshold::Fixed(t.threshold),
+                    TissueMethod::Otsu => Threshold::Otsu,
+                },
+                median: t.median,
+                close: t.close,
+                min_area: t.min_area,
+                min_hole_area: t.min_hole_area,
+                max_holes: t.max_holes,
+            },
+            on_bad_slide: slides.on_bad_slide,
+        }
+    }
+}
+
+impl Stage for TileSlides {
+    fn kind(&self) -> &str {
+        "tile_slides"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    /// What a slide's tiling depends on (`on_bad_slide` only decides what a failure does, so it
+    /// is left out: changing it re-tiles nothing).
+    fn params(&self) -> serde_json::Value {
+        let t = &self.tissue;
+        serde_json::json!({
+            "mpp": self.spec.mpp,
+            "patch_size": self.spec.patch_size,
+            "mpp_fallback": self.spec.mpp_fallback,
+            "tissue": {
+                "threshold": match t.threshold { Threshold::Fixed(v) => serde_json::json!(v), Threshold::Otsu => "otsu".into() },
+                "median": t.median, "close": t.close, "min_area": t.min_area,
+                "min_hole_area": t.min_hole_area, "max_holes": t.max_holes,
+            },
+        })
+    }
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input::external("slides", &self.dir)]
+    }
+    fn outputs(&self) -> Vec<String> {
+        vec![SLIDES.into(), TILES.into(), SKIPPED.into(), QC_DIR.into()]
+    }
+    fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        self.tile(ctx)
+    }
+}
+
+/// Outputs of `tile_slides`.
+pub const SLIDES: &str = "slides.parquet";
+/// See [`SLIDES`].
+pub const TILES: &str = "tiles.parquet";
+/// See [`SLIDES`].
+pub const SKIPPED: &str = "skipped.parquet";
+/// See [`SLIDES`]: one `<slide>.png` per slide.
+pub const QC_DIR: &str = "qc/";
+
+/// A slide tiled (its item directory and tiling), or why it could not be.
+type Outcome = std::result::Result<(PathBuf, String, SlideTiling), String>;
+
+impl TileSlides {
+    fn tile(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        let files = slide_files(ctx.input("slides"))?;
+        let bar = ctx.progress(files.len() as u64, "tiling slides");
+        let made = AtomicUsize::new(0);
+        let outcomes = parallel(&files, ctx, |_, path| {
+            let outcome = self.tile_one(ctx, path, &made);
+            bar.inc(1);
+            outcome
+        });
+        bar.finish_and_clear();
+        if ctx.interrupted() {
+            return Err(Error::Interrupted(format!("after tiling {} slide(s)", made.load(Ordering::SeqCst))).into());
+        }
+        tracing::info!(node = %ctx.node_id(), "tiled {} of {} slide(s); the others were tiled before", made.load(Ordering::SeqCst), files.len());
+        let mut bad = Vec::new();
+        let mut good = Vec::new();
+        for ((id, path), outcome) in files.iter().zip(outcomes) {
+            match outcome {
+                Ok((item, quickhash, tiling)) => good.push((id, path, item, quickhash, tiling)),
+                Err(e) => bad.push((path.clone(), e)),
+            }
+        }
+        if !bad.is_empty() && self.on_bad_slide == OnBadFile::Error {
+            let list: Vec<String> = bad.iter().map(|(p, e)| format!("  {}: {e}", p.display())).collect();
+            return Err(Error::Features(format!(
+                "{} slide(s) could not be tiled (set slides.on_bad_slide = \"skip\" to leave them out):\n{}",
+                bad.len(),
+                list.join("\n")
+            ))
+            .into());
+        }
+        if !bad.is_empty() {
+            let list: Vec<String> = bad.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect();
+            ctx.warn(format!(
+                "skipped {} slide(s) (listed in skipped.parquet): {}",
+                bad.len(),
+                pipeline::some_of(&list, "; ")
+            ));
+        }
+        let empty: Vec<&(&String, &PathBuf, PathBuf, String, SlideTiling)> =
+            good.iter().filter(|g| g.4.patches.is_empty()).collect();
+        if !empty.is_empty() {
+            let names: Vec<String> = empty.iter().map(|g| g.0.clone()).collect();
+            ctx.warn(format!(
+                "no tissue found on {} slide(s), which get no features (see qc/<slide>.png): {}",
+                names.len(),
+                pipeline::some_of(&names, ", ")
+            ));
+        }
+        bad.extend(empty.iter().map(|g| (g.1.clone(), "no tissue found".to_owned())));
+        let qc = ctx.output(QC_DIR);
+        std::fs::create_dir_all(&qc).map_err(|e| Error::io(&qc, e))?;
+        for (id, _, item, _, _) in &good {
+            let to = qc.join(format!("{id}.png"));
+            std::fs::hard_link(item.join("qc.png"), &to).map_err(|e| Error::io(&to, e))?;
+        }
+        write_slides(&ctx.output(SLIDES), &good)?;
+        write_tiles(&ctx.output(TILES), &good)?;
+        table::write(
+            &ctx.output(SKIPPED),
+            schemas::tables::skipped(),
+            vec![
+                table::string_col(bad.iter().map(|(p, _)| p.to_string_lossy())),
+                table::string_col(bad.iter().map(|(_, e)| e.as_str())),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Tiles one slide, or takes its tiling from an earlier run.
+    fn tile_one(&self, ctx: &Context, path: &Path, made: &AtomicUsize) -> Outcome {
+        let slide = Slide::open(path).map_err(|e| strip(&e.to_string(), path))?;
+        let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
+        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let facts = serde_json::json!({ "quickhash": quickhash, "bytes": bytes });
+        let item = ctx
+            .item(&facts, |dir| {
+                let tiling = wsi::tile(&slide, &self.spec, &self.tissue)?;
+                let picture = wsi::qc::picture(&slide, &tiling)?;
+                let png = dir.join("qc.png");
+                picture.save(&png).map_err(|e| format!("{}: {e}", png.display()))?;
+                let level0 = slide.levels()[0];
+                let record = SlideTiling {
+                    width: level0.width,
+                    height: level0.height,
+                    mpp: tiling.mpp,
+                    level: tiling.grid.level,
+                    read_size: tiling.grid.read_size,
+                    size: tiling.grid.size0,
+                    patches: tiling.grid.patches,
+                };
+                std::fs::write(dir.join("tiling.json"), serde_json::to_vec(&record)?)?;
+                made.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .map_err(|e| strip(&e.to_string(), path))?;
+        let json = item.dir.join("tiling.json");
+        let tiling: SlideTiling = std::fs::read(&json)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| format!("its tiling in {} is unreadable ({e}); remove that folder", item.dir.display()))?;
+        Ok((item.dir, quickhash, tiling))
+    }
+}
+
+/// `message` without a leading `path: `, which the list of bad slides already shows.
+fn strip(message: &str, path: &Path) -> String {
+    message.strip_prefix(&format!("{}: ", path.display())).unwrap_or(message).to_owned()
+}
+
+/// `work` on every file, on all cores; results in the order of `files`. Files not begun when the
+/// run is interrupted get an error saying so.
+pub fn parallel<T: Send>(
+    files: &[(String, PathBuf)],
+    ctx: &Context,
+    work: impl Fn(&str, &Path) -> std::result::Result<T, String> + Sync,
+) -> Vec<std::result::Result<T, String>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, std::result::Result<T, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((id, path)) = files.get(i) else { break };
+                        let result = if ctx.interrupted() { Err("interrupted".into()) } else { work(id, path) };
+                        out.push((i, result));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a slide thread panicked")).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+type Good<'a> = (&'a String, &'a PathBuf, PathBuf, String, SlideTiling);
+
+fn write_slides(path: &Path, good: &[Good]) -> Result<()> {
+    let i64s = |f: &dyn Fn(&SlideTiling) -> i64| -> ArrayRef {
+        Arc::new(good.iter().map(|g| f(&g.4)).collect::<Int64Array>())
+    };
+    table::write(
+        path,
+        schemas::tables::slides(),
+        vec![
+            table::string_col(good.iter().map(|g| g.0.as_str())),
+            table::string_col(good.iter().map(|g| g.1.to_string_lossy())),
+            table::string_col(good.iter().map(|g| g.3.as_str())),
+            i64s(&|t| t.width as i64),
+            i64s(&|t| t.height as i64),
+            Arc::new(good.iter().map(|g| g.4.mpp).collect::<Float64Array>()),
+            Arc::new(good.iter().map(|g| g.4.level as i32).collect::<Int32Array>()),
+            i64s(&|t| i64::from(t.read_size)),
+            i64s(&|t| i64::from(t.size)),
+            i64s(&|t| t.patches.len() as i64),
+        ],
+    )
+}
+
+fn write_tiles(path: &Path, good: &[Good]) -> Result<()> {
+    let rows = || good.iter().flat_map(|g| g.4.patches.iter().map(move |p| (g.0.as_str(), p, &g.4)));
+    let ids: Vec<&str> = rows().map(|r| r.0).collect();
+    table::write(
+        path,
+        schemas::tables::tiles(),
+        vec![
+            table::string_col(ids),
+            Arc::new(rows().map(|r| r.1[0]).collect::<Int64Array>()),
+            Arc::new(rows().map(|r| r.1[1]).collect::<Int64Array>()),
+            Arc::new(rows().map(|r| r.2.level as i32).collect::<Int32Array>()),
+            Arc::new(rows().map(|r| i64::from(r.2.size)).collect::<Int64Array>()),
+        ],
+    )
+}

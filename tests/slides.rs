@@ -1,0 +1,172 @@
+//! From slides through the `hmil-flow` binary: synthetic slides are tiled, encoded by a
+//! TorchScript encoder made by real PyTorch, and trained on; a second run is all cached; a new
+//! slide is the only one tiled and encoded; bad slides and bad encoders are errors naming them.
+//! Skipped, with a message, where libopenslide cannot be loaded.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{executed, hmil_flow, hmil_flow_fails, run};
+
+macro_rules! needs_openslide {
+    () => {
+        if !wsi::openslide::available() {
+            eprintln!("skipped: libopenslide is not available here (run `. scripts/env.sh`)");
+            return;
+        }
+    };
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Synthetic slides (`per_class` × 4) in `dir/data`, and a workflow over them.
+fn setup(dir: &Path, scale: &str) -> PathBuf {
+    let data = dir.join("data");
+    hmil_flow(&["synth", "--slides", data.to_str().unwrap(), "--scale", scale, "--seed", "3"]);
+    let wf = dir.join("wf.toml");
+    let encoder = repo("workflows/encoders/colour-texture.ts");
+    fs::write(
+        &wf,
+        format!(
+            r#"
+[workflow]
+name = "slides"
+seed = 1
+[dataset]
+labels = "data/labels.csv"
+[slides]
+dir = "data/slides"
+mpp = 1.0
+patch_size = 64
+[slides.tissue]
+min_area = 0.5
+[encoder]
+model = "{}"
+input_size = 64
+batch_size = 16
+device = "cpu"
+[labels.hierarchy]
+benign = ["normal", "hyperplasia"]
+malignant = ["in_situ", "invasive"]
+[splits]
+folds = 3
+val_frac = 0.2
+[train]
+epochs = 3
+batch_size = 4
+device = "cpu"
+"#,
+            encoder.display()
+        ),
+    )
+    .unwrap();
+    wf
+}
+
+fn items(dir: &Path) -> usize {
+    fs::read_dir(dir.join(".hmil-flow/items")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), "0.5");
+    let wf_s = wf.to_str().unwrap();
+    let first = run(&wf, &[]);
+    assert!(first.values().all(|s| s == "executed"), "{first:?}");
+    assert_eq!(items(dir.path()), 2 * 12, "a tiling and a feature file per slide");
+    let results = dir.path().join("results/slides");
+    assert!(results.join("slides/qc/slide_001.png").is_file());
+    let h5 = fs::read(results.join("slides/h5/slide_001.h5")).unwrap();
+    let tiles = hmil_flow(&["query", wf_s, "SELECT count(*) AS n FROM tiles WHERE current AND slide_id = 'slide_001'"]);
+    let n: usize = tiles.lines().find_map(|l| l.trim().trim_matches('|').trim().parse().ok()).unwrap();
+    assert!(n > 5, "slide_001 has {n} patches on tissue:\n{tiles}");
+    // CLAM's layout: features (N, 24) float32, coords (N, 2) int64.
+    let file = hdf5_rows(&h5);
+    assert_eq!(file, (n, 24));
+    assert!(results.join("report.md").is_file());
+
+    assert!(executed(&run(&wf, &[])).is_empty(), "a second run reuses everything");
+
+    // One more slide: it is the only one tiled and encoded.
+    let extra = dir.path().join("extra");
+    hmil_flow(&["synth", "--slides", extra.to_str().unwrap(), "--scale", "0.2", "--seed", "9"]);
+    fs::copy(extra.join("slides/slide_002.tif"), dir.path().join("data/slides/slide_new.tif")).unwrap();
+    let labels = dir.path().join("data/labels.csv");
+    let mut csv = fs::read_to_string(&labels).unwrap();
+    csv.push_str("case_new,slide_new,hyperplasia\n");
+    fs::write(&labels, csv).unwrap();
+    let summary = dir.path().join("summary.json");
+    let out = hmil_flow(&["run", wf_s, "--summary-json", summary.to_str().unwrap()]);
+    assert!(out.contains("tiled 1 of 13 slide(s)") && out.contains("encoded 1 of 13 slide(s)"), "{out}");
+    assert_eq!(items(dir.path()), 2 * 13);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&summary).unwrap()).unwrap();
+    let status = |id: &str| json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["status"].clone();
+    assert_eq!(status("tile_slides"), "executed");
+    assert_eq!(status("extract_features"), "executed");
+
+    // A label change re-tiles and re-encodes nothing.
+    let csv = fs::read_to_string(&labels).unwrap().replace("slide_new,hyperplasia", "slide_new,normal");
+    fs::write(&labels, csv).unwrap();
+    let again = run(&wf, &[]);
+    assert_eq!((again["tile_slides"].as_str(), again["extract_features"].as_str()), ("cached", "cached"));
+    assert_eq!(again["join_labels"], "executed");
+}
+
+/// (rows, columns) of the `features` dataset of a CLAM `.h5`, read with the project's reader.
+fn hdf5_rows(bytes: &[u8]) -> (usize, usize) {
+    let text = String::from_utf8_lossy(bytes);
+    assert!(text.contains("patch_level") && text.contains("patch_size_level0"), "coords carry CLAM's attributes");
+    let arrays = stages::features::parse(stages::features::Format::H5, bytes).unwrap();
+    let coords = arrays.coords.expect("coords");
+    assert_eq!((coords.rows, coords.cols, coords.dtype.name()), (arrays.features.rows, 2, "int64"));
+    (arrays.features.rows, arrays.features.cols)
+}
+
+#[test]
+fn bad_slides_and_bad_encoders_are_errors_naming_them() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), "0.25");
+    let wf_s = wf.to_str().unwrap();
+    let slides = dir.path().join("data/slides");
+    fs::write(slides.join("notes.svs"), "these are notes, not a slide").unwrap();
+    let whole = fs::read(slides.join("slide_001.tif")).unwrap();
+    fs::write(slides.join("cut.tif"), &whole[..whole.len() * 6 / 10]).unwrap();
+    let (_, err) = hmil_flow_fails(&["run", wf_s, "extract_features"]);
+    assert!(err.contains("notes.svs") && err.contains("on_bad_slide = \"skip\""), "{err}");
+    assert!(err.contains("cut.tif"), "{err}");
+    assert!(!dir.path().join("results/slides/slides").exists(), "nothing of a failed tiling is published");
+
+    let skip = "slides.on_bad_slide=\"skip\"";
+    let out = hmil_flow(&["run", wf_s, "extract_features", "--set", skip]);
+    assert!(out.contains("skipped 2 slide(s)") || out.contains("could not be read"), "{out}");
+    let skipped =
+        hmil_flow(&["query", wf_s, "SELECT path FROM skipped WHERE current AND node = 'tile_slides'", "--set", skip]);
+    assert!(skipped.contains("notes.svs"), "{skipped}");
+    fs::remove_file(slides.join("notes.svs")).unwrap();
+    fs::remove_file(slides.join("cut.tif")).unwrap();
+
+    // A slide that says nothing of its resolution.
+    let image =
+        image::RgbImage::from_fn(1024, 768, |x, _| image::Rgb(if x < 600 { [200, 110, 170] } else { [247, 247, 245] }));
+    wsi::tiff::write_pyramid(&slides.join("bare.tif"), &image, None, 256, 2).unwrap();
+    let (_, err) = hmil_flow_fails(&["run", wf_s, "tile_slides"]);
+    assert!(err.contains("bare.tif") && err.contains("mpp_fallback"), "{err}");
+    hmil_flow(&["run", wf_s, "tile_slides", "--set", "slides.mpp_fallback=0.5"]);
+    fs::remove_file(slides.join("bare.tif")).unwrap();
+
+    // Encoders that are not TorchScript, or whose output is not one vector per patch.
+    let staging = dir.path().join(".hmil-flow/staging");
+    for (file, says) in [("not_torchscript.pt", "not a TorchScript file"), ("wrong_shape.ts", "expected (")] {
+        let model = repo("tests/fixtures/encoders").join(file);
+        let set = format!("encoder.model=\"{}\"", model.display());
+        let (_, err) = hmil_flow_fails(&["run", wf_s, "extract_features", "--set", &set]);
+        assert!(err.contains(file) && err.contains(says), "{err}");
+        assert_eq!(fs::read_dir(&staging).unwrap().count(), 0, "nothing half-written is left");
+    }
+}
