@@ -225,6 +225,34 @@ pub enum Bench {
         /// The features directory (only read).
         dir: PathBuf,
     },
+    /// Extract features from slides: patches/s of reading and preprocessing alone, of the
+    /// encoder's forward alone, and of the whole extraction, side by side.
+    Extract {
+        /// A folder of slides (default: 8 synthetic slides written to a scratch folder).
+        #[arg(long)]
+        slides: Option<PathBuf>,
+        /// The TorchScript encoder.
+        #[arg(long, default_value = "workflows/encoders/colour-texture.ts")]
+        encoder: PathBuf,
+        /// Microns per pixel of the patches.
+        #[arg(long, default_value_t = 0.5)]
+        mpp: f64,
+        #[arg(long, default_value_t = 256)]
+        patch_size: u32,
+        #[arg(long, default_value_t = 224)]
+        input_size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Reader threads (default: the cores, at most 8).
+        #[arg(long)]
+        readers: Option<usize>,
+        /// `cpu`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, f16 or bf16 (on CUDA).
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
     /// Time training epochs on synthetic bags resident on the device, beside the matmul floor,
     /// and report the peak RSS beside the size of the features.
     Epoch {

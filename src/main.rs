@@ -371,6 +371,21 @@ fn bench(what: Bench) -> Result<()> {
             println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
             print_peak_rss(r.peak_rss_bytes, r.store_bytes, "the store");
         }
+        Bench::Extract { slides, encoder, mpp, patch_size, input_size, batch_size, readers, device, dtype } => {
+            let scratch = tempfile_dir()?;
+            let result = bench_extract(
+                &scratch,
+                slides,
+                encoder,
+                (mpp, patch_size),
+                (input_size, batch_size),
+                readers,
+                device,
+                &dtype,
+            );
+            let _ = std::fs::remove_dir_all(&scratch);
+            result?;
+        }
         Bench::Epoch { slides, instances, dim, epochs, threads, device } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -399,6 +414,57 @@ fn bench(what: Bench) -> Result<()> {
             print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
         }
     }
+    Ok(())
+}
+
+/// `bench extract`: on `slides`, or on synthetic slides written under `scratch`.
+#[allow(clippy::too_many_arguments)]
+fn bench_extract(
+    scratch: &Path,
+    slides: Option<PathBuf>,
+    model: PathBuf,
+    (mpp, patch_size): (f64, u32),
+    (input_size, batch_size): (u32, usize),
+    readers: Option<usize>,
+    device: String,
+    dtype: &str,
+) -> Result<()> {
+    let dir = match slides {
+        Some(dir) => dir,
+        None => {
+            let opts = stages::synth_slides::SlideOptions { per_class: 2, ..Default::default() };
+            stages::synth_slides::generate_slides(scratch, &opts, &|_, _| {})?;
+            scratch.join("slides")
+        }
+    };
+    let dtype = match dtype {
+        "f32" => schemas::workflow::EncoderDtype::F32,
+        "f16" => schemas::workflow::EncoderDtype::F16,
+        "bf16" => schemas::workflow::EncoderDtype::Bf16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    let encoder: schemas::workflow::Encoder = serde_json::from_value(serde_json::json!({
+        "model": model, "input_size": input_size, "batch_size": batch_size, "device": device,
+        "readers": readers, "dtype": dtype,
+    }))?;
+    let spec = wsi::GridSpec { mpp, patch_size, mpp_fallback: None };
+    let tissue = wsi::TissueParams { min_area: 0.5, ..Default::default() };
+    let r = stages::bench::extract(&dir, &encoder, &spec, &tissue)?;
+    println!(
+        "{} slides, {} patches of {patch_size} px at {mpp} µm, resized to {input_size}; {} on {}, batches of {batch_size}; {} reader threads",
+        r.slides,
+        r.patches,
+        model.display(),
+        r.device,
+        r.readers
+    );
+    println!("read + preprocess  {:>9.1} patches/s", r.read_pps);
+    println!("encoder forward    {:>9.1} patches/s  (reader/encoder {:.2})", r.encode_pps, r.read_pps / r.encode_pps);
+    println!(
+        "whole extraction   {:>9.1} patches/s  ({:.2}x the slower of the two)",
+        r.whole_pps,
+        r.whole_pps / r.read_pps.min(r.encode_pps)
+    );
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Benchmarks shipped with the tool (`hmil-flow bench …`): feature indexing against plain reads,
-//! and a training epoch against the machine's matrix-multiply floor.
+//! a training epoch against the machine's matrix-multiply floor, and feature extraction against
+//! its reader and its encoder alone.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -293,4 +294,86 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
     std::fs::copy(first, &added).map_err(|e| Error::io(&added, e))?;
     let (added_s, _) = run()?;
     Ok(PackReport { slides: files.len(), store_bytes, full_s, added_s, peak_rss_bytes: peak_rss_bytes() })
+}
+
+/// Extraction throughput in patches per second: reading and preprocessing alone (all reader
+/// threads), the encoder's forward alone (on preprocessed batches already in memory), and the
+/// whole extraction, which the slower of the first two bounds.
+#[derive(Debug)]
+pub struct ExtractReport {
+    pub slides: usize,
+    pub patches: usize,
+    pub readers: usize,
+    pub device: String,
+    pub read_pps: f64,
+    pub encode_pps: f64,
+    pub whole_pps: f64,
+}
+
+/// Tiles the slides under `dir` as `spec` and `tissue` say, then times reading, encoding and the
+/// whole extraction of their patches with the encoder `config` names (after one warm-up batch).
+pub fn extract(
+    dir: &Path,
+    config: &schemas::workflow::Encoder,
+    spec: &wsi::GridSpec,
+    tissue: &wsi::TissueParams,
+) -> Result<ExtractReport> {
+    use crate::extract::{LoadedEncoder, SlidePatches, encode_slide, feed};
+    let mut slides = Vec::new();
+    for (id, path) in crate::tile::slide_files(dir)? {
+        let slide = wsi::Slide::open(&path).map_err(|e| Error::Features(e.to_string()))?;
+        let tiling = wsi::tile(&slide, spec, tissue).map_err(|e| Error::Features(e.to_string()))?;
+        if tiling.grid.patches.is_empty() {
+            continue;
+        }
+        slides.push(SlidePatches {
+            id,
+            path,
+            quickhash: String::new(),
+            level: tiling.grid.level,
+            read_size: tiling.grid.read_size,
+            size: i64::from(tiling.grid.size0),
+            coords: tiling.grid.patches,
+        });
+    }
+    let patches: usize = slides.iter().map(|s| s.coords.len()).sum();
+    if patches == 0 {
+        return Err(Error::Features(format!("{}: no patches on tissue to read", dir.display())));
+    }
+    let encoder = LoadedEncoder::load(config)?;
+    let side = config.input_size as usize;
+    let batch = config.batch_size.min(patches).max(1);
+    let pixels = vec![0.1f32; batch * 3 * side * side];
+    encoder.encode(&pixels, batch)?;
+
+    let start = Instant::now();
+    for slide in &slides {
+        feed(slide, config, &|| false, |_, _| Ok(()))?;
+    }
+    let read_s = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let mut left = patches;
+    while left > 0 {
+        let b = batch.min(left);
+        encoder.encode(&pixels[..b * 3 * side * side], b)?;
+        left -= b;
+    }
+    let encode_s = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    for slide in &slides {
+        encode_slide(slide, &encoder, &|_| {}, &|| false)?;
+    }
+    let whole_s = start.elapsed().as_secs_f64();
+    let rate = |s: f64| patches as f64 / s;
+    Ok(ExtractReport {
+        slides: slides.len(),
+        patches,
+        readers: crate::extract::reader_count(config),
+        device: format!("{:?}", encoder.device()),
+        read_pps: rate(read_s),
+        encode_pps: rate(encode_s),
+        whole_pps: rate(whole_s),
+    })
 }

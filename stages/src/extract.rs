@@ -197,26 +197,23 @@ pub fn preprocess(patch: &image::RgbImage, config: &Encoder) -> Vec<f32> {
 }
 
 /// Threads reading patches: as configured, or the cores (at most 8).
-fn reader_count(config: &Encoder) -> usize {
+pub fn reader_count(config: &Encoder) -> usize {
     config.readers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)).max(1)
 }
 
-/// Reads, preprocesses and encodes every patch of `slide`: readers on their own threads keep
-/// a bounded queue of patches full while the encoder takes them a batch at a time. Returns the
-/// features in the order of `slide.coords`, and the dimension. `done` is called per batch with
-/// its size; `stop` is checked per batch.
-pub fn encode_slide(
+/// Reads and preprocesses every patch of `slide` on reader threads that keep a bounded queue
+/// full, handing each to `take` (its index in `slide.coords`, its pixels) on this thread in the
+/// order they are ready. An error from `take` or a reader stops the readers and is returned.
+pub fn feed(
     slide: &SlidePatches,
-    encoder: &LoadedEncoder,
-    done: &(dyn Fn(usize) + Sync),
+    config: &Encoder,
     stop: &(dyn Fn() -> bool + Sync),
-) -> Result<(Vec<f32>, usize)> {
+    mut take: impl FnMut(usize, Vec<f32>) -> Result<()>,
+) -> Result<()> {
     let reader = Slide::open(&slide.path).map_err(|e| Error::Features(e.to_string()))?;
-    let config = &encoder.config;
     let n = slide.coords.len();
-    let batch = config.batch_size.min(n).max(1);
     let next = AtomicUsize::new(0);
-    let (tx, rx) = sync_channel::<(usize, std::result::Result<Vec<f32>, String>)>(2 * batch);
+    let (tx, rx) = sync_channel::<(usize, std::result::Result<Vec<f32>, String>)>(2 * config.batch_size.max(1));
     std::thread::scope(|s| {
         for _ in 0..reader_count(config).min(n) {
             let (tx, next, reader) = (tx.clone(), &next, &reader);
@@ -240,42 +237,52 @@ pub fn encode_slide(
         drop(tx);
         // Owned here, so that leaving early (an encoder error) drops it and wakes the readers.
         let rx = rx;
-        let mut features: Vec<f32> = Vec::new();
-        let mut dim = 0;
-        let (mut rows, mut pixels) = (Vec::with_capacity(batch), Vec::new());
-        let mut flush = |rows: &mut Vec<usize>, pixels: &mut Vec<f32>| -> Result<()> {
-            let (values, d) = encoder.encode(pixels, rows.len())?;
-            if features.is_empty() {
-                dim = d;
-                features = vec![0.0; n * d];
-            }
-            for (k, &row) in rows.iter().enumerate() {
-                features[row * d..(row + 1) * d].copy_from_slice(&values[k * d..(k + 1) * d]);
-            }
-            done(rows.len());
-            rows.clear();
-            pixels.clear();
-            Ok(())
-        };
         for (i, patch) in rx.iter() {
-            let patch = patch.map_err(Error::Features)?;
-            rows.push(i);
-            pixels.extend_from_slice(&patch);
-            if rows.len() == batch {
-                if stop() {
-                    return Err(Error::Interrupted(format!("while encoding {}", slide.id)));
-                }
-                flush(&mut rows, &mut pixels)?;
-            }
+            take(i, patch.map_err(Error::Features)?)?;
         }
         if stop() {
             return Err(Error::Interrupted(format!("while encoding {}", slide.id)));
         }
-        if !rows.is_empty() {
-            flush(&mut rows, &mut pixels)?;
-        }
-        Ok((features, dim))
+        Ok(())
     })
+}
+
+/// Reads, preprocesses and encodes every patch of `slide` (see [`feed`]), a batch at a time.
+/// Returns the features in the order of `slide.coords`, and the dimension. `done` is called per
+/// batch with its size; `stop` is checked per patch.
+pub fn encode_slide(
+    slide: &SlidePatches,
+    encoder: &LoadedEncoder,
+    done: &(dyn Fn(usize) + Sync),
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<(Vec<f32>, usize)> {
+    let n = slide.coords.len();
+    let batch = encoder.config.batch_size.min(n).max(1);
+    let (mut features, mut dim): (Vec<f32>, usize) = (Vec::new(), 0);
+    let (mut rows, mut pixels) = (Vec::with_capacity(batch), Vec::new());
+    let mut flush = |rows: &mut Vec<usize>, pixels: &mut Vec<f32>| -> Result<()> {
+        let (values, d) = encoder.encode(pixels, rows.len())?;
+        if features.is_empty() {
+            dim = d;
+            features = vec![0.0; n * d];
+        }
+        for (k, &row) in rows.iter().enumerate() {
+            features[row * d..(row + 1) * d].copy_from_slice(&values[k * d..(k + 1) * d]);
+        }
+        done(rows.len());
+        rows.clear();
+        pixels.clear();
+        Ok(())
+    };
+    feed(slide, &encoder.config, stop, |i, patch| {
+        rows.push(i);
+        pixels.extend_from_slice(&patch);
+        if rows.len() == batch { flush(&mut rows, &mut pixels) } else { Ok(()) }
+    })?;
+    if !rows.is_empty() {
+        flush(&mut rows, &mut pixels)?;
+    }
+    Ok((features, dim))
 }
 
 impl ExtractFeatures {
