@@ -170,3 +170,34 @@ fn bad_slides_and_bad_encoders_are_errors_naming_them() {
         assert_eq!(fs::read_dir(&staging).unwrap().count(), 0, "nothing half-written is left");
     }
 }
+
+/// Feature files the workspace holds (items with a recorded dimension).
+fn encoded_items(dir: &Path) -> usize {
+    fs::read_dir(dir.join(".hmil-flow/items"))
+        .map_or(0, |d| d.flatten().filter(|e| e.path().join("dim").is_file()).count())
+}
+
+#[test]
+fn a_run_killed_mid_cohort_keeps_the_slides_it_encoded() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), "0.5");
+    let wf_s = wf.to_str().unwrap();
+    hmil_flow(&["run", wf_s, "tile_slides"]);
+    // Large inputs, one patch a batch: slow enough to be killed part-way.
+    let slow = ["--set", "encoder.input_size=512", "--set", "encoder.batch_size=1"];
+    let mut args = vec!["run", wf_s, "extract_features"];
+    args.extend(slow);
+    let mut child = std::process::Command::new(common::BIN).args(&args).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while encoded_items(dir.path()) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = encoded_items(dir.path());
+    assert!((1..12).contains(&kept), "killed with {kept} of 12 slides encoded");
+    let out = hmil_flow(&args);
+    assert!(out.contains(&format!("encoded {} of 12 slide(s)", 12 - kept)), "kept {kept}:\n{out}");
+    assert_eq!(encoded_items(dir.path()), 12);
+}
