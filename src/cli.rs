@@ -228,9 +228,12 @@ pub enum Bench {
     /// Extract features from slides: patches/s of reading and preprocessing alone, of the
     /// encoder's forward alone, and of the whole extraction, side by side.
     Extract {
-        /// A folder of slides (default: 8 synthetic slides written to a scratch folder).
+        /// A folder of slides (default: synthetic slides written to a scratch folder).
         #[arg(long)]
         slides: Option<PathBuf>,
+        /// How many synthetic slides to write without --slides (a multiple of 4).
+        #[arg(long, default_value_t = 8)]
+        synthetic: usize,
         /// The TorchScript encoder.
         #[arg(long, default_value = "workflows/encoders/colour-texture.ts")]
         encoder: PathBuf,

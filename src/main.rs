@@ -371,11 +371,11 @@ fn bench(what: Bench) -> Result<()> {
             println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
             print_peak_rss(r.peak_rss_bytes, r.store_bytes, "the store");
         }
-        Bench::Extract { slides, encoder, mpp, patch_size, input_size, batch_size, readers, device, dtype } => {
+        Bench::Extract { slides, synthetic, encoder, mpp, patch_size, input_size, batch_size, readers, device, dtype } => {
             let scratch = tempfile_dir()?;
             let result = bench_extract(
                 &scratch,
-                slides,
+                slides.ok_or(synthetic),
                 encoder,
                 (mpp, patch_size),
                 (input_size, batch_size),
@@ -417,11 +417,11 @@ fn bench(what: Bench) -> Result<()> {
     Ok(())
 }
 
-/// `bench extract`: on `slides`, or on synthetic slides written under `scratch`.
+/// `bench extract`: on `slides`, or on that many synthetic slides written under `scratch`.
 #[allow(clippy::too_many_arguments)]
 fn bench_extract(
     scratch: &Path,
-    slides: Option<PathBuf>,
+    slides: std::result::Result<PathBuf, usize>,
     model: PathBuf,
     (mpp, patch_size): (f64, u32),
     (input_size, batch_size): (u32, usize),
@@ -430,9 +430,10 @@ fn bench_extract(
     dtype: &str,
 ) -> Result<()> {
     let dir = match slides {
-        Some(dir) => dir,
-        None => {
-            let opts = stages::synth_slides::SlideOptions { per_class: 2, ..Default::default() };
+        Ok(dir) => dir,
+        Err(count) => {
+            let per_class = count.div_ceil(stages::synth_slides::SLIDE_CLASSES.len()).max(1);
+            let opts = stages::synth_slides::SlideOptions { per_class, ..Default::default() };
             stages::synth_slides::generate_slides(scratch, &opts, &|_, _| {})?;
             scratch.join("slides")
         }
