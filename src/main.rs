@@ -371,7 +371,18 @@ fn bench(what: Bench) -> Result<()> {
             println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
             print_peak_rss(r.peak_rss_bytes, r.store_bytes, "the store");
         }
-        Bench::Extract { slides, synthetic, encoder, mpp, patch_size, input_size, batch_size, readers, device, dtype } => {
+        Bench::Extract {
+            slides,
+            synthetic,
+            encoder,
+            mpp,
+            patch_size,
+            input_size,
+            batch_size,
+            readers,
+            device,
+            dtype,
+        } => {
             let scratch = tempfile_dir()?;
             let result = bench_extract(
                 &scratch,

@@ -289,25 +289,10 @@ fn run_node(
     outcome.reason = Some(why.join("; "));
 
     let staging = store.staging_dir(&node.id)?;
-    let inputs = node
-        .stage
-        .inputs()
-        .into_iter()
-        .map(|input| {
-            let path = match &input {
-                Input::External { path, .. } => path.clone(),
-                Input::Artifact { node: up, artifact, .. } => {
-                    let up = dag.index_of(up).expect("validated by Dag::new");
-                    store.object_dir(&upstream[&up].key).join(artifact)
-                }
-            };
-            (input.name().to_owned(), path)
-        })
-        .collect();
     let ctx = Context {
         node_id: &node.id,
         run_id,
-        inputs,
+        inputs: input_paths(dag, idx, store, upstream),
         out_dir: &staging,
         progress: multi,
         stat_cache: store.stat_cache(),
@@ -361,6 +346,31 @@ fn run_node(
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();
     Ok((outcome, Some(manifest)))
+}
+
+/// Where each declared input of node `idx` is: external paths as given, artifacts in the
+/// published outputs of `upstream` (which holds every parent).
+pub(crate) fn input_paths(
+    dag: &Dag,
+    idx: NodeIndex,
+    store: &Store,
+    upstream: &HashMap<NodeIndex, Manifest>,
+) -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    dag.node(idx)
+        .stage
+        .inputs()
+        .into_iter()
+        .map(|input| {
+            let path = match &input {
+                Input::External { path, .. } => path.clone(),
+                Input::Artifact { node: up, artifact, .. } => {
+                    let up = dag.index_of(up).expect("validated by Dag::new");
+                    store.object_dir(&upstream[&up].key).join(artifact)
+                }
+            };
+            (input.name().to_owned(), path)
+        })
+        .collect()
 }
 
 /// The directory of the outputs `node` last published, if they are intact and of its stage kind.

@@ -7,7 +7,8 @@ use petgraph::graph::NodeIndex;
 
 use crate::dag::Dag;
 use crate::error::Result;
-use crate::stage::Input;
+use crate::exec::input_paths;
+use crate::stage::{Input, Pending};
 use crate::store::{InputDigest, KeyParts, Lookup, Manifest, Record, Store};
 
 /// Whether a node's published outputs can be reused.
@@ -193,7 +194,19 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                         Freshness::Fresh
                     }
                     Lookup::Hit(_) => Freshness::Stale(vec!["forced".into()]),
-                    other => Freshness::Stale(miss_reasons(store, &node.id, &parts, &other)?),
+                    other => {
+                        let mut why = miss_reasons(store, &node.id, &parts, &other)?;
+                        let pending = Pending {
+                            inputs: input_paths(dag, idx, store, &manifests),
+                            items: store.item_cache(&*node.stage),
+                            stat_cache: store.stat_cache(),
+                        };
+                        match node.stage.pending(&pending) {
+                            Ok(note) => why.extend(note),
+                            Err(e) => why.push(format!("(cannot tell what is done already: {e})")),
+                        }
+                        Freshness::Stale(why)
+                    }
                 };
                 (freshness, Some(key))
             }

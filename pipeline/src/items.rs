@@ -31,14 +31,23 @@ pub struct Item {
 }
 
 impl ItemCache {
+    fn key(&self, facts: &serde_json::Value) -> String {
+        let key_json = canonical(&serde_json::json!({ "stage": self.salt, "facts": facts }));
+        hash_bytes(&serde_json::to_vec(&key_json).expect("serialises"))
+    }
+
+    /// Whether the item for `facts` was made.
+    pub fn exists(&self, facts: &serde_json::Value) -> bool {
+        self.dir.join(self.key(facts)).is_dir()
+    }
+
     /// The item for `facts`, made by `make` into an empty directory when there is none yet.
     pub fn get_or_make(
         &self,
         facts: &serde_json::Value,
         make: impl FnOnce(&Path) -> Result<(), StageError>,
     ) -> Result<Item, StageError> {
-        let key_json = canonical(&serde_json::json!({ "stage": self.salt, "facts": facts }));
-        let key = hash_bytes(&serde_json::to_vec(&key_json).expect("serialises"));
+        let key = self.key(facts);
         let dir = self.dir.join(&key);
         if dir.is_dir() {
             return Ok(Item { dir, made: false });
@@ -95,6 +104,7 @@ mod tests {
         let write = |d: &Path| -> Result<(), StageError> { Ok(fs::write(d.join("tiles.parquet"), b"x")?) };
         let first = a.get_or_make(&facts, write).unwrap();
         assert!(first.made && first.dir.join("tiles.parquet").is_file());
+        assert!(a.exists(&facts) && !a.exists(&serde_json::json!({"slide": "s9"})));
         let again = a.get_or_make(&facts, |_| panic!("made twice")).unwrap();
         assert!(!again.made && again.dir == first.dir);
         let other_slide = a.get_or_make(&serde_json::json!({"slide": "s2", "hash": "abc"}), write).unwrap();

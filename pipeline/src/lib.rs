@@ -28,5 +28,5 @@ pub use gc::{Garbage, collect_garbage};
 pub use items::Item;
 pub use results::refresh_results;
 pub use runlog::{RunOf, recent_keys, write_runs};
-pub use stage::{Context, Input, Node, Stage, StageError};
+pub use stage::{Context, Input, Node, Pending, Stage, StageError};
 pub use store::{Manifest, Store, is_directory};

@@ -27,6 +27,40 @@ pub trait Stage: Send + Sync {
     fn outputs(&self) -> Vec<String>;
     /// Does the work.
     fn run(&self, ctx: &Context) -> Result<(), StageError>;
+    /// For `status`, when the node would run with inputs it can read: how much of its per-item
+    /// work is done already ("1 of 13 slide(s) to tile"), or nothing to add.
+    fn pending(&self, _: &Pending) -> Result<Option<String>, StageError> {
+        Ok(None)
+    }
+}
+
+/// What [`Stage::pending`] sees: the node's inputs as they stand and its items.
+pub struct Pending<'a> {
+    pub(crate) inputs: BTreeMap<String, PathBuf>,
+    pub(crate) items: ItemCache,
+    pub(crate) stat_cache: &'a StatCache,
+}
+
+impl Pending<'_> {
+    /// Path of the declared input `name` (see [`Context::input`]).
+    pub fn input(&self, name: &str) -> &Path {
+        self.inputs.get(name).unwrap_or_else(|| panic!("pending reads undeclared input `{name}`"))
+    }
+
+    /// Whether the item for `facts` was made (see [`Context::item`]).
+    pub fn has_item(&self, facts: &serde_json::Value) -> bool {
+        self.items.exists(facts)
+    }
+
+    /// See [`Context::file_facts`].
+    pub fn file_facts<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        kind: &str,
+        compute: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<(String, T), String> {
+        self.stat_cache.file_facts(path, kind, compute)
+    }
 }
 
 /// A declared input, addressed by the name the stage uses for it.

@@ -12,7 +12,7 @@ use std::sync::mpsc::sync_channel;
 
 use arrow::array::Int64Array;
 use image::imageops::{FilterType, resize};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, Pending, Stage, StageError};
 use schemas::workflow::{Encoder, EncoderDtype, OnBadFile, Slides};
 use tch::{CModule, Device, Kind, Tensor};
 use wsi::Slide;
@@ -70,6 +70,23 @@ impl Stage for ExtractFeatures {
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         self.extract(ctx)
     }
+    /// How many slides with patches are not encoded yet with this encoder and these tiles.
+    fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
+        let slides = read_patches(p.input("slides"), p.input("tiles"))?;
+        let (encoder, ()) = p.file_facts(p.input("encoder"), "digest", |_| Ok(()))?;
+        let done = slides.iter().filter(|s| p.has_item(&facts(s, &encoder))).count();
+        Ok(Some(format!(
+            "{} of {} slide(s) to encode ({done} encoded already with this encoder and these tiles)",
+            slides.len() - done,
+            slides.len()
+        )))
+    }
+}
+
+/// What a slide's features depend on besides the stage's params: the slide's content hash, the
+/// encoder file's digest, and where its patches are.
+fn facts(slide: &SlidePatches, encoder_digest: &str) -> serde_json::Value {
+    serde_json::json!({ "quickhash": slide.quickhash, "encoder": encoder_digest, "patches": patches_digest(slide) })
 }
 
 /// One slide's patches, as `tile_slides` laid them.
@@ -294,12 +311,7 @@ impl ExtractFeatures {
         let mut encoder: Option<LoadedEncoder> = None;
         let (mut made, mut encoded, mut bad) = (0, Vec::new(), Vec::new());
         for slide in &slides {
-            let facts = serde_json::json!({
-                "quickhash": slide.quickhash,
-                "encoder": encoder_digest,
-                "patches": patches_digest(slide),
-            });
-            let item = ctx.item(&facts, |dir| {
+            let item = ctx.item(&facts(slide, &encoder_digest), |dir| {
                 if encoder.is_none() {
                     encoder = Some(LoadedEncoder::load(&self.encoder)?);
                 }

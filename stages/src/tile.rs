@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, Pending, Stage, StageError};
 use schemas::workflow::{OnBadFile, Slides, TissueMethod};
 use serde::{Deserialize, Serialize};
 use wsi::{GridSpec, Slide, Threshold, TissueParams};
@@ -144,6 +144,25 @@ impl Stage for TileSlides {
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         self.tile(ctx)
     }
+    /// How many slides are not tiled yet (slides OpenSlide cannot open count as to tile).
+    fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
+        let files = slide_files(p.input("slides"))?;
+        let done =
+            files.iter().filter(|(_, path)| Slide::open(path).is_ok_and(|s| p.has_item(&facts(&s, path)))).count();
+        Ok(Some(format!(
+            "{} of {} slide(s) to tile ({done} tiled already with these settings)",
+            files.len() - done,
+            files.len()
+        )))
+    }
+}
+
+/// What a slide's tiling depends on besides the stage's params: OpenSlide's hash of the
+/// slide's metadata and lowest-resolution level, and the file's size.
+fn facts(slide: &Slide, path: &Path) -> serde_json::Value {
+    let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    serde_json::json!({ "quickhash": quickhash, "bytes": bytes })
 }
 
 /// Outputs of `tile_slides`.
@@ -232,10 +251,8 @@ impl TileSlides {
     fn tile_one(&self, ctx: &Context, path: &Path, made: &AtomicUsize) -> Outcome {
         let slide = Slide::open(path).map_err(|e| strip(&e.to_string(), path))?;
         let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
-        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let facts = serde_json::json!({ "quickhash": quickhash, "bytes": bytes });
         let item = ctx
-            .item(&facts, |dir| {
+            .item(&facts(&slide, path), |dir| {
                 let tiling = wsi::tile(&slide, &self.spec, &self.tissue)?;
                 let picture = wsi::qc::picture(&slide, &tiling)?;
                 let png = dir.join("qc.png");
