@@ -289,6 +289,20 @@ fn print_status(status: &[pipeline::NodeStatus]) {
     }
 }
 
+/// Runs `write` with a progress callback (slides done, slides in all) that drives a bar.
+fn with_synth_bar<T>(write: impl FnOnce(&dyn Fn(usize, usize)) -> Result<T>) -> Result<T> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
+    )?);
+    let out = write(&|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    out
+}
+
 fn synth_slides(dir: &Path, scale: f64, seed: u64) -> Result<()> {
     if scale.is_nan() || scale <= 0.0 {
         bail!("--scale must be positive");
@@ -298,15 +312,7 @@ fn synth_slides(dir: &Path, scale: f64, seed: u64) -> Result<()> {
         seed,
         ..Default::default()
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template(
-        "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
-    )?);
-    let summary = stages::synth_slides::generate_slides(dir, &opts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
-    bar.finish_and_clear();
+    let summary = with_synth_bar(|progress| Ok(stages::synth_slides::generate_slides(dir, &opts, progress)?))?;
     println!(
         "wrote {} slides ({} × {} pixels at {} µm per pixel) and labels.csv to {}",
         summary.slides,
@@ -322,15 +328,7 @@ fn synth(out: &Path, opts: &stages::synth::SynthOptions) -> Result<()> {
     if opts.scale.is_nan() || opts.scale <= 0.0 || opts.mean_instances == 0 || opts.dim == 0 {
         bail!("--scale, --mean-instances and --dim must be positive");
     }
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template(
-        "synth {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
-    )?);
-    let summary = stages::synth::generate(out, opts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
-    bar.finish_and_clear();
+    let summary = with_synth_bar(|progress| Ok(stages::synth::generate(out, opts, progress)?))?;
     println!(
         "wrote {} slides of {} cases ({} instances, dim {}) to {}",
         summary.slides,

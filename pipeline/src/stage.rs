@@ -52,14 +52,9 @@ impl Pending<'_> {
         self.items.exists(facts)
     }
 
-    /// See [`Context::file_facts`].
-    pub fn file_facts<T: serde::Serialize + serde::de::DeserializeOwned>(
-        &self,
-        path: &Path,
-        kind: &str,
-        compute: impl FnOnce(&[u8]) -> Result<T, String>,
-    ) -> Result<(String, T), String> {
-        self.stat_cache.file_facts(path, kind, compute)
+    /// The workspace's digest cache (see [`Context::file_facts`]).
+    pub fn stat_cache(&self) -> &StatCache {
+        self.stat_cache
     }
 }
 

@@ -310,6 +310,21 @@ mod tests {
         KeyParts { kind: "k".into(), code_version: "1".into(), params: p, inputs: BTreeMap::new() }
     }
 
+    /// The manifest of a node `n` with these parts, before publication.
+    fn manifest(parts: KeyParts) -> Manifest {
+        Manifest {
+            key: parts.key(),
+            node: "n".into(),
+            parts,
+            outputs: BTreeMap::new(),
+            run_id: "r".into(),
+            created_at: String::new(),
+            seconds: 0.0,
+            engine_version: "t".into(),
+            warnings: Vec::new(),
+        }
+    }
+
     #[test]
     fn key_ignores_object_key_order() {
         let a = parts(serde_json::json!({"a": 1, "b": {"x": 1, "y": 2}}));
@@ -325,18 +340,7 @@ mod tests {
         let stage = store.staging_dir("n").unwrap();
         fs::write(stage.join("out.txt"), b"payload").unwrap();
         let p = parts(serde_json::json!({}));
-        let manifest = Manifest {
-            key: p.key(),
-            node: "n".into(),
-            parts: p.clone(),
-            outputs: BTreeMap::new(),
-            run_id: "r".into(),
-            created_at: String::new(),
-            seconds: 0.0,
-            engine_version: "t".into(),
-            warnings: Vec::new(),
-        };
-        store.publish(&stage, manifest, &["out.txt".into()]).unwrap();
+        store.publish(&stage, manifest(p.clone()), &["out.txt".into()]).unwrap();
         assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Hit(_)));
         let out = store.object_dir(&p.key()).join("out.txt");
         fs::write(&out, b"tampered").unwrap();
@@ -356,19 +360,7 @@ mod tests {
             for (name, body) in files {
                 fs::write(stage.join("h5").join(name), body).unwrap();
             }
-            let p = parts(params);
-            let manifest = Manifest {
-                key: p.key(),
-                node: "n".into(),
-                parts: p,
-                outputs: BTreeMap::new(),
-                run_id: "r".into(),
-                created_at: String::new(),
-                seconds: 0.0,
-                engine_version: "t".into(),
-                warnings: Vec::new(),
-            };
-            store.publish(&stage, manifest, &["h5/".into()]).unwrap()
+            store.publish(&stage, manifest(parts(params)), &["h5/".into()]).unwrap()
         };
         let a = publish(&[("s1.h5", "one"), ("s2.h5", "two")], serde_json::json!(1));
         assert_eq!(a.outputs.keys().collect::<Vec<_>>(), ["h5/s1.h5", "h5/s2.h5"]);

@@ -73,7 +73,7 @@ impl Stage for ExtractFeatures {
     /// How many slides with patches are not encoded yet with this encoder and these tiles.
     fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
         let slides = read_patches(p.input("slides"), p.input("tiles"))?;
-        let (encoder, ()) = p.file_facts(p.input("encoder"), "digest", |_| Ok(()))?;
+        let (encoder, ()) = p.stat_cache().file_facts(p.input("encoder"), "digest", |_| Ok(()))?;
         let done = slides.iter().filter(|s| p.has_item(&facts(s, &encoder))).count();
         Ok(Some(format!(
             "{} of {} slide(s) to encode ({done} encoded already with this encoder and these tiles)",
