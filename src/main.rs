@@ -568,15 +568,16 @@ fn gc(wf: &WorkflowArgs, keep_runs: usize, dry_run: bool) -> Result<()> {
             "{:>10}  {}  {}",
             human_bytes(g.bytes),
             &g.key[..16.min(g.key.len())],
-            g.node.as_deref().unwrap_or("?")
+            if g.item { "(per-slide item)" } else { g.node.as_deref().unwrap_or("?") }
         );
     }
     let total = human_bytes(garbage.iter().map(|g| g.bytes).sum());
-    let (verb, object) = (if dry_run { "would remove" } else { "removed" }, l.store.root().join("objects"));
+    let items = garbage.iter().filter(|g| g.item).count();
+    let (verb, root) = (if dry_run { "would remove" } else { "removed" }, l.store.root());
     println!(
-        "{verb} {} object(s), {total}, from {}; kept {current} current and what the last {keep_runs} run(s) used",
-        garbage.len(),
-        object.display()
+        "{verb} {} object(s) and {items} per-slide item(s), {total}, from {}; kept {current} current and what the last {keep_runs} run(s) used",
+        garbage.len() - items,
+        root.display()
     );
     Ok(())
 }

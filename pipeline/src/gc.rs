@@ -17,6 +17,8 @@ pub struct Garbage {
     pub node: Option<String>,
     /// Bytes of its files.
     pub bytes: u64,
+    /// A per-slide item (see `Context::item`) rather than a node's outputs.
+    pub item: bool,
 }
 
 /// The objects of `store` whose keys are not in `keep`, largest first, then the per-slide items
@@ -37,7 +39,7 @@ pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> 
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok())
             .map(|m| m.node);
-        garbage.push(Garbage { bytes: size(&dir), key, node });
+        garbage.push(Garbage { bytes: size(&dir), key, node, item: false });
     }
     garbage.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
     if !dry_run {
@@ -49,7 +51,7 @@ pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> 
     // only those unlinked already).
     for dir in unlinked(&store.root().join("items")) {
         let key = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        garbage.push(Garbage { bytes: size(&dir), node: Some("(a per-slide item)".into()), key: key.clone() });
+        garbage.push(Garbage { bytes: size(&dir), node: None, key: key.clone(), item: true });
         if !dry_run {
             remove(store, &dir, &key)?;
         }
@@ -94,5 +96,28 @@ mod tests {
         assert_eq!(collect_garbage(&store, &keep, false).unwrap(), planned);
         assert!(!store.object_dir("large").exists() && !store.object_dir("small").exists());
         assert!(store.object_dir("kept").join("out.bin").is_file());
+    }
+
+    #[test]
+    fn an_item_goes_with_the_last_object_that_links_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let items = store.root().join("items");
+        for item in ["linked", "loose"] {
+            fs::create_dir_all(items.join(item)).unwrap();
+            fs::write(items.join(item).join("slide.h5"), b"features").unwrap();
+        }
+        for key in ["old", "kept"] {
+            fs::create_dir_all(store.object_dir(key)).unwrap();
+        }
+        fs::hard_link(items.join("linked/slide.h5"), store.object_dir("old").join("slide.h5")).unwrap();
+        let only_old: HashSet<String> = ["kept".to_owned()].into();
+        let planned: Vec<String> =
+            collect_garbage(&store, &only_old, true).unwrap().into_iter().map(|g| g.key).collect();
+        assert_eq!(planned, ["old", "loose"], "a dry run lists the items unlinked already");
+        let removed: Vec<String> =
+            collect_garbage(&store, &only_old, false).unwrap().into_iter().map(|g| g.key).collect();
+        assert_eq!(removed, ["old", "linked", "loose"], "removing `old` leaves `linked` unlinked");
+        assert_eq!(fs::read_dir(&items).unwrap().count(), 0);
     }
 }
