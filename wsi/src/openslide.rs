@@ -198,11 +198,13 @@ impl Slide {
             );
         }
         self.check()?;
-        let mut rgb = Vec::with_capacity(argb.len() * 3);
-        for p in argb {
+        let mut rgb = vec![0u8; argb.len() * 3];
+        for (out, &p) in rgb.chunks_exact_mut(3).zip(&argb) {
             // Premultiplied ARGB: over white, each channel is c + (255 - alpha).
             let white = 255 - (p >> 24);
-            rgb.extend([(p >> 16) & 0xff, (p >> 8) & 0xff, p & 0xff].map(|c| (c + white).min(255) as u8));
+            out[0] = (((p >> 16) & 0xff) + white).min(255) as u8;
+            out[1] = (((p >> 8) & 0xff) + white).min(255) as u8;
+            out[2] = ((p & 0xff) + white).min(255) as u8;
         }
         Ok(RgbImage::from_raw(width, height, rgb).expect("width × height × 3 bytes"))
     }
