@@ -418,3 +418,30 @@ fn patches_digest(slide: &SlidePatches) -> String {
     }
     pipeline::hash_bytes(&bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(input_size: u32) -> Encoder {
+        serde_json::from_value(serde_json::json!({ "model": "e.ts", "input_size": input_size })).unwrap()
+    }
+
+    #[test]
+    fn patches_are_resized_channels_first_and_normalised() {
+        let config = config(8);
+        let mut prepare = Preprocessor::new(&config);
+        // A uniform patch stays uniform through resizing: every value is its channel's.
+        let patch = image::RgbImage::from_pixel(16, 16, image::Rgb([255, 0, 128]));
+        let out = prepare.run(patch).unwrap();
+        assert_eq!(out.len(), 3 * 8 * 8);
+        let expected = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128.0 / 255.0 - 0.406) / 0.225];
+        for (c, want) in expected.into_iter().enumerate() {
+            assert!(out[c * 64..(c + 1) * 64].iter().all(|v| (f64::from(*v) - want).abs() < 1e-5), "channel {c}");
+        }
+        // Of the input size already: taken as is, pixel by pixel.
+        let gradient = image::RgbImage::from_fn(8, 8, |x, _| image::Rgb([(x * 30) as u8, 0, 0]));
+        let out = prepare.run(gradient).unwrap();
+        assert!((f64::from(out[7]) - ((210.0 / 255.0 - 0.485) / 0.229)).abs() < 1e-5);
+    }
+}
