@@ -121,6 +121,13 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let again = run(&wf, &[]);
     assert_eq!((again["tile_slides"].as_str(), again["extract_features"].as_str()), ("cached", "cached"));
     assert_eq!(again["join_labels"], "executed");
+
+    // Another encoder, or other tiling settings, redo every slide.
+    let other = repo("tests/fixtures/encoders/wrong_shape.ts");
+    let status = hmil_flow(&["status", wf_s, "--set", &format!("encoder.model=\"{}\"", other.display())]);
+    assert!(status.contains("13 of 13 slide(s) to encode (0 encoded already"), "{status}");
+    let status = hmil_flow(&["status", wf_s, "--set", "slides.tissue.threshold=20"]);
+    assert!(status.contains("13 of 13 slide(s) to tile (0 tiled already"), "{status}");
 }
 
 /// (rows, columns) of the `features` dataset of a CLAM `.h5`, read with the project's reader.
@@ -194,7 +201,9 @@ fn a_run_killed_mid_cohort_keeps_the_slides_it_encoded() {
     let slow = ["--set", "encoder.input_size=512", "--set", "encoder.batch_size=1"];
     let mut args = vec!["run", wf_s, "extract_features"];
     args.extend(slow);
-    let mut child = std::process::Command::new(common::BIN).args(&args).spawn().unwrap();
+    let quiet = || std::process::Stdio::null();
+    let mut child =
+        std::process::Command::new(common::BIN).args(&args).stdout(quiet()).stderr(quiet()).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while encoded_items(dir.path()) == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));

@@ -299,7 +299,7 @@ fn run_node(
         interrupt: opts.interrupt,
         warnings: Default::default(),
         previous: previous_outputs(store, node)?,
-        items: store.item_cache(&*node.stage),
+        items: store.item_cache(&*node.stage, force),
     };
     tracing::info!(node = %node.id, "running ({})", why.join("; "));
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));

@@ -198,7 +198,7 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                         let mut why = miss_reasons(store, &node.id, &parts, &other)?;
                         let pending = Pending {
                             inputs: input_paths(dag, idx, store, &manifests),
-                            items: store.item_cache(&*node.stage),
+                            items: store.item_cache(&*node.stage, false),
                             stat_cache: store.stat_cache(),
                         };
                         match node.stage.pending(&pending) {

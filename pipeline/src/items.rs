@@ -21,6 +21,8 @@ pub struct ItemCache {
     pub(crate) dir: PathBuf,
     pub(crate) staging: PathBuf,
     pub(crate) salt: serde_json::Value,
+    /// Make every item again, replacing what earlier runs made (a node run with `--force`).
+    pub(crate) remake: bool,
 }
 
 /// An item's directory, and whether this call made it.
@@ -49,7 +51,7 @@ impl ItemCache {
     ) -> Result<Item, StageError> {
         let key = self.key(facts);
         let dir = self.dir.join(&key);
-        if dir.is_dir() {
+        if dir.is_dir() && !self.remake {
             return Ok(Item { dir, made: false });
         }
         let nonce =
@@ -62,6 +64,11 @@ impl ItemCache {
             return Err(e);
         }
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        if self.remake && dir.is_dir() {
+            let old = self.staging.join(format!("item-old-{}", &nonce[..16]));
+            fs::rename(&dir, &old).map_err(|e| io(&dir, e))?;
+            let _ = fs::remove_dir_all(&old);
+        }
         match fs::rename(&staging, &dir) {
             Ok(()) => Ok(Item { dir, made: true }),
             // Another thread made the same item meanwhile: keep theirs.
@@ -93,7 +100,7 @@ mod tests {
     use super::*;
 
     fn cache(root: &Path, params: serde_json::Value) -> ItemCache {
-        ItemCache { dir: root.join("items"), staging: root.join("staging"), salt: params }
+        ItemCache { dir: root.join("items"), staging: root.join("staging"), salt: params, remake: false }
     }
 
     #[test]
@@ -107,6 +114,9 @@ mod tests {
         assert!(a.exists(&facts) && !a.exists(&serde_json::json!({"slide": "s9"})));
         let again = a.get_or_make(&facts, |_| panic!("made twice")).unwrap();
         assert!(!again.made && again.dir == first.dir);
+        let forced = ItemCache { remake: true, ..a.clone() };
+        let remade = forced.get_or_make(&facts, |d| Ok(fs::write(d.join("tiles.parquet"), b"y")?)).unwrap();
+        assert!(remade.made && fs::read(remade.dir.join("tiles.parquet")).unwrap() == b"y", "forced: made again");
         let other_slide = a.get_or_make(&serde_json::json!({"slide": "s2", "hash": "abc"}), write).unwrap();
         let other_params = cache(dir.path(), serde_json::json!({"mpp": 1.0})).get_or_make(&facts, write).unwrap();
         assert!(other_slide.made && other_params.made && other_slide.dir != other_params.dir);

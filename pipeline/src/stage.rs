@@ -197,7 +197,8 @@ impl Context<'_> {
     }
 
     /// The item of this stage (with its code version and params) for `facts`, made by `make` into
-    /// an empty directory unless an earlier run made it. Items outlive runs, so a run killed
+    /// an empty directory unless an earlier run made it (and the node is not run with `--force`,
+    /// which makes every item again). Items outlive runs, so a run killed
     /// mid-cohort keeps the slides it finished, and a changed cohort remakes only what changed.
     /// `facts` must name everything else the item depends on (the slide's content hash, the
     /// encoder's digest); outputs should hard-link the item files they publish.

@@ -152,9 +152,11 @@ impl Store {
         self.root.join("objects").join(key)
     }
 
-    /// Where `stage` (with its current code version and params) keeps its per-item work.
-    pub fn item_cache(&self, stage: &dyn crate::Stage) -> crate::items::ItemCache {
+    /// Where `stage` (with its current code version and params) keeps its per-item work; with
+    /// `remake`, every item it asks for is made again.
+    pub fn item_cache(&self, stage: &dyn crate::Stage, remake: bool) -> crate::items::ItemCache {
         crate::items::ItemCache {
+            remake,
             dir: self.root.join("items"),
             staging: self.root.join("staging"),
             salt: serde_json::json!({

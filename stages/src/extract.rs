@@ -371,7 +371,7 @@ impl ExtractFeatures {
             }
         }
         bar.finish_and_clear();
-        tracing::info!(node = %ctx.node_id(), "encoded {made} of {} slide(s); the others were encoded before", slides.len());
+        tracing::info!(node = %ctx.node_id(), "{}", crate::tile::made_note("encoded", made, slides.len()));
         if !bad.is_empty() {
             ctx.warn(format!(
                 "skipped {} slide(s) whose patches could not be read: {}",

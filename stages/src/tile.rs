@@ -191,7 +191,7 @@ impl TileSlides {
         if ctx.interrupted() {
             return Err(Error::Interrupted(format!("after tiling {} slide(s)", made.load(Ordering::SeqCst))).into());
         }
-        tracing::info!(node = %ctx.node_id(), "tiled {} of {} slide(s); the others were tiled before", made.load(Ordering::SeqCst), files.len());
+        tracing::info!(node = %ctx.node_id(), "{}", made_note("tiled", made.load(Ordering::SeqCst), files.len()));
         let mut bad = Vec::new();
         let mut good = Vec::new();
         for ((id, path), outcome) in files.iter().zip(outcomes) {
@@ -278,6 +278,14 @@ impl TileSlides {
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             .map_err(|e| format!("its tiling in {} is unreadable ({e}); remove that folder", item.dir.display()))?;
         Ok((item.dir, quickhash, tiling))
+    }
+}
+
+/// "tiled 1 of 13 slide(s); 12 were tiled before": what a stage with per-slide items did.
+pub fn made_note(verb: &str, made: usize, total: usize) -> String {
+    match total - made.min(total) {
+        0 => format!("{verb} {made} of {total} slide(s)"),
+        before => format!("{verb} {made} of {total} slide(s); {before} were {verb} before"),
     }
 }
 
