@@ -89,6 +89,15 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let file = hdf5_rows(&h5);
     assert_eq!(file, (n, 24));
     assert!(results.join("report.md").is_file());
+    // The packed store knows where the patches are: level-0 pixels, 128 of them a side.
+    let geometry = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT DISTINCT coord_unit, patch_size FROM packed WHERE current",
+        "--format",
+        "csv",
+    ]);
+    assert!(geometry.contains("px,128.0"), "{geometry}");
 
     assert!(executed(&run(&wf, &[])).is_empty(), "a second run reuses everything");
 

@@ -82,6 +82,10 @@ pub fn packed() -> SchemaRef {
         Field::new("has_coords", DataType::Boolean, false),
         // The feature file's digest, as indexed: a later pack copies the rows of an unchanged file.
         utf8("digest"),
+        // What the coordinates measure (`px`: level-0 pixels, `um`: micrometres, empty: the file
+        // does not say), and the patch side in that unit when the file says.
+        utf8("coord_unit"),
+        Field::new("patch_size", DataType::Float64, true),
     ])
 }
 

@@ -11,13 +11,14 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, BooleanArray, Int64Array};
+use arrow::array::{Array, AsArray, BooleanArray, Float64Array, Int64Array};
+use arrow::datatypes::Float64Type;
 use half::f16;
 use pipeline::{Context, Input, Stage, StageError};
 use schemas::workflow::PackDtype;
 
 use crate::error::{Error, Result};
-use crate::features::{self, Format};
+use crate::features::{self, CoordUnit, Format, Geometry};
 use crate::table;
 
 /// The `pack_features` stage.
@@ -34,8 +35,9 @@ impl Stage for PackFeatures {
         "pack_features"
     }
     /// 2: each slide's file digest in `packed.parquet`; unchanged slides copied from the last pack.
+    /// 3: each slide's coordinate unit and patch size.
     fn code_version(&self) -> &str {
-        "2"
+        "3"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "dtype": self.dtype })
@@ -58,6 +60,7 @@ struct Packed {
     count: i64,
     dim: i64,
     has_coords: bool,
+    geometry: Geometry,
 }
 
 /// The outputs of this node's previous pack, whose unchanged slides are copied, not parsed.
@@ -81,6 +84,8 @@ impl Previous {
             return None;
         }
         let coords_col = t.column_by_name("has_coords")?.as_boolean().clone();
+        let sizes = t.column_by_name("patch_size")?.as_primitive::<Float64Type>().clone();
+        let units = table::strings(&t, "coord_unit");
         let slides = table::strings(&t, "slide_id")
             .into_iter()
             .zip(table::strings(&t, "digest"))
@@ -88,7 +93,13 @@ impl Previous {
             .zip(table::i64s(&t, "dim"))
             .enumerate()
             .map(|(i, (((slide, digest), (offset, count)), dim))| {
-                (slide, Packed { digest, offset, count, dim, has_coords: coords_col.value(i) })
+                let unit = match units[i].as_str() {
+                    "px" => CoordUnit::Pixels,
+                    "um" => CoordUnit::Microns,
+                    _ => CoordUnit::Unknown,
+                };
+                let geometry = Geometry { unit, patch_size: sizes.is_valid(i).then(|| sizes.value(i)) };
+                (slide, Packed { digest, offset, count, dim, has_coords: coords_col.value(i), geometry })
             })
             .collect();
         Some(Previous { slides, features: File::open(features).ok()?, coords: File::open(coords).ok()? })
@@ -141,13 +152,14 @@ impl PackFeatures {
         let mut coords =
             BufWriter::with_capacity(1 << 20, File::create(&coord_path).map_err(|e| Error::io(&coord_path, e))?);
         let (mut offsets, mut counts, mut dims, mut has_coords) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut geometries = Vec::new();
         let mut stats = PackStats::default();
         let mut row = 0i64;
         let bar = ctx.progress(slides.len() as u64, "packing features");
         for (((slide, path), format), digest) in slides.iter().zip(&paths).zip(&formats).zip(&digests) {
             let unchanged =
                 previous.as_ref().and_then(|p| Some((p, p.slides.get(slide).filter(|s| s.digest == *digest)?)));
-            let (count, dim, with_coords) = match unchanged {
+            let (count, dim, with_coords, geometry) = match unchanged {
                 Some((p, s)) => {
                     let (d, n) = (s.dim as u64, s.count as u64);
                     let from = |e| Error::io(&feat_path, e);
@@ -155,7 +167,7 @@ impl PackFeatures {
                     let from = |e| Error::io(&coord_path, e);
                     copy_range(&p.coords, s.offset as u64 * 16, n * 16, &mut coords).map_err(from)?;
                     stats.reused += 1;
-                    (s.count, s.dim, s.has_coords)
+                    (s.count, s.dim, s.has_coords, s.geometry)
                 }
                 None => {
                     stats.parsed += 1;
@@ -166,6 +178,7 @@ impl PackFeatures {
             counts.push(count);
             dims.push(dim);
             has_coords.push(Some(with_coords));
+            geometries.push(geometry);
             row += count;
             bar.inc(1);
         }
@@ -192,11 +205,14 @@ impl PackFeatures {
                 table::string_col(std::iter::repeat_n(dtype, slides.len())),
                 Arc::new(has_coords.into_iter().collect::<BooleanArray>()),
                 table::string_col(&digests),
+                table::string_col(geometries.iter().map(|g| g.unit.name())),
+                Arc::new(geometries.iter().map(|g| g.patch_size).collect::<Float64Array>()),
             ],
         )
     }
 
-    /// Parses one feature file and appends its rows and coordinates: (rows, dim, has coords).
+    /// Parses one feature file and appends its rows and coordinates: (rows, dim, has coords,
+    /// what the coordinates measure).
     fn parse_into(
         &self,
         path: &Path,
@@ -205,7 +221,7 @@ impl PackFeatures {
         feat_path: &Path,
         coords: &mut BufWriter<File>,
         coord_path: &Path,
-    ) -> Result<(i64, i64, bool)> {
+    ) -> Result<(i64, i64, bool, Geometry)> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let format = Format::of(path).filter(|f| f.name() == format).ok_or_else(|| Error::BadFile {
             path: path.into(),
@@ -228,10 +244,11 @@ impl PackFeatures {
             }
         }
         let with_coords = arrays.coords.is_some();
+        let geometry = arrays.geometry;
         let xy = arrays.coords.map(|c| c.to_f64()).unwrap_or_else(|| vec![f64::NAN; arrays.features.rows * 2]);
         for v in xy {
             coords.write_all(&v.to_le_bytes()).map_err(|e| Error::io(coord_path, e))?;
         }
-        Ok((arrays.features.rows as i64, arrays.features.cols as i64, with_coords))
+        Ok((arrays.features.rows as i64, arrays.features.cols as i64, with_coords, geometry))
     }
 }

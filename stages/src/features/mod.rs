@@ -136,11 +136,44 @@ impl Array2<'_> {
     }
 }
 
-/// The arrays of one feature file: features (N × D) and optional coordinates (N × 2).
+/// What a feature file's coordinates measure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CoordUnit {
+    /// The file does not say (no coordinates, or a format without a convention).
+    #[default]
+    Unknown,
+    /// Level-0 pixels (CLAM, TRIDENT).
+    Pixels,
+    /// Micrometres (STAMP).
+    Microns,
+}
+
+impl CoordUnit {
+    /// As `packed.parquet` writes it: `px`, `um`, or empty.
+    pub fn name(self) -> &'static str {
+        match self {
+            CoordUnit::Unknown => "",
+            CoordUnit::Pixels => "px",
+            CoordUnit::Microns => "um",
+        }
+    }
+}
+
+/// Where a file's patches are: the unit of its coordinates and, when the file says, the side of
+/// a patch in that unit, so that heatmaps land where the patches were.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Geometry {
+    pub unit: CoordUnit,
+    pub patch_size: Option<f64>,
+}
+
+/// The arrays of one feature file: features (N × D) and optional coordinates (N × 2), and what
+/// the coordinates measure.
 #[derive(Debug, Clone)]
 pub struct FeatureArrays<'a> {
     pub features: Array2<'a>,
     pub coords: Option<Array2<'a>>,
+    pub geometry: Geometry,
 }
 
 /// Finds the features (and coordinates) in a file's bytes, checking shapes and types.
@@ -149,7 +182,7 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<FeatureArrays<'_>, String> 
         Format::Pt => pt::parse(bytes)?,
         Format::H5 => h5::parse(bytes)?,
         Format::Safetensors => safetensors::parse(bytes)?,
-        Format::Npy => FeatureArrays { features: npy::parse(bytes)?, coords: None },
+        Format::Npy => FeatureArrays { features: npy::parse(bytes)?, coords: None, geometry: Geometry::default() },
     };
     let f = &arrays.features;
     if !f.dtype.is_float() {

@@ -44,7 +44,7 @@ pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'_>, String> {
     };
     let features = view(&mut zip, bytes, &prefix, &features, "features")?;
     let coords = coords.map(|c| view(&mut zip, bytes, &prefix, &c, "coords")).transpose()?;
-    Ok(FeatureArrays { features, coords })
+    Ok(FeatureArrays { features, coords, geometry: super::Geometry::default() })
 }
 
 /// The bytes of a stored (uncompressed) archive entry, borrowed from the file.

@@ -38,5 +38,5 @@ pub fn parse(bytes: &[u8]) -> Result<FeatureArrays<'_>, String> {
         ));
     };
     let coords = if names.iter().any(|n| *n == "coords") { Some(get("coords", "coords")?) } else { None };
-    Ok(FeatureArrays { features, coords })
+    Ok(FeatureArrays { features, coords, geometry: super::Geometry::default() })
 }
