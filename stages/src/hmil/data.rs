@@ -205,6 +205,8 @@ mod tests {
                 table::string_col([dtype; 3]),
                 Arc::new(arrow::array::BooleanArray::from(vec![false; 3])),
                 table::string_col(["d1", "d2", "d3"]),
+                table::string_col(["", "", ""]),
+                Arc::new(arrow::array::Float64Array::from(vec![None; 3])),
             ],
         )
         .unwrap();
