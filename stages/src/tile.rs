@@ -174,16 +174,23 @@ pub const SKIPPED: &str = "skipped.parquet";
 /// See [`SLIDES`]: one `<slide>.png` per slide.
 pub const QC_DIR: &str = "qc/";
 
-/// A slide tiled (its item directory and tiling), or why it could not be.
-type Outcome = std::result::Result<(PathBuf, String, SlideTiling), String>;
+/// A slide tiled, now or by an earlier run.
+struct Tiled<'a> {
+    id: &'a str,
+    path: &'a Path,
+    /// The item directory holding its `qc.png`.
+    item: PathBuf,
+    quickhash: String,
+    tiling: SlideTiling,
+}
 
 impl TileSlides {
     fn tile(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         let files = slide_files(ctx.input("slides"))?;
         let bar = ctx.progress(files.len() as u64, "tiling slides");
         let made = AtomicUsize::new(0);
-        let outcomes = parallel(&files, ctx, |_, path| {
-            let outcome = self.tile_one(ctx, path, &made);
+        let outcomes = parallel(&files, ctx, |id, path| {
+            let outcome = self.tile_one(ctx, id, path, &made);
             bar.inc(1);
             outcome
         });
@@ -194,9 +201,9 @@ impl TileSlides {
         tracing::info!(node = %ctx.node_id(), "{}", made_note("tiled", made.load(Ordering::SeqCst), files.len()));
         let mut bad = Vec::new();
         let mut good = Vec::new();
-        for ((id, path), outcome) in files.iter().zip(outcomes) {
+        for ((_, path), outcome) in files.iter().zip(outcomes) {
             match outcome {
-                Ok((item, quickhash, tiling)) => good.push((id, path, item, quickhash, tiling)),
+                Ok(tiled) => good.push(tiled),
                 Err(e) => bad.push((path.clone(), e)),
             }
         }
@@ -217,22 +224,21 @@ impl TileSlides {
                 pipeline::some_of(&list, "; ")
             ));
         }
-        let empty: Vec<&(&String, &PathBuf, PathBuf, String, SlideTiling)> =
-            good.iter().filter(|g| g.4.patches.is_empty()).collect();
+        let empty: Vec<&Tiled> = good.iter().filter(|t| t.tiling.patches.is_empty()).collect();
         if !empty.is_empty() {
-            let names: Vec<String> = empty.iter().map(|g| g.0.clone()).collect();
+            let names: Vec<String> = empty.iter().map(|t| t.id.to_owned()).collect();
             ctx.warn(format!(
                 "no tissue found on {} slide(s), which get no features (see qc/<slide>.png): {}",
                 names.len(),
                 pipeline::some_of(&names, ", ")
             ));
         }
-        bad.extend(empty.iter().map(|g| (g.1.clone(), "no tissue found".to_owned())));
+        bad.extend(empty.iter().map(|t| (t.path.to_path_buf(), "no tissue found".to_owned())));
         let qc = ctx.output(QC_DIR);
         std::fs::create_dir_all(&qc).map_err(|e| Error::io(&qc, e))?;
-        for (id, _, item, _, _) in &good {
-            let to = qc.join(format!("{id}.png"));
-            std::fs::hard_link(item.join("qc.png"), &to).map_err(|e| Error::io(&to, e))?;
+        for t in &good {
+            let to = qc.join(format!("{}.png", t.id));
+            std::fs::hard_link(t.item.join("qc.png"), &to).map_err(|e| Error::io(&to, e))?;
         }
         write_slides(&ctx.output(SLIDES), &good)?;
         write_tiles(&ctx.output(TILES), &good)?;
@@ -247,8 +253,14 @@ impl TileSlides {
         Ok(())
     }
 
-    /// Tiles one slide, or takes its tiling from an earlier run.
-    fn tile_one(&self, ctx: &Context, path: &Path, made: &AtomicUsize) -> Outcome {
+    /// Tiles one slide, or takes its tiling from an earlier run; an error says why it could not.
+    fn tile_one<'a>(
+        &self,
+        ctx: &Context,
+        id: &'a str,
+        path: &'a Path,
+        made: &AtomicUsize,
+    ) -> std::result::Result<Tiled<'a>, String> {
         let slide = Slide::open(path).map_err(|e| strip(&e.to_string(), path))?;
         let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
         let item = ctx
@@ -277,7 +289,7 @@ impl TileSlides {
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             .map_err(|e| format!("its tiling in {} is unreadable ({e}); remove that folder", item.dir.display()))?;
-        Ok((item.dir, quickhash, tiling))
+        Ok(Tiled { id, path, item: item.dir, quickhash, tiling })
     }
 }
 
@@ -296,10 +308,10 @@ fn strip(message: &str, path: &Path) -> String {
 
 /// `work` on every file, on all cores; results in the order of `files`. Files not begun when the
 /// run is interrupted get an error saying so.
-pub fn parallel<T: Send>(
-    files: &[(String, PathBuf)],
+fn parallel<'f, T: Send>(
+    files: &'f [(String, PathBuf)],
     ctx: &Context,
-    work: impl Fn(&str, &Path) -> std::result::Result<T, String> + Sync,
+    work: impl Fn(&'f str, &'f Path) -> std::result::Result<T, String> + Sync,
 ) -> Vec<std::result::Result<T, String>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len()).max(1);
     let next = AtomicUsize::new(0);
@@ -324,23 +336,21 @@ pub fn parallel<T: Send>(
     results.into_iter().map(|(_, r)| r).collect()
 }
 
-type Good<'a> = (&'a String, &'a PathBuf, PathBuf, String, SlideTiling);
-
-fn write_slides(path: &Path, good: &[Good]) -> Result<()> {
+fn write_slides(path: &Path, good: &[Tiled]) -> Result<()> {
     let i64s = |f: &dyn Fn(&SlideTiling) -> i64| -> ArrayRef {
-        Arc::new(good.iter().map(|g| f(&g.4)).collect::<Int64Array>())
+        Arc::new(good.iter().map(|t| f(&t.tiling)).collect::<Int64Array>())
     };
     table::write(
         path,
         schemas::tables::slides(),
         vec![
-            table::string_col(good.iter().map(|g| g.0.as_str())),
-            table::string_col(good.iter().map(|g| g.1.to_string_lossy())),
-            table::string_col(good.iter().map(|g| g.3.as_str())),
+            table::string_col(good.iter().map(|t| t.id)),
+            table::string_col(good.iter().map(|t| t.path.to_string_lossy())),
+            table::string_col(good.iter().map(|t| t.quickhash.as_str())),
             i64s(&|t| t.width as i64),
             i64s(&|t| t.height as i64),
-            Arc::new(good.iter().map(|g| g.4.mpp).collect::<Float64Array>()),
-            Arc::new(good.iter().map(|g| g.4.level as i32).collect::<Int32Array>()),
+            Arc::new(good.iter().map(|t| t.tiling.mpp).collect::<Float64Array>()),
+            Arc::new(good.iter().map(|t| t.tiling.level as i32).collect::<Int32Array>()),
             i64s(&|t| i64::from(t.read_size)),
             i64s(&|t| i64::from(t.size)),
             i64s(&|t| t.patches.len() as i64),
@@ -348,8 +358,8 @@ fn write_slides(path: &Path, good: &[Good]) -> Result<()> {
     )
 }
 
-fn write_tiles(path: &Path, good: &[Good]) -> Result<()> {
-    let rows = || good.iter().flat_map(|g| g.4.patches.iter().map(move |p| (g.0.as_str(), p, &g.4)));
+fn write_tiles(path: &Path, good: &[Tiled]) -> Result<()> {
+    let rows = || good.iter().flat_map(|t| t.tiling.patches.iter().map(move |p| (t.id, p, &t.tiling)));
     let ids: Vec<&str> = rows().map(|r| r.0).collect();
     table::write(
         path,
