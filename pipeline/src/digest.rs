@@ -144,6 +144,18 @@ impl StatCache {
         Ok((digest, facts))
     }
 
+    /// Whether facts of `kind` are remembered for the file as it is now (same size and mtime),
+    /// so that [`StatCache::file_facts`] would not read it.
+    pub fn knows(&self, path: &Path, kind: &str) -> bool {
+        let Ok(key) = fs::canonicalize(path) else { return false };
+        let Ok(stat) = Stat::of(&key) else { return false };
+        self.entries
+            .lock()
+            .expect("stat cache poisoned")
+            .get(&key)
+            .is_some_and(|e| e.stat == stat && e.facts.contains_key(kind))
+    }
+
     /// Digest of a directory's listing: every file's relative path, size and mtime, no content.
     pub fn dir_digest(&self, dir: &Path) -> Result<String> {
         let mut files = Vec::new();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, Pending, Stage, StageError};
 use schemas::workflow::OnBadFile;
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +113,16 @@ impl Stage for IndexFeatures {
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.index(ctx)?)
+    }
+    /// The feature files new or changed since they were last indexed, by slide.
+    fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
+        let files = feature_files(p.input("features"))?;
+        let unseen: Vec<String> =
+            files.iter().filter(|(_, path, _)| !p.stat_cache().knows(path, FACTS_KIND)).map(|f| f.0.clone()).collect();
+        Ok(Some(match unseen.len() {
+            0 => format!("all {} feature file(s) indexed already; only the listing changed", files.len()),
+            n => format!("{n} of {} feature file(s) new or changed: {}", files.len(), pipeline::some_of(&unseen, ", ")),
+        }))
     }
 }
 

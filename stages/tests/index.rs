@@ -93,3 +93,19 @@ fn unchanged_reindex_reads_no_feature_bytes() {
     let table = fs::read(store.object_dir(second.nodes[0].key.as_ref().unwrap()).join("features.parquet")).unwrap();
     assert_eq!(table, a, "identical index output");
 }
+
+#[test]
+fn status_names_the_feature_files_that_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("feats");
+    features(&dir);
+    let store = Store::open(&tmp.path().join("ws")).unwrap();
+    let dag = index_dag(&dir, OnBadFile::Error);
+    run(&dag, &store, false);
+    store.stat_cache().save().unwrap();
+    write_pt(&dir.join("s1.pt"), &[1.0; 16], 2, 8).unwrap();
+    write_pt(&dir.join("s9.pt"), &[1.0; 16], 2, 8).unwrap();
+    let status = pipeline::status(&dag, &store, &[], false).unwrap();
+    let pipeline::Freshness::Stale(why) = &status[0].freshness else { panic!("{:?}", status[0].freshness) };
+    assert!(why.iter().any(|w| w == "2 of 4 feature file(s) new or changed: s1, s9"), "{why:?}");
+}
