@@ -142,11 +142,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write a commented workflow for a features directory and a label CSV, then check it.
+    /// Write a commented workflow for a features directory (or slides and an encoder) and a label CSV, then check it.
     Init {
         /// Directory of per-slide feature files.
+        #[arg(long, required_unless_present = "slides", conflicts_with = "slides")]
+        features: Option<PathBuf>,
+        /// Directory of slides, to tile and encode (instead of --features; needs --encoder).
+        #[arg(long, requires = "encoder")]
+        slides: Option<PathBuf>,
+        /// The TorchScript encoder for --slides.
         #[arg(long)]
-        features: PathBuf,
+        encoder: Option<PathBuf>,
         /// Label CSV (a slide column, a label column, and a case column if cases have several slides).
         #[arg(long)]
         labels: PathBuf,

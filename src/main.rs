@@ -148,8 +148,13 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             print_status(&pipeline::status(part.as_ref().unwrap_or(&l.dag), &l.store, &[], verify)?);
         }
         Command::Gc { wf, keep_runs, dry_run } => gc(&wf, keep_runs, dry_run)?,
-        Command::Init { features, labels, out, hierarchy, name, force } => {
-            init(&features, &labels, &out, hierarchy.as_deref(), name.as_deref(), force)?
+        Command::Init { features, slides, encoder, labels, out, hierarchy, name, force } => {
+            let look = match (&features, &slides, &encoder) {
+                (_, Some(dir), Some(encoder)) => stages::init::Look::Slides { dir, encoder },
+                (Some(dir), _, _) => stages::init::Look::Features(dir),
+                _ => bail!("give --features DIR, or --slides DIR with --encoder FILE"),
+            };
+            init(look, &labels, &out, hierarchy.as_deref(), name.as_deref(), force)?
         }
         Command::Query { wf, sql, schema, format, out } => query(&wf, sql.as_deref(), schema, format, out.as_deref())?,
         Command::Predict { checkpoint, features, workflow, out, device } => {
@@ -597,7 +602,7 @@ fn human_bytes(bytes: u64) -> String {
 /// Writes a workflow for `features` and `labels` to `out`, then checks it as `run --dry-run`
 /// would and says what is missing.
 fn init(
-    features: &Path,
+    look: stages::init::Look,
     labels: &Path,
     out: &Path,
     hierarchy: Option<&str>,
@@ -607,11 +612,20 @@ fn init(
     if out.exists() && !force {
         bail!("{} exists; pass --force to replace it, or --out another file", out.display());
     }
-    let survey = stages::init::survey(features, labels)?;
+    let survey = stages::init::survey(look, labels)?;
     let hierarchy = hierarchy.map(stages::init::parse_hierarchy).transpose()?;
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned());
     let name = name.map(str::to_owned).or(stem).unwrap_or_else(|| "workflow".into());
-    println!("features: {} file(s), dimension {}", survey.formats_text(), survey.dim);
+    match &survey.source {
+        stages::init::Source::Features { dim, .. } => {
+            println!("features: {} file(s), dimension {dim}", survey.formats_text())
+        }
+        stages::init::Source::Slides { mpp, .. } => println!(
+            "slides: {} file(s); the first at {}",
+            survey.formats_text(),
+            mpp.map_or("an unknown resolution (set mpp_fallback)".into(), |m| format!("{m:.3} µm per pixel"))
+        ),
+    }
     println!(
         "labels: {} slides of {} cases; columns slide `{}`, label `{}`, case `{}`; classes: {}",
         survey.slides,
@@ -621,8 +635,11 @@ fn init(
         survey.case_column.as_deref().unwrap_or("(none: one slide per case)"),
         survey.classes_text()
     );
-    for (what, slides) in [("have no feature file", &survey.without_features), ("have no label", &survey.without_label)]
-    {
+    let no_file = match survey.source {
+        stages::init::Source::Features { .. } => "have no feature file",
+        stages::init::Source::Slides { .. } => "have no slide file",
+    };
+    for (what, slides) in [(no_file, &survey.without_features), ("have no label", &survey.without_label)] {
         if !slides.is_empty() {
             say_warning(&format!("{} slide(s) {what}: {}", slides.len(), pipeline::some_of(slides, ", ")));
         }

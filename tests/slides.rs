@@ -225,3 +225,29 @@ fn a_run_killed_mid_cohort_keeps_the_slides_it_encoded() {
     assert!(out.contains(&format!("encoded {} of 12 slide(s)", 12 - kept)), "kept {kept}:\n{out}");
     assert_eq!(encoded_items(dir.path()), 12);
 }
+
+#[test]
+fn init_drafts_a_slides_workflow_that_loads() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "0.25");
+    let (slides, labels, out) =
+        (dir.path().join("data/slides"), dir.path().join("data/labels.csv"), dir.path().join("init.toml"));
+    let encoder = repo("workflows/encoders/colour-texture.ts");
+    let said = hmil_flow(&[
+        "init",
+        "--slides",
+        slides.to_str().unwrap(),
+        "--encoder",
+        encoder.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--hierarchy",
+        "benign=normal,hyperplasia;malignant=in_situ,invasive",
+    ]);
+    assert!(said.contains("slides: 8 tif file(s); the first at 0.500 µm per pixel"), "{said}");
+    let dag = hmil_flow(&["dag", out.to_str().unwrap()]);
+    assert!(dag.contains("tile_slides") && dag.contains("extract_features"), "{dag}");
+}

@@ -1,6 +1,7 @@
-//! `hmil-flow init`: a first workflow file, drafted from what a features directory and a label
-//! CSV hold: the feature format and dimension, the label columns and classes, whether cases group
-//! slides, and which slides have no features or no label.
+//! `hmil-flow init`: a first workflow file, drafted from what a features directory (or a slides
+//! directory and an encoder) and a label CSV hold: the feature format and dimension (or the slide
+//! formats and resolution), the label columns and classes, whether cases group slides, and which
+//! slides have no features or no label.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -16,17 +17,24 @@ const SLIDE_NAMES: [&str; 6] = ["slide_id", "slide", "slide_name", "wsi", "image
 const LABEL_NAMES: [&str; 6] = ["label", "class", "diagnosis", "subtype", "grade", "target"];
 const CASE_NAMES: [&str; 5] = ["case_id", "case", "patient_id", "patient", "submitter_id"];
 
+/// Where a workflow's features come from, as `init` found it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Feature files: the dimension and instances of the first one.
+    Features { dir: PathBuf, dim: usize, first_instances: usize },
+    /// Slides, encoded by `encoder`: the first one's microns per pixel, when it says.
+    Slides { dir: PathBuf, encoder: PathBuf, mpp: Option<f64> },
+}
+
 /// What `init` found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Survey {
-    pub features: PathBuf,
+    pub source: Source,
     pub labels: PathBuf,
-    /// Feature files by format name, with counts.
+    /// Feature or slide files by format (extension), with counts.
     pub formats: BTreeMap<String, usize>,
-    /// Feature dimension and instances of the first file, and its name.
-    pub dim: usize,
+    /// The first of those files.
     pub first_file: PathBuf,
-    pub first_instances: usize,
     pub slide_column: String,
     pub label_column: String,
     /// `None` when the CSV has no case column (each slide is its own case).
@@ -40,18 +48,42 @@ pub struct Survey {
     pub without_label: Vec<String>,
 }
 
-/// Looks at the features directory and the label CSV.
-pub fn survey(features: &Path, labels: &Path) -> Result<Survey> {
-    let files = index::feature_files(features)?;
+/// Where `survey` looks for features: a features directory, or slides and their encoder.
+pub enum Look<'a> {
+    Features(&'a Path),
+    Slides { dir: &'a Path, encoder: &'a Path },
+}
+
+/// Looks at the features (or slides) and the label CSV.
+pub fn survey(look: Look, labels: &Path) -> Result<Survey> {
     let mut formats = BTreeMap::new();
-    for (_, _, format) in &files {
-        *formats.entry(format.name().to_owned()).or_insert(0) += 1;
-    }
-    let (_, first_file, format) = &files[0];
-    let bytes = std::fs::read(first_file).map_err(|e| Error::io(first_file, e))?;
-    let facts =
-        index::facts(*format, &bytes).map_err(|message| Error::BadFile { path: first_file.clone(), message })?;
-    let stems: HashSet<&str> = files.iter().map(|(s, _, _)| s.as_str()).collect();
+    let (files, source): (Vec<(String, PathBuf)>, Source) = match look {
+        Look::Features(dir) => {
+            let files = index::feature_files(dir)?;
+            for (_, _, format) in &files {
+                *formats.entry(format.name().to_owned()).or_insert(0) += 1;
+            }
+            let (_, first, format) = &files[0];
+            let bytes = std::fs::read(first).map_err(|e| Error::io(first, e))?;
+            let facts =
+                index::facts(*format, &bytes).map_err(|message| Error::BadFile { path: first.clone(), message })?;
+            let source =
+                Source::Features { dir: dir.to_path_buf(), dim: facts.dim, first_instances: facts.n_instances };
+            (files.into_iter().map(|(s, p, _)| (s, p)).collect(), source)
+        }
+        Look::Slides { dir, encoder } => {
+            let files = crate::tile::slide_files(dir)?;
+            for (_, path) in &files {
+                let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+                *formats.entry(ext).or_insert(0) += 1;
+            }
+            let first = wsi::Slide::open(&files[0].1).map_err(|e| Error::Features(e.to_string()))?;
+            let source = Source::Slides { dir: dir.to_path_buf(), encoder: encoder.to_path_buf(), mpp: first.mpp() };
+            (files, source)
+        }
+    };
+    let first_file = files[0].1.clone();
+    let stems: HashSet<&str> = files.iter().map(|(s, _)| s.as_str()).collect();
 
     let bad = |message: String| Error::BadFile { path: labels.to_path_buf(), message };
     let mut reader = csv::ReaderBuilder::new().flexible(false).from_path(labels).map_err(|e| bad(e.to_string()))?;
@@ -97,12 +129,10 @@ pub fn survey(features: &Path, labels: &Path) -> Result<Survey> {
     let labelled: HashSet<&str> = rows.iter().map(|r| r[slide].as_str()).collect();
     let cases: HashSet<&str> = rows.iter().map(|r| r[case.unwrap_or(slide)].as_str()).collect();
     Ok(Survey {
-        features: features.to_path_buf(),
+        source,
         labels: labels.to_path_buf(),
         formats,
-        dim: facts.dim,
-        first_file: first_file.clone(),
-        first_instances: facts.n_instances,
+        first_file,
         slide_column: header[slide].clone(),
         label_column: header[label].clone(),
         case_column: case.map(|c| header[c].clone()),
@@ -138,7 +168,7 @@ impl Survey {
         (missing, unused)
     }
 
-    /// The feature files by format: `136 pt`.
+    /// The feature or slide files by format: `136 pt`.
     pub fn formats_text(&self) -> String {
         self.formats.iter().map(|(f, n)| format!("{n} {f}")).collect::<Vec<_>>().join(", ")
     }
@@ -157,17 +187,42 @@ impl Survey {
         let _ = writeln!(t, "# Written by `hmil-flow init`. Check the hierarchy and the splits, then:");
         let _ = writeln!(t, "#   hmil-flow run {}\n", out.display());
         let _ = writeln!(t, "[workflow]\nname = {}\nseed = 0\n", toml_string(name));
+        let first = self.first_file.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
         let _ = writeln!(t, "[dataset]");
-        let _ = writeln!(
-            t,
-            "# {} feature file(s); {} has {} instances of dimension {}.",
-            self.formats_text(),
-            self.first_file.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
-            self.first_instances,
-            self.dim
-        );
-        let _ = writeln!(t, "features = {}", path(&self.features));
-        let _ = writeln!(t, "labels = {}\n", path(&self.labels));
+        match &self.source {
+            Source::Features { dir, dim, first_instances } => {
+                let _ = writeln!(
+                    t,
+                    "# {} feature file(s); {first} has {first_instances} instances of dimension {dim}.",
+                    self.formats_text()
+                );
+                let _ = writeln!(t, "features = {}", path(dir));
+                let _ = writeln!(t, "labels = {}\n", path(&self.labels));
+            }
+            Source::Slides { dir, encoder, mpp } => {
+                let _ = writeln!(t, "labels = {}\n", path(&self.labels));
+                let _ = writeln!(t, "[slides]\n# {} slide file(s).", self.formats_text());
+                let _ = writeln!(t, "dir = {}", path(dir));
+                let _ = writeln!(t, "mpp = 0.5                 # patches at 0.5 µm per pixel (about 20x)");
+                let _ = writeln!(t, "patch_size = 256");
+                match mpp {
+                    Some(m) => {
+                        let _ = writeln!(t, "# {first} is scanned at {m:.3} µm per pixel.");
+                    }
+                    None => {
+                        let _ = writeln!(
+                            t,
+                            "# TO DO: {first} does not say its resolution; set the scanner's (0.25 at 40x).\nmpp_fallback = 0.25"
+                        );
+                    }
+                }
+                let _ = writeln!(
+                    t,
+                    "\n[encoder]\n# A TorchScript file (see the README's Encoders); ImageNet mean and std."
+                );
+                let _ = writeln!(t, "model = {}\ninput_size = 224\n", path(encoder));
+            }
+        }
         let _ = writeln!(t, "[labels]");
         let _ = writeln!(t, "slide_column = {}", toml_string(&self.slide_column));
         let _ = writeln!(t, "label_column = {}", toml_string(&self.label_column));
@@ -261,12 +316,10 @@ mod tests {
 
     fn survey_of(classes: &[(&str, usize)], case_column: Option<&str>) -> Survey {
         Survey {
-            features: PathBuf::from("/data/pt_files"),
+            source: Source::Features { dir: PathBuf::from("/data/pt_files"), dim: 64, first_instances: 100 },
             labels: PathBuf::from("/data/labels.csv"),
             formats: [("pt".to_owned(), 12)].into(),
-            dim: 64,
             first_file: PathBuf::from("/data/pt_files/a.pt"),
-            first_instances: 100,
             slide_column: "slide".into(),
             label_column: "diagnosis".into(),
             case_column: case_column.map(str::to_owned),
@@ -305,6 +358,29 @@ mod tests {
         assert_eq!(wf.labels.case_column, "slide", "without a case column each slide is its case");
         assert_eq!(s.compare(&h), (vec![], vec![]));
         assert_eq!(alone.compare(&h), (vec![], vec!["PB".to_owned()]));
+    }
+
+    #[test]
+    fn a_slides_draft_has_slides_and_an_encoder_and_asks_for_a_missing_resolution() {
+        let mut s = survey_of(&[("N", 4), ("IC", 4)], None);
+        s.formats = [("svs".to_owned(), 8)].into();
+        s.first_file = PathBuf::from("/data/slides/a.svs");
+        s.source = Source::Slides { dir: "/data/slides".into(), encoder: "/enc/uni.ts".into(), mpp: Some(0.25) };
+        let out = Path::new("/work/wf.toml");
+        let text = s.draft("mine", out, None);
+        let wf = Workflow::parse(&text, out, &[]).unwrap();
+        let (slides, encoder) = (wf.slides.unwrap(), wf.encoder.unwrap());
+        assert_eq!(
+            (slides.dir.as_path(), encoder.model.as_path()),
+            (Path::new("/data/slides"), Path::new("/enc/uni.ts"))
+        );
+        assert!(wf.dataset.features.is_none() && slides.mpp_fallback.is_none());
+        assert!(text.contains("# 8 svs slide file(s).") && text.contains("a.svs is scanned at 0.250 µm"), "{text}");
+        s.source = Source::Slides { dir: "/data/slides".into(), encoder: "/enc/uni.ts".into(), mpp: None };
+        let text = s.draft("mine", out, None);
+        let wf = Workflow::parse(&text, out, &[]).unwrap();
+        assert_eq!(wf.slides.unwrap().mpp_fallback, Some(0.25));
+        assert!(text.contains("TO DO: a.svs does not say its resolution"), "{text}");
     }
 
     #[test]
