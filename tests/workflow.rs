@@ -139,6 +139,25 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     for file in ["labels.parquet", "splits.parquet", "predictions.parquet", "roc.png", "folds/0/history.parquet"] {
         assert!(results.join(file).is_file(), "{file}");
     }
+    // How far each fine class's attention sits inside its coarse class's: one cosine per test
+    // slide and fine class, in [0, 1].
+    let agreement = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT count(*) AS n, min(agreement) >= 0 AND max(agreement) <= 1.000001 AS in_range, \
+         count(DISTINCT fine_class) AS classes FROM agreement WHERE current AND split = 'test'",
+        "--format",
+        "csv",
+    ]);
+    let test_slides = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT count(*) AS n FROM predictions WHERE current AND split = 'test'",
+        "--format",
+        "csv",
+    ]);
+    let n: usize = test_slides.lines().nth(1).unwrap().parse().unwrap();
+    assert_eq!(agreement.lines().nth(1), Some(format!("{},true,7", n * 7).as_str()), "{agreement}");
     let folds = read(&results.join("metrics.parquet")).column_by_name("fold").unwrap().clone();
     let folds: Vec<i32> = folds.as_primitive::<arrow::datatypes::Int32Type>().values().to_vec();
     assert!((0..3).all(|k| folds.contains(&k)), "every fold's metrics in one table");
@@ -402,7 +421,7 @@ fn current_means_this_workflow_with_these_settings() {
     assert!(err.contains("queries are read-only") && !out.contains("no rows"), "{out}{err}");
     let (_, err) = hmil_flow_fails(&["query", wf_s, "SELECT * FROM metricz"]);
     assert!(
-        err.contains("the tables are: all_folds_metrics, all_folds_predictions, attention, ")
+        err.contains("the tables are: agreement, all_folds_metrics, all_folds_predictions, attention, ")
             && err.contains(" metrics, ")
             && err.ends_with("runs\n"),
         "{err}"

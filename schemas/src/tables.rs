@@ -198,6 +198,19 @@ pub fn attention() -> SchemaRef {
     ])
 }
 
+/// `agreement.parquet` (evaluate): per slide and fine class, the cosine between the fine class's
+/// attention over the slide's instances and its coarse class's (null when either is all zero).
+pub fn agreement() -> SchemaRef {
+    schema(vec![
+        Field::new("fold", DataType::Int32, false),
+        utf8("split"),
+        utf8("slide_id"),
+        utf8("fine_class"),
+        utf8("coarse_class"),
+        Field::new("agreement", DataType::Float64, true),
+    ])
+}
+
 /// `hmil-flow predict` output: one row per new slide, with `prob_fine_<class>`,
 /// `prob_coarse_<class>` and `prob_coarse_from_fine_<class>` columns.
 pub fn new_predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {

@@ -32,8 +32,9 @@ impl Stage for EvaluateFold {
         "evaluate"
     }
     /// 2: one joint product per shared input (same model, different float summation order).
+    /// 3: `agreement.parquet`.
     fn code_version(&self) -> &str {
-        "2"
+        "3"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "fold": self.fold, "evaluate": self.config, "classes": self.classes, "device": self.device })
@@ -44,7 +45,12 @@ impl Stage for EvaluateFold {
         v
     }
     fn outputs(&self) -> Vec<String> {
-        vec!["predictions.parquet".into(), "metrics.parquet".into(), "attention.parquet".into()]
+        vec![
+            "predictions.parquet".into(),
+            "metrics.parquet".into(),
+            "attention.parquet".into(),
+            "agreement.parquet".into(),
+        ]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.evaluate(ctx)?)
@@ -77,12 +83,38 @@ impl EvaluateFold {
             .map(|(name, b)| SplitResult {
                 name,
                 bags: b,
-                preds: predict(&model, &store, b, self.config.batch_size, k),
+                preds: predict(&model, &store, b, self.config.batch_size, k, &c.fine_to_coarse),
             })
             .collect();
         self.write_predictions(ctx, &splits)?;
         self.write_metrics(ctx, &splits)?;
-        self.write_attention(ctx, &splits, &store)
+        self.write_attention(ctx, &splits, &store)?;
+        self.write_agreement(ctx, &splits)
+    }
+
+    /// Per slide and fine class, how far the fine attention sits inside its coarse class's
+    /// (cosine; see `infer::hierarchy_agreement`), for SQL to rank slides by.
+    fn write_agreement(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {
+        let c = &self.classes;
+        let rows: Vec<(&str, &str, usize, f64)> = splits
+            .iter()
+            .flat_map(|s| s.bags.iter().zip(&s.preds).map(move |(b, p)| (s.name, b, p)))
+            .flat_map(|(split, b, p)| {
+                p.agreement.iter().enumerate().map(move |(f, &v)| (split, b.slide_id.as_str(), f, v))
+            })
+            .collect();
+        table::write(
+            &ctx.output("agreement.parquet"),
+            schemas::tables::agreement(),
+            vec![
+                Arc::new(Int32Array::from(vec![self.fold as i32; rows.len()])),
+                table::string_col(rows.iter().map(|r| r.0)),
+                table::string_col(rows.iter().map(|r| r.1)),
+                table::string_col(rows.iter().map(|r| c.fine[r.2].as_str())),
+                table::string_col(rows.iter().map(|r| c.coarse[c.fine_to_coarse[r.2]].as_str())),
+                Arc::new(rows.iter().map(|r| r.3.is_finite().then_some(r.3)).collect::<Float64Array>()),
+            ],
+        )
     }
 
     fn write_predictions(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {

@@ -272,7 +272,7 @@ impl TrainFold {
                 y_f.extend(refs.iter().map(|b| b.fine));
             }
             let n_train = order.len().max(1) as f64;
-            let val = predict(&model, &store, &bags.val, cfg.batch_size, 0);
+            let val = predict(&model, &store, &bags.val, cfg.batch_size, 0, &self.classes.fine_to_coarse);
             let vc: Vec<Vec<f64>> = val.iter().map(|p| p.coarse_probs.clone()).collect();
             let vf: Vec<Vec<f64>> = val.iter().map(|p| p.fine_probs.clone()).collect();
             let vy_c: Vec<i64> = bags.val.iter().map(|b| b.coarse).collect();
