@@ -89,6 +89,18 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let file = hdf5_rows(&h5);
     assert_eq!(file, (n, 24));
     assert!(results.join("report.md").is_file());
+    // A heatmap per slide, drawn in the fold that tests it, and every instance's attention for
+    // the 2 + 4 classes.
+    let pngs: usize = (0..3).map(|k| fs::read_dir(results.join(format!("folds/{k}/heatmaps"))).unwrap().count()).sum();
+    assert_eq!(pngs, 12);
+    let per_slide = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT count(*) AS n FROM instance_attention WHERE current AND slide_id = 'slide_001'",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(per_slide, format!("n\n{}\n", n * 6));
     // The packed store knows where the patches are: level-0 pixels, 128 of them a side.
     let geometry = hmil_flow(&[
         "query",

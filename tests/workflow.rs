@@ -120,12 +120,12 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     assert_eq!(planned.lines().count(), 3, "index_features, join_labels, split_folds: {planned}");
     let folds_only = run(&wf, &["split_folds"]);
     let said = hmil_flow(&["run", wf_s, "split_folds"]);
-    assert!(said.contains("(not made yet: pack_features, train[fold=0], evaluate[fold=0], … and 5 more)"), "{said}");
+    assert!(said.contains("(not made yet: pack_features, train[fold=0], evaluate[fold=0], … and 8 more)"), "{said}");
     assert_eq!(folds_only.keys().collect::<Vec<_>>(), ["index_features", "join_labels", "split_folds"]);
     assert!(results.join("splits.parquet").is_file() && !results.join("report.md").exists());
 
     let first = run(&wf, &[]);
-    assert_eq!(first.len(), 4 + 2 * 3 + 1);
+    assert_eq!(first.len(), 4 + 3 * 3 + 1);
     let ran: Vec<&str> = first.iter().filter(|(_, s)| *s == "cached").map(|(id, _)| id.as_str()).collect();
     assert_eq!(ran, ["index_features", "join_labels", "split_folds"], "{first:?}");
     assert_eq!(executed(&first).len(), first.len() - 3, "{first:?}");
@@ -248,6 +248,9 @@ fn learns_caches_and_reruns_exactly_what_changed() {
         "evaluate[fold=0]",
         "evaluate[fold=1]",
         "evaluate[fold=2]",
+        "heatmaps[fold=0]",
+        "heatmaps[fold=1]",
+        "heatmaps[fold=2]",
         "train[fold=0]",
         "train[fold=1]",
         "train[fold=2]",
@@ -264,7 +267,7 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     assert!(status.contains("stale  train[fold=1]: param train.epochs 25→3"), "{status}");
     let fewer = run(&wf, &["--set", "train.epochs=3"]);
     assert_eq!(fewer["split_folds"], "cached");
-    assert_eq!(executed(&fewer).len(), 7, "{fewer:?}");
+    assert_eq!(executed(&fewer).len(), 10, "train, evaluate and heatmaps of 3 folds, and the report: {fewer:?}");
 
     // Runs stay queryable side by side: fine macro AUC per fold, two training settings.
     let per_run = hmil_flow(&[
@@ -291,7 +294,7 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     assert!(planned.contains("  join_labels\n") && planned.contains("  train[fold=0]\n"), "{planned}");
     let removed = hmil_flow(&["gc", wf_s, "--keep-runs", "0"]);
     assert_eq!(removed.replace("removed", "would remove"), planned);
-    assert_eq!(objects(), 4 + 2 * 3 + 1, "{removed}");
+    assert_eq!(objects(), 4 + 3 * 3 + 1, "{removed}");
     let after_gc = run(&wf, &[]);
     assert!(after_gc.values().all(|s| s == "cached"), "{after_gc:?}");
 }
@@ -351,7 +354,7 @@ fn ctrl_c_stops_training_keeps_finished_stages_and_a_rerun_goes_on() {
     assert_eq!(node("pack_features")["status"], "executed");
     let sql = "SELECT count(*) AS n FROM runs WHERE status = 'interrupted'";
     let recorded = hmil_flow(&["query", wf.to_str().unwrap(), sql, "--format", "csv"]);
-    assert_eq!(recorded.trim(), "n\n7", "3 train, 3 evaluate and the report are recorded as interrupted");
+    assert_eq!(recorded.trim(), "n\n10", "3 train, 3 evaluate, 3 heatmaps and the report are recorded as interrupted");
 
     // A rerun (with a training that ends) reuses every stage that finished.
     let short = fs::read_to_string(&wf).unwrap().replace("epochs = 1000000", "epochs = 1");

@@ -198,6 +198,22 @@ pub fn attention() -> SchemaRef {
     ])
 }
 
+/// `instance_attention.parquet` (heatmaps): every instance of each drawn slide, for every class
+/// of both levels: its attention and its percentile rank within the slide (1: the most attended).
+pub fn instance_attention() -> SchemaRef {
+    schema(vec![
+        Field::new("fold", DataType::Int32, false),
+        utf8("slide_id"),
+        utf8("level"),
+        utf8("class"),
+        Field::new("instance", DataType::Int64, false),
+        Field::new("x", DataType::Float64, false),
+        Field::new("y", DataType::Float64, false),
+        Field::new("attention", DataType::Float64, false),
+        Field::new("percentile", DataType::Float64, false),
+    ])
+}
+
 /// `agreement.parquet` (evaluate): per slide and fine class, the cosine between the fine class's
 /// attention over the slide's instances and its coarse class's (null when either is all zero).
 pub fn agreement() -> SchemaRef {

@@ -41,8 +41,8 @@ pub const SPLIT: &str = "split_folds";
 /// Node id of the report, made last.
 pub const REPORT: &str = "report";
 
-/// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`
-/// and `evaluate[fold=k]` per fold, then `report` (which names `workflow_digest`). In the
+/// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`,
+/// `evaluate[fold=k]` and `heatmaps[fold=k]` per fold, then `report` (which names `workflow_digest`). In the
 /// results folder, the labels, splits and report are at the top, the feature index under
 /// `features/`, and each fold's model and evaluation under `folds/<k>/`.
 pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
@@ -101,10 +101,18 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             sources: sources.clone(),
             train_node: train.id.clone(),
         };
-        let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate)).results_in(results);
+        let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate)).results_in(&results);
+        let heatmaps = hmil::heatmaps::HeatmapsFold {
+            fold,
+            device: wf.train.device.clone(),
+            classes: classes.clone(),
+            sources: sources.clone(),
+            train_node: train.id.clone(),
+            slides_node: wf.slides.as_ref().map(|_| TILE.to_owned()),
+        };
+        let heatmaps = Node::new("heatmaps", Some(&label), Arc::new(heatmaps)).results_in(results);
         folds.push((train.id.clone(), evaluate.id.clone()));
-        nodes.push(train);
-        nodes.push(evaluate);
+        nodes.extend([train, evaluate, heatmaps]);
     }
     let report = report::Report {
         workflow: wf.workflow.name.clone(),

@@ -11,7 +11,7 @@ use tch::nn;
 use super::data::Bag;
 use super::infer::{BagPrediction, argmax, predict};
 use super::metrics::{self, Scored};
-use super::model::Dims;
+use super::model::{Dims, Hmil};
 use super::train::{Classes, Sources, build_model, device};
 use crate::error::{Error, Result};
 use crate::table;
@@ -57,6 +57,22 @@ impl Stage for EvaluateFold {
     }
 }
 
+/// The network for `classes` over `dim`-wide features, with the weights of the declared input
+/// `checkpoint`, on `device`. The variable store holds the weights and must outlive the model.
+pub fn load_checkpoint(
+    ctx: &Context,
+    classes: &Classes,
+    dim: i64,
+    device: tch::Device,
+) -> Result<(nn::VarStore, Hmil)> {
+    let dims = Dims { input: dim, n_coarse: classes.coarse.len() as i64, n_fine: classes.fine.len() as i64 };
+    let mut vs = nn::VarStore::new(device);
+    let model = build_model(&vs, dims, 0.0, 0);
+    let ckpt = ctx.input("checkpoint");
+    vs.load(ckpt).map_err(|e| Error::BadFile { path: ckpt.into(), message: e.to_string() })?;
+    Ok((vs, model))
+}
+
 /// One attention row: slide, level, class, rank, instance, score, x, y.
 type AttentionRow<'a> = (String, &'a str, String, i32, i64, f64, Option<f64>, Option<f64>);
 
@@ -72,11 +88,7 @@ impl EvaluateFold {
         let device = device(&self.device)?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let c = &self.classes;
-        let dims = Dims { input: store.dim, n_coarse: c.coarse.len() as i64, n_fine: c.fine.len() as i64 };
-        let mut vs = nn::VarStore::new(device);
-        let model = build_model(&vs, dims, 0.0, 0);
-        let ckpt = ctx.input("checkpoint");
-        vs.load(ckpt).map_err(|e| Error::BadFile { path: ckpt.into(), message: e.to_string() })?;
+        let (_vs, model) = load_checkpoint(ctx, c, store.dim, device)?;
         let k = self.config.attention_top_k;
         let splits: Vec<SplitResult> = [("val", &bags.val), ("test", &bags.test)]
             .into_iter()

@@ -1,8 +1,9 @@
-//! HMIL: the model, its loss, metrics, and the per-fold `train` and `evaluate` stages.
+//! HMIL: the model, its loss, metrics, and the per-fold `train`, `evaluate` and `heatmaps` stages.
 
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
+pub mod heatmaps;
 pub mod infer;
 pub mod loss;
 pub mod memory;
