@@ -30,6 +30,25 @@ pub const HEATMAP_DIR: &str = "heatmaps/";
 pub const INSTANCE_ATTENTION: &str = "instance_attention.parquet";
 /// Side of a panel's longer edge, in pixels.
 const PANEL: f64 = 256.0;
+/// Margins around and between panels, the banner's and titles' heights, the colour bar's column.
+const GAP: u32 = 8;
+const BANNER: u32 = 28;
+const TITLE: u32 = 20;
+const BAR: u32 = 48;
+
+/// Where a picture's parts are: panels of `width` × `height` pixels, the colour bar at `bar_x`.
+struct Layout {
+    width: u32,
+    height: u32,
+    bar_x: u32,
+}
+
+impl Layout {
+    /// Left edge of panel `k`.
+    fn panel_x(&self, k: usize) -> u32 {
+        GAP + k as u32 * (self.width + GAP)
+    }
+}
 /// Opacity of the attention colour over the slide.
 const ALPHA: f64 = 0.7;
 
@@ -138,10 +157,11 @@ impl HeatmapsFold {
     }
 }
 
-/// "slide_007 — true ADH (atypical), predicted FEA (atypical)".
+/// "slide_007: true ADH / atypical, predicted FEA / atypical" (fine / coarse; the two heads
+/// predict on their own, so they may disagree).
 fn banner(bag: &Bag, c: &Classes, fine: &[f64], coarse: &[f64]) -> String {
     format!(
-        "{}: true {} ({}), predicted {} ({})",
+        "{}: true {} / {}, predicted {} / {} (fine / coarse)",
         bag.slide_id,
         c.fine[bag.fine as usize],
         c.coarse[bag.coarse as usize],
@@ -200,10 +220,9 @@ pub fn render(
     let base = background(extent, scale)
         .map(|b| image::imageops::resize(&b, pw, ph, image::imageops::FilterType::Triangle))
         .unwrap_or_else(|| RgbImage::from_pixel(pw, ph, Rgb([255, 255, 255])));
-    let (gap, top, title, bar) = (8u32, 28u32, 20u32, 48u32);
-    let width = panels.len() as u32 * (pw + gap) + gap + bar;
-    let height = top + title + ph + 16;
-    let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    let width = panels.len() as u32 * (pw + GAP) + GAP + BAR;
+    let layout = Layout { width: pw, height: ph, bar_x: width - BAR + 8 };
+    let mut canvas = RgbImage::from_pixel(width, BANNER + TITLE + ph + 16, Rgb([255, 255, 255]));
     let side = (size / scale).ceil().max(1.0) as u32;
     for (k, panel) in panels.iter().enumerate() {
         let mut p = base.clone();
@@ -219,40 +238,34 @@ pub fn render(
                 }
             }
         }
-        image::imageops::replace(&mut canvas, &p, i64::from(gap + k as u32 * (pw + gap)), i64::from(top + title));
+        image::imageops::replace(&mut canvas, &p, i64::from(layout.panel_x(k)), i64::from(BANNER + TITLE));
     }
-    let bar_x = width - bar + 8;
     for py in 0..ph {
         let colour = ViridisRGB::get_color(1.0 - f64::from(py) / f64::from(ph.max(2) - 1));
-        for px in bar_x..bar_x + 12 {
-            canvas.put_pixel(px, top + title + py, Rgb([colour.0, colour.1, colour.2]));
+        for px in layout.bar_x..layout.bar_x + 12 {
+            canvas.put_pixel(px, BANNER + TITLE + py, Rgb([colour.0, colour.1, colour.2]));
         }
     }
-    label(&mut canvas, panels, (pw, gap, top, title, ph, bar_x), banner)?;
+    label(&mut canvas, panels, &layout, banner)?;
     Ok(canvas)
 }
 
 /// Writes the banner, each panel's title and the colour bar's ends onto `canvas`.
-fn label(
-    canvas: &mut RgbImage,
-    panels: &[Panel],
-    (pw, gap, top, title, ph, bar_x): (u32, u32, u32, u32, u32, u32),
-    banner: &str,
-) -> Result<()> {
+fn label(canvas: &mut RgbImage, panels: &[Panel], layout: &Layout, banner: &str) -> Result<()> {
     crate::report::register_font();
     let (w, h) = canvas.dimensions();
     let err = |e: &dyn std::fmt::Display| Error::Features(format!("drawing a heatmap: {e}"));
     {
         let root = BitMapBackend::with_buffer(canvas.as_mut(), (w, h)).into_drawing_area();
         let font = |px: u32| ("sans-serif", px).into_font().color(&BLACK);
-        root.draw_text(banner, &font(15), (gap as i32, 6)).map_err(|e| err(&e))?;
+        root.draw_text(banner, &font(15), (GAP as i32, 6)).map_err(|e| err(&e))?;
         for (k, panel) in panels.iter().enumerate() {
-            let x = (gap + k as u32 * (pw + gap)) as i32;
-            root.draw_text(&panel.title, &font(13), (x, (top + 3) as i32)).map_err(|e| err(&e))?;
+            let x = layout.panel_x(k) as i32;
+            root.draw_text(&panel.title, &font(13), (x, (BANNER + 3) as i32)).map_err(|e| err(&e))?;
         }
-        let y = (top + title) as i32;
-        root.draw_text("100%", &font(11), (bar_x as i32 - 6, y - 13)).map_err(|e| err(&e))?;
-        root.draw_text("0%", &font(11), (bar_x as i32, y + ph as i32 + 1)).map_err(|e| err(&e))?;
+        let (x, y) = (layout.bar_x as i32, (BANNER + TITLE) as i32);
+        root.draw_text("100%", &font(11), (x - 6, y - 13)).map_err(|e| err(&e))?;
+        root.draw_text("0%", &font(11), (x, y + layout.height as i32 + 1)).map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
     }
     Ok(())
