@@ -29,4 +29,4 @@ pub use items::Item;
 pub use results::refresh_results;
 pub use runlog::{RunOf, recent_keys, write_runs};
 pub use stage::{Context, Input, Node, Pending, Stage, StageError};
-pub use store::{Manifest, Store, is_directory};
+pub use store::{Manifest, Store};

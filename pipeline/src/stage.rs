@@ -228,6 +228,12 @@ impl Context<'_> {
         bar
     }
 
+    /// Digest of a file's content, as the engine digests external inputs: read only when its
+    /// size or mtime changed since the workspace last saw it.
+    pub fn file_digest(&self, path: &Path) -> crate::Result<String> {
+        self.stat_cache.file_digest(path)
+    }
+
     /// Digest of a file and facts `compute` derives from its bytes, both remembered across runs
     /// while the file's size and mtime are unchanged (then the file is not read at all).
     pub fn file_facts<T: serde::Serialize + serde::de::DeserializeOwned>(

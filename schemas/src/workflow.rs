@@ -615,8 +615,11 @@ impl Workflow {
             }
         }
         if let Some(e) = &self.encoder {
-            if e.batch_size == 0 || e.input_size < 8 {
-                return bad("encoder.batch_size", "batch_size and input_size must be positive".into());
+            if e.batch_size == 0 {
+                return bad("encoder.batch_size", "must be at least 1".into());
+            }
+            if e.input_size < 8 {
+                return bad("encoder.input_size", format!("{} pixels is too small an input", e.input_size));
             }
             if !valid_device(&e.device) {
                 return bad("encoder.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", e.device));

@@ -72,7 +72,7 @@ impl Stage for ExtractFeatures {
     /// How many slides with patches are not encoded yet with this encoder and these tiles.
     fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
         let slides = read_patches(p.input("slides"), p.input("tiles"))?;
-        let (encoder, ()) = p.stat_cache().file_facts(p.input("encoder"), "digest", |_| Ok(()))?;
+        let encoder = p.stat_cache().file_digest(p.input("encoder"))?;
         let done = slides.iter().filter(|s| p.has_item(&facts(s, &encoder))).count();
         Ok(Some(format!(
             "{} of {} slide(s) to encode ({done} encoded already with this encoder and these tiles)",
@@ -138,11 +138,7 @@ pub struct LoadedEncoder {
 impl LoadedEncoder {
     /// Loads `config.model` on its device; a file libtorch cannot load is an error naming it.
     pub fn load(config: &Encoder) -> Result<LoadedEncoder> {
-        let device = match config.device.as_str() {
-            "cpu" => Device::Cpu,
-            "auto" => Device::cuda_if_available(),
-            other => Device::Cuda(other.trim_start_matches("cuda:").parse().unwrap_or(0)),
-        };
+        let device = crate::hmil::train::device(&config.device)?;
         let bad = |message: String| Error::BadFile { path: config.model.clone(), message };
         let mut module = CModule::load_on_device(&config.model, device).map_err(|e| {
             bad(format!(
@@ -327,7 +323,7 @@ pub fn encode_slide(
 impl ExtractFeatures {
     fn extract(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         let slides = read_patches(ctx.input("slides"), ctx.input("tiles"))?;
-        let (encoder_digest, ()) = ctx.file_facts(ctx.input("encoder"), "digest", |_| Ok(()))?;
+        let encoder_digest = ctx.file_digest(ctx.input("encoder"))?;
         let total: usize = slides.iter().map(|s| s.coords.len()).sum();
         let bar = ctx.progress(total as u64, "patches encoded");
         let mut encoder: Option<LoadedEncoder> = None;

@@ -36,19 +36,16 @@ pub fn facts(format: Format, bytes: &[u8]) -> std::result::Result<FileFacts, Str
 /// Every feature file under `dir` (recursively), sorted, with its slide id (the file stem).
 /// Two files for one slide is an error naming both.
 pub fn feature_files(dir: &Path) -> Result<Vec<(String, PathBuf, Format)>> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    out.sort_by(|a, b| a.1.cmp(&b.1));
-    let mut seen = std::collections::HashMap::new();
-    for (slide, path, _) in &out {
-        if let Some(other) = seen.insert(slide.clone(), path.clone()) {
-            return Err(Error::Features(format!(
-                "slide {slide} has two feature files: {} and {}; point dataset.features at one kind of file",
-                other.display(),
-                path.display()
-            )));
-        }
-    }
+    let mut found = Vec::new();
+    walk(dir, &mut found)?;
+    let out = by_slide(found).map_err(|s| {
+        Error::Features(format!(
+            "slide {} has two feature files: {} and {}; point dataset.features at one kind of file",
+            s.slide,
+            s.first.display(),
+            s.second.display()
+        ))
+    })?;
     if out.is_empty() {
         return Err(Error::Features(format!(
             "{}: no feature files (.pt, .pth, .h5, .hdf5, .safetensors, .npy) found",
@@ -58,17 +55,39 @@ pub fn feature_files(dir: &Path) -> Result<Vec<(String, PathBuf, Format)>> {
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<(String, PathBuf, Format)>) -> Result<()> {
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, Format)>) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
         if path.is_dir() {
             walk(&path, out)?;
         } else if let Some(format) = Format::of(&path) {
-            let slide = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push((slide, path, format));
+            out.push((path, format));
         }
     }
     Ok(())
+}
+
+/// Two files found for one slide id.
+pub(crate) struct SameSlide {
+    pub slide: String,
+    pub first: PathBuf,
+    pub second: PathBuf,
+}
+
+/// Files found for slides, sorted by path, each with its slide id (the file stem); a slide id
+/// two files share is an error naming both.
+pub(crate) fn by_slide<T>(mut found: Vec<(PathBuf, T)>) -> std::result::Result<Vec<(String, PathBuf, T)>, SameSlide> {
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(found.len());
+    for (path, kind) in found {
+        let slide = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(first) = seen.insert(slide.clone(), path.clone()) {
+            return Err(SameSlide { slide, first, second: path });
+        }
+        out.push((slide, path, kind));
+    }
+    Ok(out)
 }
 
 /// Where the feature files are: a folder the user gave, or a directory output of a node that
@@ -149,37 +168,13 @@ pub fn scan<F>(
 where
     F: Fn(&Path, Format) -> std::result::Result<(String, FileFacts), String> + Sync,
 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len()).max(1);
-    let (facts_of, done) = (&facts_of, &done);
-    std::thread::scope(|s| {
-        let chunks: Vec<_> = files
-            .chunks(files.len().div_ceil(threads).max(1))
-            .map(|chunk| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|(slide, path, format)| {
-                            let row =
-                                facts_of(path, *format).map_err(|e| (path.clone(), e)).and_then(|(digest, facts)| {
-                                    let bytes =
-                                        std::fs::metadata(path).map_err(|e| (path.clone(), e.to_string()))?.len();
-                                    Ok(Row {
-                                        slide: slide.clone(),
-                                        path: path.clone(),
-                                        format: *format,
-                                        bytes,
-                                        digest,
-                                        facts,
-                                    })
-                                });
-                            done();
-                            row
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        chunks.into_iter().flat_map(|h| h.join().expect("indexing thread panicked")).collect()
+    crate::par::map(files, |(slide, path, format)| {
+        let row = facts_of(path, *format).map_err(|e| (path.clone(), e)).and_then(|(digest, facts)| {
+            let bytes = std::fs::metadata(path).map_err(|e| (path.clone(), e.to_string()))?.len();
+            Ok(Row { slide: slide.clone(), path: path.clone(), format: *format, bytes, digest, facts })
+        });
+        done();
+        row
     })
 }
 

@@ -9,6 +9,7 @@ pub mod index;
 pub mod init;
 pub mod labels;
 pub mod pack;
+mod par;
 pub mod report;
 pub mod rng;
 pub mod splits;

@@ -93,11 +93,7 @@ impl Previous {
             .zip(table::i64s(&t, "dim"))
             .enumerate()
             .map(|(i, (((slide, digest), (offset, count)), dim))| {
-                let unit = match units[i].as_str() {
-                    "px" => CoordUnit::Pixels,
-                    "um" => CoordUnit::Microns,
-                    _ => CoordUnit::Unknown,
-                };
+                let unit = CoordUnit::named(&units[i]);
                 let geometry = Geometry { unit, patch_size: sizes.is_valid(i).then(|| sizes.value(i)) };
                 (slide, Packed { digest, offset, count, dim, has_coords: coords_col.value(i), geometry })
             })

@@ -2,7 +2,6 @@
 //! QC picture of both. Each slide's tiling is an item of the workspace, so a changed, added or
 //! removed slide is the only one tiled again, and a run killed mid-cohort keeps what it tiled.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,20 +41,18 @@ pub fn slide_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     let mut paths = Vec::new();
     walk(dir, &mut paths)?;
-    paths.sort();
-    let mut seen: HashMap<String, PathBuf> = HashMap::new();
-    let mut out = Vec::new();
-    for path in paths {
-        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(first) = seen.insert(id.clone(), path.clone()) {
-            return Err(Error::Features(format!(
-                "slide {id} has two files: {} and {}; keep one of them in slides.dir",
-                first.display(),
-                path.display()
-            )));
-        }
-        out.push((id, path));
-    }
+    let out: Vec<(String, PathBuf)> = crate::index::by_slide(paths.into_iter().map(|p| (p, ())).collect())
+        .map_err(|s| {
+            Error::Features(format!(
+                "slide {} has two files: {} and {}; keep one of them in slides.dir",
+                s.slide,
+                s.first.display(),
+                s.second.display()
+            ))
+        })?
+        .into_iter()
+        .map(|(id, path, ())| (id, path))
+        .collect();
     if out.is_empty() {
         return Err(Error::Features(format!(
             "{}: no slide files (.{}) found; point slides.dir at the folder of slides",
@@ -147,8 +144,10 @@ impl Stage for TileSlides {
     /// How many slides are not tiled yet (slides OpenSlide cannot open count as to tile).
     fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
         let files = slide_files(p.input("slides"))?;
-        let done =
-            files.iter().filter(|(_, path)| Slide::open(path).is_ok_and(|s| p.has_item(&facts(&s, path)))).count();
+        let done = files
+            .iter()
+            .filter(|(_, path)| Slide::open(path).is_ok_and(|s| p.has_item(&facts(&quickhash(&s), path))))
+            .count();
         Ok(Some(format!(
             "{} of {} slide(s) to tile ({done} tiled already with these settings)",
             files.len() - done,
@@ -157,10 +156,14 @@ impl Stage for TileSlides {
     }
 }
 
-/// What a slide's tiling depends on besides the stage's params: OpenSlide's hash of the
-/// slide's metadata and lowest-resolution level, and the file's size.
-fn facts(slide: &Slide, path: &Path) -> serde_json::Value {
-    let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
+/// OpenSlide's hash of the slide's metadata and lowest-resolution level.
+fn quickhash(slide: &Slide) -> String {
+    slide.property("openslide.quickhash-1").unwrap_or_default()
+}
+
+/// What a slide's tiling depends on besides the stage's params: its `quickhash` and the file's
+/// size.
+fn facts(quickhash: &str, path: &Path) -> serde_json::Value {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     serde_json::json!({ "quickhash": quickhash, "bytes": bytes })
 }
@@ -189,8 +192,9 @@ impl TileSlides {
         let files = slide_files(ctx.input("slides"))?;
         let bar = ctx.progress(files.len() as u64, "tiling slides");
         let made = AtomicUsize::new(0);
-        let outcomes = parallel(&files, ctx, |id, path| {
-            let outcome = self.tile_one(ctx, id, path, &made);
+        let outcomes = crate::par::map(&files, |(id, path)| {
+            let outcome =
+                if ctx.interrupted() { Err("interrupted".into()) } else { self.tile_one(ctx, id, path, &made) };
             bar.inc(1);
             outcome
         });
@@ -262,9 +266,9 @@ impl TileSlides {
         made: &AtomicUsize,
     ) -> std::result::Result<Tiled<'a>, String> {
         let slide = Slide::open(path).map_err(|e| strip(&e.to_string(), path))?;
-        let quickhash = slide.property("openslide.quickhash-1").unwrap_or_default();
+        let quickhash = quickhash(&slide);
         let item = ctx
-            .item(&facts(&slide, path), |dir| {
+            .item(&facts(&quickhash, path), |dir| {
                 let tiling = wsi::tile(&slide, &self.spec, &self.tissue)?;
                 let picture = wsi::qc::picture(&slide, &tiling)?;
                 let png = dir.join("qc.png");
@@ -304,36 +308,6 @@ pub fn made_note(verb: &str, made: usize, total: usize) -> String {
 /// `message` without a leading `path: `, which the list of bad slides already shows.
 fn strip(message: &str, path: &Path) -> String {
     message.strip_prefix(&format!("{}: ", path.display())).unwrap_or(message).to_owned()
-}
-
-/// `work` on every file, on all cores; results in the order of `files`. Files not begun when the
-/// run is interrupted get an error saying so.
-fn parallel<'f, T: Send>(
-    files: &'f [(String, PathBuf)],
-    ctx: &Context,
-    work: impl Fn(&'f str, &'f Path) -> std::result::Result<T, String> + Sync,
-) -> Vec<std::result::Result<T, String>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len()).max(1);
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, std::result::Result<T, String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some((id, path)) = files.get(i) else { break };
-                        let result = if ctx.interrupted() { Err("interrupted".into()) } else { work(id, path) };
-                        out.push((i, result));
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("a slide thread panicked")).collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 fn write_slides(path: &Path, good: &[Tiled]) -> Result<()> {

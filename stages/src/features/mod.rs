@@ -157,6 +157,11 @@ impl CoordUnit {
             CoordUnit::Microns => "um",
         }
     }
+
+    /// The unit [`CoordUnit::name`] writes as `name` (unknown for anything else).
+    pub fn named(name: &str) -> CoordUnit {
+        [CoordUnit::Pixels, CoordUnit::Microns].into_iter().find(|u| u.name() == name).unwrap_or_default()
+    }
 }
 
 /// Where a file's patches are: the unit of its coordinates and, when the file says, the side of
