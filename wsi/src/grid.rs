@@ -6,7 +6,7 @@ use image::{GrayImage, RgbImage};
 use imageproc::integral_image::{integral_image, sum_image_pixels};
 
 use crate::error::{Error, Result};
-use crate::openslide::{Level, Slide};
+use crate::openslide::{Level, Slide, level_for};
 use crate::tissue::{TissueParams, segment};
 
 /// Level-0 pixels per overview pixel, as CLAM segments (on the level nearest this downsample).
@@ -97,20 +97,21 @@ pub fn image_at(slide: &Slide, downsample: f64) -> Result<(RgbImage, f64)> {
 pub fn grid(levels: &[Level], mpp: f64, spec: &GridSpec, mask: &GrayImage, downsample: f64) -> Grid {
     let scale = spec.mpp / mpp;
     let size0 = (f64::from(spec.patch_size) * scale).round().max(1.0) as u32;
-    let level = levels.iter().rposition(|l| l.downsample <= scale * (1.0 + 1e-6)).unwrap_or(0);
+    let level = level_for(levels, scale);
     let read_size = (f64::from(size0) / levels[level].downsample).round().max(1.0) as u32;
     let integral: image::ImageBuffer<image::Luma<u32>, Vec<u32>> = integral_image(mask);
     let (mw, mh) = (mask.width(), mask.height());
     let mut patches = Vec::new();
     let step = i64::from(size0);
     let (w0, h0) = (levels[0].width as i64, levels[0].height as i64);
+    // The mask pixel a level-0 coordinate falls in (`end`: the last one before it).
+    let to_mask = |v: i64, end: bool, limit: u32| {
+        let m = v as f64 / downsample;
+        let m = if end { m.ceil() as i64 - 1 } else { m.floor() as i64 };
+        m.clamp(0, i64::from(limit) - 1) as u32
+    };
     for y in (0..=h0 - step).step_by(size0 as usize) {
         for x in (0..=w0 - step).step_by(size0 as usize) {
-            let to_mask = |v: i64, end: bool, limit: u32| {
-                let m = v as f64 / downsample;
-                let m = if end { m.ceil() as i64 - 1 } else { m.floor() as i64 };
-                m.clamp(0, i64::from(limit) - 1) as u32
-            };
             let (left, right) = (to_mask(x, false, mw), to_mask(x + step, true, mw));
             let (top, bottom) = (to_mask(y, false, mh), to_mask(y + step, true, mh));
             let area = f64::from((right - left + 1) * (bottom - top + 1)) * 255.0;

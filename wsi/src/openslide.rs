@@ -86,6 +86,12 @@ pub struct Level {
     pub downsample: f64,
 }
 
+/// The level of `levels` whose downsample is the largest not above `downsample` (level 0 if
+/// none is).
+pub fn level_for(levels: &[Level], downsample: f64) -> usize {
+    levels.iter().rposition(|l| l.downsample <= downsample * (1.0 + 1e-6)).unwrap_or(0)
+}
+
 /// An open slide. OpenSlide handles may be read from several threads at once.
 pub struct Slide {
     osr: NonNull<c_void>,
@@ -176,9 +182,9 @@ impl Slide {
         }
     }
 
-    /// The level whose downsample is the largest not above `downsample` (level 0 if none is).
+    /// See [`level_for`].
     pub fn level_for_downsample(&self, downsample: f64) -> usize {
-        self.levels.iter().rposition(|l| l.downsample <= downsample * (1.0 + 1e-6)).unwrap_or(0)
+        level_for(&self.levels, downsample)
     }
 
     /// The `width` × `height` pixels of `level` whose top-left corner is at (`x`, `y`) in level-0

@@ -100,7 +100,7 @@ impl HeatmapsFold {
         let (_vs, model) = load_checkpoint(ctx, &self.classes, store.dim, device)?;
         let sizes = patch_sizes(ctx.input("packed"))?;
         let files = match &self.slides_node {
-            Some(_) => slide_files(ctx.input("slides"))?,
+            Some(_) => slide_paths(ctx.input("slides"))?,
             None => HashMap::new(),
         };
         let c = &self.classes;
@@ -296,7 +296,7 @@ fn patch_sizes(packed: &Path) -> Result<HashMap<String, Option<f64>>> {
 }
 
 /// Each slide's file, from `slides.parquet`.
-fn slide_files(slides: &Path) -> Result<HashMap<String, std::path::PathBuf>> {
+fn slide_paths(slides: &Path) -> Result<HashMap<String, std::path::PathBuf>> {
     let t = table::read(slides)?;
     Ok(table::strings(&t, "slide_id").into_iter().zip(table::strings(&t, "path").into_iter().map(Into::into)).collect())
 }
