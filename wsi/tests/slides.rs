@@ -161,3 +161,45 @@ fn a_slide_without_resolution_needs_a_fallback() {
     let tiling = tile(&slide, &with_fallback, &tissue).unwrap();
     assert_eq!((tiling.mpp, tiling.grid.size0), (0.25, 256));
 }
+
+#[test]
+fn a_pyramid_written_strip_by_strip_reads_back_level_by_level() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("strips.tif");
+    // Odd sizes, so that the last strip, the last tile column and each halving are partial.
+    let (w, h) = (1000u32, 741u32);
+    let colour = |x: u32, y: u32| Rgb([(x % 251) as u8, (y % 241) as u8, ((x / 7 + y / 5) % 256) as u8]);
+    let mut writer = wsi::tiff::PyramidWriter::create(&path, (w, h), Some(0.25), 128, 3).unwrap();
+    let tile = writer.tile();
+    for top in (0..h).step_by(tile as usize) {
+        let rows = tile.min(h - top);
+        writer.push(&RgbImage::from_fn(w, rows, |x, y| colour(x, top + y))).unwrap();
+    }
+    writer.finish().unwrap();
+    let slide = Slide::open(&path).unwrap();
+    let dims: Vec<(u64, u64)> = slide.levels().iter().map(|l| (l.width, l.height)).collect();
+    assert_eq!(dims, [(1000, 741), (500, 370), (250, 185)]);
+    assert!((slide.mpp().unwrap() - 0.25).abs() < 1e-3);
+    let level0 = slide.read_rgb(0, 0, 0, w, h).unwrap();
+    assert!(level0.enumerate_pixels().all(|(x, y, p)| *p == colour(x, y)), "level 0 is the image");
+    // Level 1: the rounded mean of each 2 × 2 block of level 0.
+    let level1 = slide.read_rgb(0, 0, 1, 500, 370).unwrap();
+    for (x, y) in [(0, 0), (499, 369), (250, 63), (37, 64)] {
+        let block = [(0, 0), (1, 0), (0, 1), (1, 1)].map(|(dx, dy)| colour(2 * x + dx, 2 * y + dy));
+        let mean = [0, 1, 2].map(|c| ((block.iter().map(|p| u16::from(p.0[c])).sum::<u16>() + 2) / 4) as u8);
+        assert_eq!(level1.get_pixel(x, y).0, mean, "({x}, {y})");
+    }
+}
+
+#[test]
+fn a_pyramid_refuses_strips_that_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.tif");
+    let mut writer = wsi::tiff::PyramidWriter::create(&path, (64, 64), None, 32, 2).unwrap();
+    let err = writer.push(&RgbImage::new(63, 32)).unwrap_err().to_string();
+    assert!(err.contains("bad.tif") && err.contains("63 × 32"), "{err}");
+    writer.push(&RgbImage::new(64, 32)).unwrap();
+    let err = writer.finish().unwrap_err().to_string();
+    assert!(err.contains("32 of the image's 64 rows"), "{err}");
+}
