@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use super::data::{Bag, Store};
-use super::model::Hmil;
+use super::model::{Hmil, Output};
 
 /// What the network says about one bag.
 #[derive(Debug, Clone)]
@@ -59,6 +59,98 @@ pub fn hierarchy_agreement(coarse: &[Vec<f64>], fine: &[Vec<f64>], fine_to_coars
         .collect()
 }
 
+/// What the network says about one bag, instance by instance.
+pub struct BagOutput<'a> {
+    pub coarse_probs: &'a [f64],
+    pub fine_probs: &'a [f64],
+    /// Per level (0 coarse, 1 fine): one row per instance, one column per class.
+    pub attention: [&'a [Vec<f64>]; 2],
+    /// Per level: each instance's classifier score (see [`evidence`]).
+    pub scores: [&'a [f64]; 2],
+}
+
+impl BagOutput<'_> {
+    /// Per level: one row per instance, one column per class; see [`evidence`].
+    pub fn evidence(&self) -> [Vec<Vec<f64>>; 2] {
+        [0, 1].map(|level| evidence(self.attention[level], self.scores[level]))
+    }
+}
+
+/// Each instance's share of each class's logit above the mean of the classes' logits. A class's
+/// logit is `Σ_i a_ik·s_i + b`: attention `a_ik` weighting one classifier score `s_i` shared by
+/// every class. So attention says where a class's logit reads, not whether what it reads there
+/// raises or lowers it: a class may attend most to the instances that argue against it. The
+/// share `e_ik = (a_ik − ā_i)(s_i − s̄)`, with `ā_i` the instance's mean attention over classes and
+/// `s̄` the mean score over the bag, sums over instances to exactly `logit_k − mean_j logit_j`
+/// (the bias cancels), and is positive where the instance moves the model towards class `k`.
+/// `attention` holds one row per instance, one column per class.
+pub fn evidence(attention: &[Vec<f64>], scores: &[f64]) -> Vec<Vec<f64>> {
+    let n = scores.len().max(1) as f64;
+    let mean_score = scores.iter().sum::<f64>() / n;
+    attention
+        .iter()
+        .zip(scores)
+        .map(|(row, &s)| {
+            let mean = row.iter().sum::<f64>() / row.len().max(1) as f64;
+            row.iter().map(|&a| (a - mean) * (s - mean_score)).collect()
+        })
+        .collect()
+}
+
+/// Runs the network over `bags` in batches of `batch_size` (no gradients, no dropout) and hands
+/// `each` every bag's index and output.
+pub fn forward_bags(
+    model: &Hmil,
+    store: &Store,
+    bags: &[Bag],
+    batch_size: usize,
+    mut each: impl FnMut(usize, BagOutput),
+) {
+    let _guard = tch::no_grad_guard();
+    let mut done = 0;
+    for chunk in bags.chunks(batch_size.max(1)) {
+        let refs: Vec<&Bag> = chunk.iter().collect();
+        let batch = store.batch(&refs);
+        bag_outputs(&model.forward(&batch, false), &batch.lengths, |i, out| each(done + i, out));
+        done += chunk.len();
+    }
+}
+
+/// Hands `each` the output of every bag of a forward pass over bags of `lengths` instances.
+pub fn bag_outputs(o: &Output, lengths: &[i64], mut each: impl FnMut(usize, BagOutput)) {
+    let coarse = rows(&o.coarse_logits.softmax(-1, Kind::Float));
+    let fine = rows(&o.fine_logits.softmax(-1, Kind::Float));
+    let attention = [rows(&o.coarse_attention), rows(&o.fine_attention)];
+    let scores = [column(&o.coarse_scores), column(&o.fine_scores)];
+    let mut start = 0;
+    for (i, &len) in lengths.iter().enumerate() {
+        let range = start..start + len as usize;
+        each(
+            i,
+            BagOutput {
+                coarse_probs: &coarse[i],
+                fine_probs: &fine[i],
+                attention: [&attention[0][range.clone()], &attention[1][range.clone()]],
+                scores: [&scores[0][range.clone()], &scores[1][range]],
+            },
+        );
+        start += len as usize;
+    }
+}
+
+/// A T × 1 tensor's values.
+fn column(t: &Tensor) -> Vec<f64> {
+    Vec::try_from(t.to_kind(Kind::Double).to_device(tch::Device::Cpu).contiguous().view([-1])).expect("double tensor")
+}
+
+/// Instances sorted by `value` of each, highest first (ties by instance), cut to `top_k`.
+pub fn ranked(values: impl Iterator<Item = f64>, top_k: usize) -> Vec<(usize, f64)> {
+    let mut idx: Vec<(usize, f64)> = values.enumerate().collect();
+    idx.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    idx.truncate(top_k);
+    idx
+}
+
 /// Evaluates `bags` in batches of `batch_size` (no gradients, no dropout), keeping the `top_k`
 /// most attended instances per class and each fine class's agreement with its coarse class.
 pub fn predict(
@@ -69,46 +161,54 @@ pub fn predict(
     top_k: usize,
     fine_to_coarse: &[usize],
 ) -> Vec<BagPrediction> {
-    let _guard = tch::no_grad_guard();
     let mut out = Vec::with_capacity(bags.len());
-    for chunk in bags.chunks(batch_size.max(1)) {
-        let refs: Vec<&Bag> = chunk.iter().collect();
-        let batch = store.batch(&refs);
-        let o = model.forward(&batch, false);
-        let coarse = rows(&o.coarse_logits.softmax(-1, Kind::Float));
-        let fine = rows(&o.fine_logits.softmax(-1, Kind::Float));
-        let attention = [rows(&o.coarse_attention), rows(&o.fine_attention)];
-        let mut start = 0;
-        for (i, bag) in chunk.iter().enumerate() {
-            let len = bag.len as usize;
-            let top_attention = [0, 1].map(|level| {
-                let a = &attention[level][start..start + len];
-                (0..a[0].len())
-                    .map(|class| {
-                        let mut idx: Vec<(usize, f64)> = a.iter().map(|r| r[class]).enumerate().collect();
-                        idx.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
-                        idx.truncate(top_k);
-                        idx
-                    })
-                    .collect()
-            });
-            let rows = |level: usize| &attention[level][start..start + len];
-            let agreement = hierarchy_agreement(rows(0), rows(1), fine_to_coarse);
-            out.push(BagPrediction {
-                coarse_probs: coarse[i].clone(),
-                fine_probs: fine[i].clone(),
-                top_attention,
-                agreement,
-            });
-            start += len;
-        }
-    }
+    forward_bags(model, store, bags, batch_size, |_, o| {
+        let top_attention = [0, 1].map(|level| {
+            let a = o.attention[level];
+            (0..a.first().map_or(0, Vec::len)).map(|class| ranked(a.iter().map(|r| r[class]), top_k)).collect()
+        });
+        out.push(BagPrediction {
+            coarse_probs: o.coarse_probs.to_vec(),
+            fine_probs: o.fine_probs.to_vec(),
+            top_attention,
+            agreement: hierarchy_agreement(o.attention[0], o.attention[1], fine_to_coarse),
+        });
+    });
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evidence_sums_to_each_logit_above_the_mean_logit() {
+        // The PyTorch fixture's two bags: each class's evidence, summed over the bag's
+        // instances, is its logit minus the mean of the bag's logits.
+        let (_vs, model, batch, _) = crate::hmil::model::tests::fixture();
+        let out = model.forward(&batch, false);
+        let attention = [rows(&out.coarse_attention), rows(&out.fine_attention)];
+        let scores = [column(&out.coarse_scores), column(&out.fine_scores)];
+        let logits = [rows(&out.coarse_logits), rows(&out.fine_logits)];
+        let mut start = 0;
+        for (bag, &len) in batch.lengths.iter().enumerate() {
+            let range = start..start + len as usize;
+            for level in 0..2 {
+                let e = evidence(&attention[level][range.clone()], &scores[level][range.clone()]);
+                let l = &logits[level][bag];
+                let mean = l.iter().sum::<f64>() / l.len() as f64;
+                for (class, logit) in l.iter().enumerate() {
+                    let total: f64 = e.iter().map(|r| r[class]).sum();
+                    assert!((total - (logit - mean)).abs() < 1e-5, "bag {bag} level {level} class {class}");
+                }
+            }
+            start += len as usize;
+        }
+        // An instance the class attends to more than the others do, scoring above the bag's
+        // mean, argues for it; one it attends to more but scoring below, against it.
+        let e = evidence(&[vec![0.6, 0.2], vec![0.3, 0.3], vec![0.1, 0.5]], &[2.0, 1.0, 0.0]);
+        assert!(e[0][0] > 0.0 && e[0][1] < 0.0 && e[1][0] == 0.0 && e[2][1] < 0.0 && e[2][0] > 0.0, "{e:?}");
+    }
 
     #[test]
     fn agreement_is_the_cosine_of_fine_and_coarse_attention() {

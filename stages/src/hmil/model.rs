@@ -131,6 +131,11 @@ pub struct Output {
     pub coarse_attention: Tensor,
     /// T × n_f fine attention.
     pub fine_attention: Tensor,
+    /// T × 1 each instance's coarse classifier score (without its bias): a bag's coarse logit of
+    /// class k is the sum over its instances of coarse attention k times this score, plus the bias.
+    pub coarse_scores: Tensor,
+    /// T × 1 each instance's fine classifier score (without its bias), likewise.
+    pub fine_scores: Tensor,
     /// T × 256 reduced instance features, for the fine bag embeddings.
     h2: Tensor,
 }
@@ -167,9 +172,17 @@ impl Hmil {
         let fine = &self.fine_attention;
         let [a, b, s2] = joint_linear(&h2, [(&fine.a, true), (&fine.b, true), (&self.fine_classifier, false)]);
         let a2 = segment_softmax(&fine.scores(&a, &b, self.dropout, train), seg, bags);
-        let coarse_logits = segment_sum(&(&a1 * s1), seg, bags) + self.coarse_classifier.bs.as_ref().expect("bias");
-        let fine_logits = segment_sum(&(&a2 * s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
-        Output { coarse_logits, fine_logits, coarse_attention: a1, fine_attention: a2, h2 }
+        let coarse_logits = segment_sum(&(&a1 * &s1), seg, bags) + self.coarse_classifier.bs.as_ref().expect("bias");
+        let fine_logits = segment_sum(&(&a2 * &s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
+        Output {
+            coarse_logits,
+            fine_logits,
+            coarse_attention: a1,
+            fine_attention: a2,
+            coarse_scores: s1,
+            fine_scores: s2,
+            h2,
+        }
     }
 }
 
