@@ -1,5 +1,6 @@
 //! `train[fold=k]`: trains HMIL on a fold's training bags, keeps the checkpoint that scores best
-//! on its validation bags (the test bags are never looked at), and records every epoch.
+//! on its validation bags (ties broken by the lower validation loss; the test bags are never
+//! looked at), and records every epoch.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -90,8 +91,9 @@ impl Stage for TrainFold {
     }
     /// 2: one joint product per shared input (same model, different float summation order).
     /// 3: the checkpoint carries its classes, hierarchy and configuration.
+    /// 4: an epoch that ties the best validation score is kept when its validation loss is lower.
     fn code_version(&self) -> &str {
-        "3"
+        "4"
     }
     fn params(&self) -> serde_json::Value {
         let mut config = serde_json::to_value(&self.config).expect("serialises");
@@ -133,6 +135,18 @@ pub fn build_model(vs: &nn::VarStore, dims: Dims, dropout: f64, seed: u64) -> Hm
         t.copy_(&Tensor::from_slice(&values).view(size.as_slice()).to(t.device()));
     }
     model
+}
+
+/// Whether an epoch with validation (score, loss) beats the best so far: a higher score, or the
+/// same score with a lower loss. A small validation set saturates AUC or accuracy within a few
+/// epochs, while the model is still barely trained; the first epoch to reach the ceiling is not
+/// the one to keep.
+fn better((score, loss): (f64, f64), best: Option<(f64, f64)>) -> bool {
+    match best {
+        None => true,
+        Some((b, _)) if b.is_nan() => !score.is_nan(),
+        Some((b, best_loss)) => score > b || (score == b && loss < best_loss),
+    }
 }
 
 /// Accuracy and one-vs-rest macro AUC of probabilities against labels.
@@ -213,7 +227,7 @@ impl TrainFold {
         if bags.val.is_empty() {
             ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
-        let mut best: Option<(f64, Vec<(String, Tensor)>)> = None;
+        let mut best: Option<((f64, f64), Vec<(String, Tensor)>)> = None;
         let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
         let mut history = History::default();
         let bar = ctx.progress(cfg.epochs as u64, "epochs");
@@ -288,11 +302,9 @@ impl TrainFold {
                 SelectMetric::CoarseAuc => vauc_c,
                 SelectMetric::Loss => -val_loss,
             };
-            let improved =
-                best.as_ref().is_none_or(|(b, _)| score > *b || (b.is_nan() && !score.is_nan())) || val.is_empty();
-            if improved {
+            if val.is_empty() || better((score, val_loss), best.as_ref().map(|b| b.0)) {
                 let snapshot = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
-                best = Some((score, snapshot));
+                best = Some(((score, val_loss), snapshot));
                 since_best = 0;
             } else {
                 since_best += 1;
@@ -407,4 +419,20 @@ fn class_weights(train: &[Bag], dims: Dims, device: Device) -> (Tensor, Tensor) 
         Tensor::from_slice(&w).to(device)
     };
     (weights(dims.n_coarse, &|b| b.coarse), weights(dims.n_fine, &|b| b.fine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::better;
+
+    #[test]
+    fn a_tied_score_is_kept_only_with_a_lower_loss() {
+        assert!(better((0.8, 1.0), None));
+        assert!(better((0.9, 2.0), Some((0.8, 0.1))), "a higher score wins whatever its loss");
+        assert!(!better((0.7, 0.1), Some((0.8, 1.0))));
+        // AUC saturated at 1.0 from an early epoch: later epochs that fit better are kept.
+        assert!(better((1.0, 0.03), Some((1.0, 0.99))));
+        assert!(!better((1.0, 0.5), Some((1.0, 0.03))));
+        assert!(better((0.5, 1.0), Some((f64::NAN, 1.0))) && !better((f64::NAN, 0.1), Some((f64::NAN, 1.0))));
+    }
 }
