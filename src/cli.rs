@@ -122,6 +122,42 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Draw a checkpoint's heatmaps and top tiles for slides outside any workflow: one feature
+    /// file (with patch coordinates) or a folder of them, over the slides they came from when
+    /// given, or a blank canvas.
+    Heatmap {
+        /// A `model.safetensors` (published HMIL parameter names).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A feature file or a directory of them (CLAM, TRIDENT or STAMP `.h5`: they hold coordinates).
+        #[arg(long)]
+        features: PathBuf,
+        /// The slide, or a folder of slides matched to the feature files by slide id (file stem).
+        #[arg(long)]
+        slides: Option<PathBuf>,
+        /// Take class names and the hierarchy from this workflow.
+        #[arg(long)]
+        workflow: Option<PathBuf>,
+        /// Output folder: `heatmaps/`, `top_tiles/`, `instance_attention.parquet`, `heatmaps.parquet`.
+        #[arg(long, default_value = "heatmaps")]
+        out: PathBuf,
+        /// What panels colour and tiles are ranked by.
+        #[arg(long, value_enum, default_value_t = Map::Evidence)]
+        map: Map,
+        /// Patches per class at each end of the top-tiles mosaic (0: no mosaic).
+        #[arg(long, default_value_t = 8)]
+        top_tiles: usize,
+        /// Also draw each slide's heatmap at this pyramid level of the slide, as a pyramidal TIFF
+        /// a slide viewer opens (`full_res/<slide>.<class>.level<L>.tif`).
+        #[arg(long, value_name = "LEVEL", requires = "slides")]
+        full_res: Option<usize>,
+        /// The classes to draw with --full-res (repeatable; default: the predicted fine and coarse classes).
+        #[arg(long = "class", value_name = "NAME", requires = "full_res")]
+        classes: Vec<String>,
+        /// `cpu`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Write the workflow's current folds as CLAM `splits_{k}.csv` files.
     ExportSplits {
         #[command(flatten)]
@@ -210,6 +246,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = FeatureFormat::Pt)]
         format: FeatureFormat,
     },
+}
+
+/// What heatmaps colour.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Map {
+    /// Each patch's share of the class's logit above the mean logit: evidence for the class.
+    Evidence,
+    /// The class's attention, as CLAM draws it (it may sit on evidence against the class).
+    Attention,
 }
 
 /// Feature file formats `synth` writes.

@@ -166,6 +166,27 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let n = stages::hmil::predict::predict(&checkpoint, &features, classes, &out, device)?;
             println!("predicted {n} slide(s) into {}", out.display());
         }
+        Command::Heatmap { checkpoint, features, slides, workflow, out, map, top_tiles, full_res, classes, device } => {
+            let map = match map {
+                cli::Map::Evidence => schemas::workflow::MapKind::Evidence,
+                cli::Map::Attention => schemas::workflow::MapKind::Attention,
+            };
+            let request = stages::hmil::heatmaps::apply::Request {
+                checkpoint: &checkpoint,
+                features: &features,
+                slides: slides.as_deref(),
+                classes: match workflow {
+                    Some(path) => Some(stages::classes(&Workflow::load(&path, &settings(&[])?)?)),
+                    None => None,
+                },
+                out: &out,
+                device: stages::hmil::train::device(&device)?,
+                map,
+                top_tiles,
+                full_res: full_res.map(|level| (level, classes)),
+            };
+            heatmap(&request)?
+        }
         Command::ExportSplits { wf, out } => {
             let l = load(&wf)?;
             l.workflow.check_paths()?;
@@ -308,6 +329,42 @@ fn with_synth_bar<T>(write: impl FnOnce(&dyn Fn(usize, usize)) -> Result<T>) -> 
     out
 }
 
+fn heatmap(request: &stages::hmil::heatmaps::apply::Request) -> Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "heatmap {bar:30} {pos}/{len} slides [{elapsed_precise}<{eta_precise}]",
+    )?);
+    let summary = stages::hmil::heatmaps::apply::heatmaps(request, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if !summary.without_coords.is_empty() {
+        say_warning(&format!(
+            "no heatmap for {} slide(s) whose features have no coordinates: {}",
+            summary.without_coords.len(),
+            pipeline::some_of(&summary.without_coords, ", ")
+        ));
+    }
+    if !summary.without_slide.is_empty() {
+        say_warning(&format!(
+            "no slide file for {} slide(s), drawn on a blank canvas: {}",
+            summary.without_slide.len(),
+            pipeline::some_of(&summary.without_slide, ", ")
+        ));
+    }
+    println!(
+        "drew {} slide(s) into {} ({:.2} s per slide)",
+        summary.drawn,
+        request.out.display(),
+        summary.seconds_per_slide
+    );
+    for path in &summary.full_res {
+        println!("full resolution: {}", path.display());
+    }
+    Ok(())
+}
+
 fn synth_slides(dir: &Path, scale: f64, seed: u64) -> Result<()> {
     if scale.is_nan() || scale <= 0.0 {
         bail!("--scale must be positive");
@@ -319,7 +376,7 @@ fn synth_slides(dir: &Path, scale: f64, seed: u64) -> Result<()> {
     };
     let summary = with_synth_bar(|progress| Ok(stages::synth_slides::generate_slides(dir, &opts, progress)?))?;
     println!(
-        "wrote {} slides ({} × {} pixels at {} µm per pixel) and labels.csv to {}",
+        "wrote {} slides ({} × {} pixels at {} µm per pixel), labels.csv and lesions.csv to {}",
         summary.slides,
         opts.width,
         opts.height,

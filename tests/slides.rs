@@ -78,7 +78,7 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let wf_s = wf.to_str().unwrap();
     let first = run(&wf, &[]);
     assert!(first.values().all(|s| s == "executed"), "{first:?}");
-    assert_eq!(items(dir.path()), 2 * 12, "a tiling and a feature file per slide");
+    assert_eq!(items(dir.path()), 3 * 12, "a tiling, a feature file and a thumbnail per slide");
     let results = dir.path().join("results/slides");
     assert!(results.join("slides/qc/slide_001.png").is_file());
     let h5 = fs::read(results.join("slides/h5/slide_001.h5")).unwrap();
@@ -130,7 +130,7 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let summary = dir.path().join("summary.json");
     let out = hmil_flow(&["run", wf_s, "--summary-json", summary.to_str().unwrap()]);
     assert!(out.contains("encoded 1 of 13 slide(s)"), "{out}");
-    assert_eq!(items(dir.path()), 2 * 13);
+    assert_eq!(items(dir.path()), 3 * 13);
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&summary).unwrap()).unwrap();
     let status = |id: &str| json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["status"].clone();
     assert_eq!(status("tile_slides"), "cached", "tiled by the run of its target above");
@@ -262,4 +262,207 @@ fn init_drafts_a_slides_workflow_that_loads() {
     assert!(said.contains("slides: 8 tif file(s); the first at 0.500 µm per pixel"), "{said}");
     let dag = hmil_flow(&["dag", out.to_str().unwrap()]);
     assert!(dag.contains("tile_slides") && dag.contains("extract_features"), "{dag}");
+}
+
+/// Rows of a CSV `hmil-flow query` printed, by column name.
+fn csv_rows(text: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(String::from).collect();
+    lines.map(|l| header.iter().cloned().zip(l.split(',').map(String::from)).collect()).collect()
+}
+
+#[test]
+fn heatmaps_find_the_lesion_that_carries_the_class() {
+    needs_openslide!();
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), "1");
+    let wf_s = wf.to_str().unwrap();
+    let train = ["--set", "train.epochs=60", "--set", "train.lr=2e-3", "--set", "train.batch_size=8"];
+    let first = run(&wf, &train);
+    assert!(first.values().all(|s| s == "executed"), "{first:?}");
+    let lesions = stages::synth_slides::read_lesions(&dir.path().join("data/lesions.csv")).unwrap();
+    let query = |sql: &str| {
+        let mut args = vec!["query", wf_s, sql, "--format", "csv"];
+        args.extend(train);
+        csv_rows(&hmil_flow(&args))
+    };
+    // Every test slide's instances for its true fine class, with where they are.
+    let rows = query(
+        "SELECT i.fold, i.slide_id, i.class, i.x, i.y, i.attention, i.evidence, i.evidence_percentile \
+         FROM instance_attention i JOIN labels l ON i.slide_id = l.slide_id AND i.class = l.fine_label \
+         WHERE i.current AND l.current ORDER BY i.slide_id, i.instance",
+    );
+    let mut slides: std::collections::BTreeMap<String, Vec<&std::collections::HashMap<String, String>>> =
+        std::collections::BTreeMap::new();
+    for r in &rows {
+        slides.entry(r["slide_id"].clone()).or_default().push(r);
+    }
+    assert_eq!(slides.len(), 24, "every slide is tested in one fold");
+    let size = 128.0;
+    let in_lesion = |slide: &str, x: f64, y: f64| lesions[slide].contains(x + size / 2.0, y + size / 2.0);
+    let f = |r: &std::collections::HashMap<String, String>, c: &str| r[c].parse::<f64>().unwrap();
+    let (mut top_evidence, mut top_attention, mut chance, mut hot_share) = (0.0, 0.0, 0.0, 0.0);
+    for (slide, rs) in &slides {
+        // The 8 top tiles of the true class (as the mosaic shows them), by evidence and by attention.
+        let top_share = |column: &str| {
+            let values: Vec<f64> = rs.iter().map(|r| f(r, column)).collect();
+            let (top, _) = stages::hmil::heatmaps::mosaic::chosen(&values, 8);
+            top.iter().filter(|&&i| in_lesion(slide, f(rs[i], "x"), f(rs[i], "y"))).count() as f64 / top.len() as f64
+        };
+        top_evidence += top_share("evidence");
+        top_attention += top_share("attention");
+        chance += rs.iter().filter(|r| in_lesion(slide, f(r, "x"), f(r, "y"))).count() as f64 / rs.len() as f64;
+
+        // The rendered heatmap: the true class's panel (after the 2 coarse ones), its pixels in
+        // the yellow end of the colour map, and how many of them lie in the lesion.
+        let fold = &rs[0]["fold"];
+        let png = dir.path().join(format!("results/slides/folds/{fold}/heatmaps/{slide}.png"));
+        let picture = image::open(&png).unwrap().to_rgb8();
+        let fine = ["normal", "hyperplasia", "in_situ", "invasive"].iter().position(|c| *c == rs[0]["class"]).unwrap();
+        let corners: Vec<(f64, f64)> = rs.iter().map(|r| (f(r, "x"), f(r, "y"))).collect();
+        let placement = stages::hmil::heatmaps::maps::Placement { corners, size };
+        let layout = stages::hmil::heatmaps::draw::Layout::new(&placement, 6);
+        let (mut hot, mut hot_inside) = (0usize, 0usize);
+        for py in 0..layout.height {
+            for px in 0..layout.width {
+                let (x, y) = (
+                    layout.origin.0 + (f64::from(px) + 0.5) * layout.scale,
+                    layout.origin.1 + (f64::from(py) + 0.5) * layout.scale,
+                );
+                let (cx, cy) = layout.pixel(2 + fine, x, y).unwrap();
+                let [r, g, b] = picture.get_pixel(cx, cy).0;
+                if r > 200 && g > 170 && b < 120 {
+                    hot += 1;
+                    hot_inside += usize::from(lesions[slide.as_str()].contains(x, y));
+                }
+            }
+        }
+        assert!(hot > 0, "{slide}: no hot pixels in the {} panel", rs[0]["class"]);
+        hot_share += hot_inside as f64 / hot as f64;
+    }
+    let n = slides.len() as f64;
+    let (top_evidence, top_attention, chance, hot_share) =
+        (top_evidence / n, top_attention / n, chance / n, hot_share / n);
+    eprintln!(
+        "true fine class, mean over 24 test slides: top 8 tiles in the lesion by evidence {top_evidence:.3}, \
+         by attention {top_attention:.3}; hot heatmap pixels in the lesion {hot_share:.3}; lesion share of patches {chance:.3}"
+    );
+    assert!(
+        top_evidence >= 0.6 && top_evidence >= 3.0 * chance,
+        "top tiles in the lesion: {top_evidence:.3} (chance {chance:.3})"
+    );
+    assert!(
+        hot_share >= 0.5 && hot_share >= 2.5 * chance,
+        "hot pixels in the lesion: {hot_share:.3} (chance {chance:.3})"
+    );
+
+    // Each slide drawn on the slide, with its mosaic; the report links each class's best and
+    // worst predicted slide.
+    let drawn = query("SELECT background, top_tiles FROM heatmaps WHERE current");
+    assert_eq!(drawn.len(), 24);
+    assert!(drawn.iter().all(|r| r["background"] == "slide" && r["top_tiles"].starts_with("top_tiles/")), "{drawn:?}");
+    let results = dir.path().join("results/slides");
+    let mosaic = image::open(
+        results
+            .join("folds/0/top_tiles")
+            .join(fs::read_dir(results.join("folds/0/top_tiles")).unwrap().next().unwrap().unwrap().file_name()),
+    )
+    .unwrap();
+    assert!(
+        mosaic.height() > 6 * stages::hmil::heatmaps::mosaic::TILE
+            && mosaic.width() > 16 * stages::hmil::heatmaps::mosaic::TILE
+    );
+    let report = fs::read_to_string(results.join("report.md")).unwrap();
+    let links = report.matches("](folds/").count();
+    assert!(links >= 2 * 3 * 6, "a heatmap and its top tiles per class and fold, best and worst:\n{report}");
+    assert!(results.join("slides/thumbnails/slide_001.png").is_file());
+
+    // The same checkpoint outside the workflow: one slide's features and the slide, with its
+    // heatmap at level 1 of the slide as a pyramidal TIFF.
+    let out = dir.path().join("new");
+    let said = hmil_flow(&[
+        "heatmap",
+        "--checkpoint",
+        results.join("folds/0/model.safetensors").to_str().unwrap(),
+        "--features",
+        results.join("slides/h5/slide_001.h5").to_str().unwrap(),
+        "--slides",
+        dir.path().join("data/slides").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--full-res",
+        "1",
+        "--class",
+        "invasive",
+        "--device",
+        "cpu",
+    ]);
+    assert!(said.contains("drew 1 slide(s)") && said.contains("slide_001.invasive.level1.tif"), "{said}");
+    assert!(out.join("heatmaps/slide_001.png").is_file() && out.join("top_tiles/slide_001.png").is_file());
+    let tif = wsi::Slide::open(&out.join("full_res/slide_001.invasive.level1.tif")).unwrap();
+    let source = wsi::Slide::open(&dir.path().join("data/slides/slide_001.tif")).unwrap();
+    let level1 = source.levels()[1];
+    assert_eq!((tif.levels()[0].width, tif.levels()[0].height), (level1.width, level1.height));
+    assert!((tif.mpp().unwrap() - 1.0).abs() < 1e-3, "level 1 of a 0.5 µm slide: {:?}", tif.mpp());
+    // Coloured where the patches are, the slide itself elsewhere (the TIFF's pixels are level 1's:
+    // half the slide's level-0 coordinates).
+    let patch = rows.iter().find(|r| r["slide_id"] == "slide_001").unwrap();
+    let (x, y) = ((f(patch, "x") + 64.0) as i64, (f(patch, "y") + 64.0) as i64);
+    let (over, under) = (tif.read_rgb(x / 2, y / 2, 0, 1, 1).unwrap(), source.read_rgb(x, y, 1, 1, 1).unwrap());
+    assert_ne!(over.get_pixel(0, 0), under.get_pixel(0, 0), "a patch is coloured");
+    let (corner, slide_corner) = (tif.read_rgb(0, 0, 0, 1, 1).unwrap(), source.read_rgb(0, 0, 1, 1, 1).unwrap());
+    assert_eq!(corner.get_pixel(0, 0), slide_corner.get_pixel(0, 0), "glass without patches is the slide's");
+    let (_, err) = hmil_flow_fails(&[
+        "heatmap",
+        "--checkpoint",
+        results.join("folds/0/model.safetensors").to_str().unwrap(),
+        "--features",
+        results.join("slides/h5/slide_001.h5").to_str().unwrap(),
+        "--slides",
+        dir.path().join("data/slides").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--full-res",
+        "1",
+        "--class",
+        "ADH",
+    ]);
+    assert!(err.contains("--class ADH") && err.contains("invasive"), "{err}");
+
+    // A workflow from those features (CLAM h5): with the slides named, its heatmaps are drawn
+    // on them with mosaics; without, on a blank canvas.
+    let features = dir.path().join("features.toml");
+    let text = fs::read_to_string(&wf).unwrap().replace("[slides]", "[old_slides]");
+    let text =
+        text[..text.find("[old_slides]").unwrap()].to_owned() + &text[text.find("[labels.hierarchy]").unwrap()..];
+    let text = text
+        .replace(
+            "labels = \"data/labels.csv\"",
+            "labels = \"data/labels.csv\"\nfeatures = \"results/slides/slides/h5\"",
+        )
+        .replace("name = \"slides\"", "name = \"features\"");
+    fs::write(&features, format!("{text}\n[heatmaps]\nslides = \"data/slides\"\ntop_tiles = 2\n")).unwrap();
+    let ft = features.to_str().unwrap();
+    hmil_flow(&["run", ft]);
+    let drawn = csv_rows(&hmil_flow(&[
+        "query",
+        ft,
+        "SELECT background, top_tiles FROM heatmaps WHERE current",
+        "--format",
+        "csv",
+    ]));
+    assert_eq!(drawn.len(), 24);
+    assert!(drawn.iter().all(|r| r["background"] == "slide" && !r["top_tiles"].is_empty()), "{drawn:?}");
+    let (_, err) = hmil_flow_fails(&["run", ft, "--set", "heatmaps.slides=\"nowhere\""]);
+    assert!(err.contains("heatmaps.slides") && err.contains("nowhere"), "{err}");
+    fs::write(&features, format!("{text}\n")).unwrap();
+    hmil_flow(&["run", ft]);
+    let drawn = csv_rows(&hmil_flow(&[
+        "query",
+        ft,
+        "SELECT background, top_tiles FROM heatmaps WHERE current",
+        "--format",
+        "csv",
+    ]));
+    assert!(drawn.iter().all(|r| r["background"] == "blank" && r["top_tiles"].is_empty()), "{drawn:?}");
 }

@@ -62,6 +62,19 @@ pub fn tiles() -> SchemaRef {
     ])
 }
 
+/// `thumbnails.parquet` (thumbnails): one row per slide read, with its level-0 size, its microns
+/// per pixel when it says, and how many level-0 pixels a pixel of its thumbnail spans.
+pub fn thumbnails() -> SchemaRef {
+    schema(vec![
+        utf8("slide_id"),
+        utf8("path"),
+        Field::new("width", DataType::Int64, false),
+        Field::new("height", DataType::Int64, false),
+        Field::new("mpp", DataType::Float64, true),
+        Field::new("downsample", DataType::Float64, false),
+    ])
+}
+
 /// `extracted.parquet` (extract_features): one row per slide encoded.
 pub fn extracted() -> SchemaRef {
     schema(vec![
@@ -198,11 +211,13 @@ pub fn attention() -> SchemaRef {
     ])
 }
 
-/// `instance_attention.parquet` (heatmaps): every instance of each drawn slide, for every class
-/// of both levels: its attention and its percentile rank within the slide (1: the most attended).
+/// `instance_attention.parquet` (heatmaps, and `hmil-flow heatmap`, whose rows have no fold):
+/// every instance of each drawn slide, for every class of both levels: its attention, its
+/// evidence (its share of the class's logit above the mean of the classes' logits) and the
+/// percentile rank of each within the slide (1: the highest). x and y are the feature file's.
 pub fn instance_attention() -> SchemaRef {
     schema(vec![
-        Field::new("fold", DataType::Int32, false),
+        Field::new("fold", DataType::Int32, true),
         utf8("slide_id"),
         utf8("level"),
         utf8("class"),
@@ -210,7 +225,23 @@ pub fn instance_attention() -> SchemaRef {
         Field::new("x", DataType::Float64, false),
         Field::new("y", DataType::Float64, false),
         Field::new("attention", DataType::Float64, false),
-        Field::new("percentile", DataType::Float64, false),
+        Field::new("attention_percentile", DataType::Float64, false),
+        Field::new("evidence", DataType::Float64, false),
+        Field::new("evidence_percentile", DataType::Float64, false),
+    ])
+}
+
+/// `heatmaps.parquet` (heatmaps, and `hmil-flow heatmap`): one row per slide drawn, with its
+/// pictures (paths relative to the table's folder), what they were drawn on (`slide` or
+/// `blank`), and the seconds drawing them took.
+pub fn heatmaps() -> SchemaRef {
+    schema(vec![
+        Field::new("fold", DataType::Int32, true),
+        utf8("slide_id"),
+        utf8("heatmap"),
+        Field::new("top_tiles", DataType::Utf8, true),
+        utf8("background"),
+        Field::new("seconds", DataType::Float64, false),
     ])
 }
 

@@ -26,6 +26,8 @@ pub struct Workflow {
     pub train: Train,
     #[serde(default)]
     pub evaluate: Evaluate,
+    #[serde(default)]
+    pub heatmaps: Heatmaps,
 }
 
 /// `[workflow]`: name, seed, where the cache lives.
@@ -451,6 +453,45 @@ impl Default for Evaluate {
     }
 }
 
+/// What heatmap panels colour and top tiles are ranked by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapKind {
+    /// Each instance's share of the class's logit above the mean of the classes' logits: where
+    /// the model found evidence for the class.
+    Evidence,
+    /// The class's attention (as CLAM draws it): where the class's logit reads, for or against.
+    Attention,
+}
+
+impl MapKind {
+    /// As the workflow and the command line name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MapKind::Evidence => "evidence",
+            MapKind::Attention => "attention",
+        }
+    }
+}
+
+/// `[heatmaps]`: what each fold draws for its test slides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heatmaps {
+    pub map: MapKind,
+    /// Patches per class at each end (highest, lowest) of a slide's top-tiles mosaic; 0: none.
+    pub top_tiles: usize,
+    /// With `dataset.features`: the slides the features were made from (matched by slide id,
+    /// the file stem), to draw on and cut tiles from.
+    pub slides: Option<PathBuf>,
+}
+
+impl Default for Heatmaps {
+    fn default() -> Self {
+        Heatmaps { map: MapKind::Evidence, top_tiles: 8, slides: None }
+    }
+}
+
 /// A `key=value` setting applied over the workflow file, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setting {
@@ -547,6 +588,9 @@ impl Workflow {
         if let Some(e) = &self.encoder {
             required.push(("encoder.model", e.model.as_path()));
         }
+        if let Some(dir) = &self.heatmaps.slides {
+            required.push(("heatmaps.slides", dir.as_path()));
+        }
         for (key, path) in required {
             if !path.exists() {
                 return Err(Error::MissingPath { key: key.into(), path: path.to_path_buf() });
@@ -561,6 +605,11 @@ impl Workflow {
             }
         }
         Ok(())
+    }
+
+    /// The folder of slides heatmaps are drawn on: `slides.dir`, or `heatmaps.slides`.
+    pub fn heatmap_slides(&self) -> Option<&Path> {
+        self.slides.as_ref().map(|s| s.dir.as_path()).or(self.heatmaps.slides.as_deref())
     }
 
     /// Where the features come from: `slides.dir` with `[slides]`, else `dataset.features`,
@@ -598,6 +647,12 @@ impl Workflow {
             }
             (None, Some(_), None) => return bad("encoder", "[slides] needs an [encoder] (a TorchScript file)".into()),
             (Some(_), None, Some(_)) => return bad("encoder", "[encoder] is only read with [slides]".into()),
+            (None, Some(_), _) if self.heatmaps.slides.is_some() => {
+                return bad(
+                    "heatmaps.slides",
+                    "is for workflows from features; with [slides], heatmaps are drawn on slides.dir".into(),
+                );
+            }
             _ => {}
         }
         if let Some(sl) = &self.slides {
@@ -682,6 +737,9 @@ impl Workflow {
         }
         if let Some(file) = &mut self.train.init_from {
             join(file);
+        }
+        if let Some(dir) = &mut self.heatmaps.slides {
+            join(dir);
         }
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     Splits(String),
     #[error("{}", .0)]
     Features(String),
+    /// Reading, segmenting or writing a slide (the message names the file).
+    #[error(transparent)]
+    Slide(#[from] wsi::Error),
     /// A bad argument to `init`.
     #[error("{}", .0)]
     Init(String),

@@ -16,6 +16,7 @@ pub mod splits;
 pub mod synth;
 pub mod synth_slides;
 mod table;
+pub mod thumbnails;
 pub mod tile;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub const TILE: &str = "tile_slides";
 /// See [`TILE`].
 pub const EXTRACT: &str = "extract_features";
 /// See [`TILE`].
+pub const THUMBNAILS: &str = "thumbnails";
+/// See [`TILE`].
 pub const INDEX: &str = "index_features";
 /// See [`TILE`].
 pub const PACK: &str = "pack_features";
@@ -42,10 +45,12 @@ pub const SPLIT: &str = "split_folds";
 /// Node id of the report, made last.
 pub const REPORT: &str = "report";
 
-/// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing, then `train[fold=k]`,
-/// `evaluate[fold=k]` and `heatmaps[fold=k]` per fold, then `report` (which names `workflow_digest`). In the
-/// results folder, the labels, splits and report are at the top, the feature index under
-/// `features/`, and each fold's model and evaluation under `folds/<k>/`.
+/// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing (and `thumbnails` of the
+/// slides heatmaps draw on, when there are any), then `train[fold=k]`, `evaluate[fold=k]` and
+/// `heatmaps[fold=k]` per fold, then `report` (which names `workflow_digest`). In the results
+/// folder, the labels, splits and report are at the top, the feature index under `features/`,
+/// slides' pictures under `slides/`, and each fold's model, evaluation and heatmaps under
+/// `folds/<k>/`.
 pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
     let classes = classes(wf);
@@ -78,6 +83,12 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         )
         .results_in(""),
     ]);
+    let thumbnails = wf.heatmap_slides().map(|dir| {
+        let stage = thumbnails::Thumbnails { dir: dir.to_path_buf() };
+        Node::new(THUMBNAILS, None, Arc::new(stage)).results_in("slides")
+    });
+    let thumbnails_node = thumbnails.as_ref().map(|n| n.id.clone());
+    nodes.extend(thumbnails);
     let mut folds = Vec::new();
     for fold in 0..fold_count(wf) {
         let label = format!("fold={fold}");
@@ -108,11 +119,18 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             device: wf.train.device.clone(),
             classes: classes.clone(),
             sources: sources.clone(),
+            map: wf.heatmaps.map,
+            top_tiles: wf.heatmaps.top_tiles,
             train_node: train.id.clone(),
-            slides_node: wf.slides.as_ref().map(|_| TILE.to_owned()),
+            thumbnails_node: thumbnails_node.clone(),
         };
-        let heatmaps = Node::new("heatmaps", Some(&label), Arc::new(heatmaps)).results_in(results);
-        folds.push((train.id.clone(), evaluate.id.clone()));
+        let heatmaps = Node::new("heatmaps", Some(&label), Arc::new(heatmaps)).results_in(&results);
+        folds.push(report::FoldNodes {
+            train: train.id.clone(),
+            evaluate: evaluate.id.clone(),
+            heatmaps: heatmaps.id.clone(),
+            results,
+        });
         nodes.extend([train, evaluate, heatmaps]);
     }
     let report = report::Report {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Float64Type, Int32Type};
+use arrow::datatypes::Int32Type;
 use pipeline::{Context, Input, Stage, StageError};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -30,8 +30,17 @@ pub struct Report {
     pub workflow_digest: String,
     pub device: String,
     pub classes: Classes,
-    /// (train node, evaluate node) per fold.
-    pub folds: Vec<(String, String)>,
+    pub folds: Vec<FoldNodes>,
+}
+
+/// The nodes of one fold the report reads, and the folder of the results folder that shows
+/// them (the report links the fold's heatmaps there).
+#[derive(Debug, Clone)]
+pub struct FoldNodes {
+    pub train: String,
+    pub evaluate: String,
+    pub heatmaps: String,
+    pub results: String,
 }
 
 impl Stage for Report {
@@ -40,23 +49,27 @@ impl Stage for Report {
     }
     /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
     /// 3: all folds' metrics and predictions as tables.
+    /// 4: links to the heatmaps of each class's best and worst predicted test slides.
     fn code_version(&self) -> &str {
-        "3"
+        "4"
     }
     fn params(&self) -> serde_json::Value {
+        let results: Vec<&str> = self.folds.iter().map(|f| f.results.as_str()).collect();
         serde_json::json!({
-            "workflow": self.workflow, "workflow_digest": self.workflow_digest, "device": self.device, "classes": self.classes
+            "workflow": self.workflow, "workflow_digest": self.workflow_digest, "device": self.device,
+            "classes": self.classes, "results": results,
         })
     }
     fn inputs(&self) -> Vec<Input> {
         self.folds
             .iter()
             .enumerate()
-            .flat_map(|(k, (train, eval))| {
+            .flat_map(|(k, f)| {
                 [
-                    Input::artifact(&format!("history{k}"), train, "history.parquet"),
-                    Input::artifact(&format!("metrics{k}"), eval, "metrics.parquet"),
-                    Input::artifact(&format!("predictions{k}"), eval, "predictions.parquet"),
+                    Input::artifact(&format!("history{k}"), &f.train, "history.parquet"),
+                    Input::artifact(&format!("metrics{k}"), &f.evaluate, "metrics.parquet"),
+                    Input::artifact(&format!("predictions{k}"), &f.evaluate, "predictions.parquet"),
+                    Input::artifact(&format!("heatmaps{k}"), &f.heatmaps, crate::hmil::heatmaps::DRAWN),
                 ]
             })
             .collect()
@@ -67,12 +80,6 @@ impl Stage for Report {
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.write(ctx)?)
     }
-}
-
-fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    let col =
-        b.column_by_name(name).unwrap_or_else(|| panic!("table lacks column {name}")).as_primitive::<Float64Type>();
-    (0..col.len()).map(|i| (!col.is_null(i)).then(|| col.value(i))).collect()
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -90,13 +97,14 @@ impl Report {
         register_font();
         let k = self.folds.len();
         let mut test: Collected = BTreeMap::new();
-        let (mut metrics, mut preds, mut histories) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut metrics, mut preds, mut histories, mut drawn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for fold in 0..k {
             let m = table::read(ctx.input(&format!("metrics{fold}")))?;
             collect_test(&m, &mut test);
             metrics.push(m);
             preds.push(table::read(ctx.input(&format!("predictions{fold}")))?);
             histories.push(table::read(ctx.input(&format!("history{fold}")))?);
+            drawn.push(table::read(ctx.input(&format!("heatmaps{fold}")))?);
         }
         table::write_all(&ctx.output(ALL_METRICS), &metrics)?;
         table::write_all(&ctx.output(ALL_PREDICTIONS), &preds)?;
@@ -140,10 +148,61 @@ impl Report {
             md,
             "\n## Plots\n\n![ROC](roc.png)\n\n![Confusion](confusion.png)\n\n![Training curves](curves.png)"
         );
+        md.push_str(&self.heatmap_links(&preds, &drawn));
         std::fs::write(ctx.output("report.md"), md).map_err(|e| Error::io(&ctx.output("report.md"), e))?;
         self.plot_roc(&ctx.output("roc.png"), &preds)?;
         self.plot_confusion(&ctx.output("confusion.png"), &test)?;
         plot_curves(&ctx.output("curves.png"), &histories)
+    }
+
+    /// The section linking, per class and fold, the heatmaps of the test slide of that class
+    /// predicted best (the highest probability of its true class) and worst.
+    fn heatmap_links(&self, preds: &[RecordBatch], drawn: &[RecordBatch]) -> String {
+        let mut md = String::from("\n## Heatmaps of the best and worst predicted test slides\n\n");
+        if drawn.iter().all(|d| d.num_rows() == 0) {
+            md.push_str("No heatmaps were drawn: the feature files hold no patch coordinates.\n");
+            return md;
+        }
+        md.push_str(
+            "Per class and fold, the test slide of the class given the highest probability of its true \
+             class, and the one given the lowest, each linked to its heatmap (and its top tiles, where the \
+             slide could be read).\n",
+        );
+        for (level, names) in [("fine", &self.classes.fine), ("coarse", &self.classes.coarse)] {
+            let _ = writeln!(md, "\n| {level} class | fold | best predicted | worst predicted |\n|---|---|---|---|");
+            for class in names.iter() {
+                for (k, (p, d)) in preds.iter().zip(drawn).enumerate() {
+                    let pictures: BTreeMap<String, (String, Option<String>)> = table::strings(d, "slide_id")
+                        .into_iter()
+                        .zip(table::strings(d, "heatmap").into_iter().zip(table::strings(d, "top_tiles")))
+                        .map(|(s, (h, t))| (s, (h, (!t.is_empty()).then_some(t))))
+                        .collect();
+                    let (split, slides) = (table::strings(p, "split"), table::strings(p, "slide_id"));
+                    let truth = table::strings(p, &format!("{level}_true"));
+                    let mut of_class: Vec<(f64, &str)> = table::f64s(p, &format!("prob_{level}_{class}"))
+                        .into_iter()
+                        .enumerate()
+                        .filter(|&(i, _)| split[i] == "test" && truth[i] == *class)
+                        .map(|(i, prob)| (prob.unwrap_or(f64::NAN), slides[i].as_str()))
+                        .collect();
+                    of_class.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+                    let cell = |pick: Option<&(f64, &str)>| match pick {
+                        None => "–".to_owned(),
+                        Some((prob, slide)) => match pictures.get(*slide) {
+                            None => format!("{slide} {prob:.2} (no heatmap)"),
+                            Some((heatmap, tiles)) => {
+                                let dir = &self.folds[k].results;
+                                let tiles =
+                                    tiles.as_ref().map_or(String::new(), |t| format!(" ([top tiles]({dir}/{t}))"));
+                                format!("[{slide}]({dir}/{heatmap}) {prob:.2}{tiles}")
+                            }
+                        },
+                    };
+                    let _ = writeln!(md, "| {class} | {k} | {} | {} |", cell(of_class.first()), cell(of_class.last()));
+                }
+            }
+        }
+        md
     }
 
     fn plot_roc(&self, path: &Path, preds: &[RecordBatch]) -> Result<()> {
@@ -168,7 +227,7 @@ impl Report {
             for p in preds {
                 let split = table::strings(p, "split");
                 let fine_true = table::strings(p, "fine_true");
-                for (i, s) in f64s(p, &format!("prob_fine_{name}")).into_iter().enumerate() {
+                for (i, s) in table::f64s(p, &format!("prob_fine_{name}")).into_iter().enumerate() {
                     if split[i] == "test" {
                         truth.push(fine_true[i] == *name);
                         scores.push(s.unwrap_or(0.0));
@@ -293,7 +352,7 @@ fn plot_confusion(path: &Path, caption: &str, names: &[String], counts: &[Vec<f6
 fn collect_test(m: &RecordBatch, test: &mut Collected) {
     let (split, level, metric) = (table::strings(m, "split"), table::strings(m, "level"), table::strings(m, "metric"));
     let class = m.column_by_name("class").expect("class column").as_string::<i32>().clone();
-    for (i, v) in f64s(m, "value").into_iter().enumerate() {
+    for (i, v) in table::f64s(m, "value").into_iter().enumerate() {
         if split[i] == "test"
             && let Some(v) = v
         {
@@ -406,7 +465,7 @@ fn plot_curves(path: &Path, histories: &[RecordBatch]) -> Result<()> {
                 let epochs = h.column_by_name("epoch").expect("epoch").as_primitive::<Int32Type>().values().to_vec();
                 epochs
                     .iter()
-                    .zip(f64s(h, column))
+                    .zip(table::f64s(h, column))
                     .filter_map(|(e, v)| v.filter(|v| v.is_finite()).map(|v| (*e as f64, v)))
                     .collect()
             })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -16,14 +16,41 @@ use crate::error::{Error, Result};
 
 /// Writes `columns` under `schema` to `path` as one Parquet file (snappy).
 pub fn write(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| Error::Table { path: path.into(), message: e.to_string() };
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
-    w.close().map_err(|e| err(&e))?;
-    Ok(())
+    let mut w = Writer::create(path, schema)?;
+    w.write(columns)?;
+    w.close()
+}
+
+/// A Parquet file written a batch of rows at a time, so that a large table never sits whole in
+/// memory.
+pub struct Writer {
+    path: std::path::PathBuf,
+    schema: SchemaRef,
+    inner: ArrowWriter<File>,
+}
+
+impl Writer {
+    /// Starts `path` (snappy) for rows of `schema`.
+    pub fn create(path: &Path, schema: SchemaRef) -> Result<Writer> {
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let inner = ArrowWriter::try_new(file, schema.clone(), Some(props))
+            .map_err(|e| Error::Table { path: path.into(), message: e.to_string() })?;
+        Ok(Writer { path: path.into(), schema, inner })
+    }
+
+    /// Appends rows given as `columns`.
+    pub fn write(&mut self, columns: Vec<ArrayRef>) -> Result<()> {
+        let err = |e: &dyn std::fmt::Display| Error::Table { path: self.path.clone(), message: e.to_string() };
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| err(&e))?;
+        self.inner.write(&batch).map_err(|e| err(&e))
+    }
+
+    /// Finishes the file.
+    pub fn close(self) -> Result<()> {
+        self.inner.close().map_err(|e| Error::Table { path: self.path, message: e.to_string() })?;
+        Ok(())
+    }
 }
 
 /// Writes `batches` (of one schema) to `path` as one Parquet file.
@@ -71,7 +98,14 @@ pub fn i32s(batch: &RecordBatch, name: &str) -> Vec<i32> {
         .to_vec()
 }
 
-/// Shorthand for building string columns.
+/// A Float64 column of `batch`, nulls as `None`.
+pub fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let col = batch.column_by_name(name).unwrap_or_else(|| panic!("table lacks column {name}"));
+    col.as_primitive::<Float64Type>().iter().collect()
+}
+
+/// Shorthand for building string columns (from any iterator, sized or not).
 pub fn string_col<S: AsRef<str>>(values: impl IntoIterator<Item = S>) -> ArrayRef {
+    let values: Vec<S> = values.into_iter().collect();
     Arc::new(arrow::array::StringArray::from_iter_values(values))
 }

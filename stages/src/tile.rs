@@ -157,13 +157,13 @@ impl Stage for TileSlides {
 }
 
 /// OpenSlide's hash of the slide's metadata and lowest-resolution level.
-fn quickhash(slide: &Slide) -> String {
+pub(crate) fn quickhash(slide: &Slide) -> String {
     slide.property("openslide.quickhash-1").unwrap_or_default()
 }
 
 /// What a slide's tiling depends on besides the stage's params: its `quickhash` and the file's
 /// size.
-fn facts(quickhash: &str, path: &Path) -> serde_json::Value {
+pub(crate) fn facts(quickhash: &str, path: &Path) -> serde_json::Value {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     serde_json::json!({ "quickhash": quickhash, "bytes": bytes })
 }

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::checkpoint;
 use super::infer::argmax;
-use super::model::{Batch, Dims};
+use super::model::{Batch, Dims, Hmil};
 use super::train::{Classes, build_model};
 use crate::error::{Error, Result};
 use crate::features::{self, Format};
@@ -39,7 +39,7 @@ fn dims(checkpoint: &Path, input: i64) -> Result<Dims> {
 
 /// The classes to name predictions by: the checkpoint's own, checked against the workflow's
 /// when both are given; the workflow's for a checkpoint without them; else an error.
-fn classes_for(checkpoint: &Path, from_workflow: Option<Classes>) -> Result<Classes> {
+pub(crate) fn classes_for(checkpoint: &Path, from_workflow: Option<Classes>) -> Result<Classes> {
     let bad = |message: String| Error::BadFile { path: checkpoint.into(), message };
     match (checkpoint::read_info(checkpoint)?, from_workflow) {
         (Some(info), Some(wf)) if info.classes != wf => Err(bad(format!(
@@ -55,6 +55,41 @@ fn classes_for(checkpoint: &Path, from_workflow: Option<Classes>) -> Result<Clas
     }
 }
 
+/// The feature files at `features` (a file or a directory), each with its slide id (the stem).
+pub(crate) fn feature_inputs(features: &Path) -> Result<Vec<(String, std::path::PathBuf, Format)>> {
+    if features.is_dir() {
+        return feature_files(features);
+    }
+    let format = Format::of(features)
+        .ok_or_else(|| Error::BadFile { path: features.into(), message: "unknown feature file extension".into() })?;
+    let slide = features.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(vec![(slide, features.to_path_buf(), format)])
+}
+
+/// The network of `checkpoint` for features of dimension `dim`, its weights loaded into `vs`.
+pub(crate) fn load_model(checkpoint: &Path, vs: &mut nn::VarStore, dim: i64) -> Result<Hmil> {
+    let net = build_model(vs, dims(checkpoint, dim)?, 0.0, 0);
+    vs.load(checkpoint).map_err(|e| Error::BadFile { path: checkpoint.into(), message: e.to_string() })?;
+    Ok(net)
+}
+
+/// An error unless `net` has as many classes at each level as `classes` names.
+pub(crate) fn check_classes(checkpoint: &Path, net: &Hmil, classes: &Classes) -> Result<()> {
+    if classes.fine.len() as i64 == net.dims.n_fine && classes.coarse.len() as i64 == net.dims.n_coarse {
+        return Ok(());
+    }
+    Err(Error::BadFile {
+        path: checkpoint.into(),
+        message: format!(
+            "has {} fine and {} coarse classes; the workflow declares {} and {}",
+            net.dims.n_fine,
+            net.dims.n_coarse,
+            classes.fine.len(),
+            classes.coarse.len()
+        ),
+    })
+}
+
 /// Predicts every feature file at `features` (a file or a directory) and writes `out`; returns
 /// the number of slides. Classes come from the checkpoint, or from `classes` (a workflow's) for a
 /// checkpoint that does not carry them.
@@ -66,16 +101,7 @@ pub fn predict(
     device: Device,
 ) -> Result<usize> {
     let classes = classes_for(checkpoint, classes)?;
-    let files = if features.is_dir() {
-        feature_files(features)?
-    } else {
-        let format = Format::of(features).ok_or_else(|| Error::BadFile {
-            path: features.into(),
-            message: "unknown feature file extension".into(),
-        })?;
-        let slide = features.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        vec![(slide, features.to_path_buf(), format)]
-    };
+    let files = feature_inputs(features)?;
     let mut model = None;
     let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut vs = nn::VarStore::new(device);
@@ -86,9 +112,7 @@ pub fn predict(
             features::parse(*format, &bytes).map_err(|message| Error::BadFile { path: path.clone(), message })?;
         let (n, d) = (arrays.features.rows as i64, arrays.features.cols as i64);
         if model.is_none() {
-            let net = build_model(&vs, dims(checkpoint, d)?, 0.0, 0);
-            vs.load(checkpoint).map_err(|e| Error::BadFile { path: checkpoint.into(), message: e.to_string() })?;
-            model = Some(net);
+            model = Some(load_model(checkpoint, &mut vs, d)?);
         }
         let net = model.as_ref().expect("built above");
         let x = Tensor::from_slice(&arrays.features.to_f32()).view([n, d]).to(device);
@@ -104,18 +128,7 @@ pub fn predict(
         ));
     }
     let Some(net) = model else { return Ok(0) };
-    if classes.fine.len() as i64 != net.dims.n_fine || classes.coarse.len() as i64 != net.dims.n_coarse {
-        return Err(Error::BadFile {
-            path: checkpoint.into(),
-            message: format!(
-                "has {} fine and {} coarse classes; the workflow declares {} and {}",
-                net.dims.n_fine,
-                net.dims.n_coarse,
-                classes.fine.len(),
-                classes.coarse.len()
-            ),
-        });
-    }
+    check_classes(checkpoint, &net, &classes)?;
     let from_fine: Vec<Vec<f64>> = rows
         .iter()
         .map(|r| {
