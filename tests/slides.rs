@@ -123,6 +123,7 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     fs::write(&labels, csv).unwrap();
     let status = hmil_flow(&["status", wf_s]);
     assert!(status.contains("1 of 13 slide(s) to tile (12 tiled already with these settings)"), "{status}");
+    assert!(status.contains("1 of 13 slide(s) to read (12 read already)"), "thumbnails: {status}");
     let out = hmil_flow(&["run", wf_s, "tile_slides"]);
     assert!(out.contains("tiled 1 of 13 slide(s)"), "{out}");
     let status = hmil_flow(&["status", wf_s]);

@@ -10,6 +10,7 @@ pub mod init;
 pub mod labels;
 pub mod pack;
 mod par;
+pub mod pixels;
 pub mod report;
 pub mod rng;
 pub mod splits;

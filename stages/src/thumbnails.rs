@@ -1,4 +1,4 @@
-//! `thumbnails`: each slide read once, at about [`THUMBNAIL_SIDE`] pixels on its long side, for
+//! `thumbnails`: each slide read once, at [`THUMBNAIL_SIDE`] pixels on its long side (at most), for
 //! heatmaps to draw on. Each slide's thumbnail is an item of the workspace, so no fold, rerun or
 //! retrained model reads a slide's overview again; a slide that cannot be read is listed and
 //! its heatmaps drawn on a blank canvas, never a failed run.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, Int64Array};
 use image::RgbImage;
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, Pending, Stage, StageError};
 use serde::{Deserialize, Serialize};
 use wsi::Slide;
 
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::table;
 use crate::tile::{facts, quickhash, slide_files};
 
-/// The long side a thumbnail aims at, in pixels (the slide's coarsest level, when larger).
+/// The long side of a thumbnail, in pixels, at most.
 pub const THUMBNAIL_SIDE: f64 = 2048.0;
 
 /// Outputs of `thumbnails`: one row per slide read.
@@ -57,6 +57,11 @@ impl Stage for Thumbnails {
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.read(ctx)?)
+    }
+    /// How many slides have no thumbnail yet.
+    fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
+        let (done, total) = crate::tile::slides_done(p)?;
+        Ok(Some(format!("{} of {total} slide(s) to read ({done} read already)", total - done)))
     }
 }
 
@@ -133,10 +138,23 @@ fn one(ctx: &Context, path: &Path) -> std::result::Result<(PathBuf, Made), Strin
     Ok((item.dir, made))
 }
 
-/// The slide at about [`THUMBNAIL_SIDE`] pixels on its long side, and its downsample.
+/// The slide at [`THUMBNAIL_SIDE`] pixels on its long side (at most), and its downsample: the
+/// coarsest pyramid level at least half that size, read whole (a few megapixels at most) and
+/// reduced; a slide without such a level is read block by block.
 fn small(slide: &Slide) -> wsi::Result<(RgbImage, f64)> {
-    let level0 = slide.levels()[0];
-    wsi::grid::image_at(slide, (level0.width.max(level0.height) as f64 / THUMBNAIL_SIDE).max(1.0))
+    let levels = slide.levels();
+    let long = |l: &wsi::openslide::Level| l.width.max(l.height) as f64;
+    let image = match levels.iter().rposition(|l| long(l) >= THUMBNAIL_SIDE / 2.0) {
+        Some(i) if long(&levels[i]) <= 4.0 * THUMBNAIL_SIDE => {
+            slide.read_rgb(0, 0, i, levels[i].width as u32, levels[i].height as u32)?
+        }
+        _ => wsi::grid::image_at(slide, (long(&levels[0]) / THUMBNAIL_SIDE).max(1.0))?.0,
+    };
+    let scale = (THUMBNAIL_SIDE / f64::from(image.width().max(image.height()))).min(1.0);
+    let (w, h) =
+        ((f64::from(image.width()) * scale).round() as u32, (f64::from(image.height()) * scale).round() as u32);
+    let image = crate::pixels::resize(&image, w, h);
+    Ok((image, levels[0].width as f64 / f64::from(w.max(1))))
 }
 
 /// A slide to draw on: its file, its resolution, and its thumbnail.

@@ -143,17 +143,20 @@ impl Stage for TileSlides {
     }
     /// How many slides are not tiled yet (slides OpenSlide cannot open count as to tile).
     fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
-        let files = slide_files(p.input("slides"))?;
-        let done = files
-            .iter()
-            .filter(|(_, path)| Slide::open(path).is_ok_and(|s| p.has_item(&facts(&quickhash(&s), path))))
-            .count();
-        Ok(Some(format!(
-            "{} of {} slide(s) to tile ({done} tiled already with these settings)",
-            files.len() - done,
-            files.len()
-        )))
+        let (done, total) = slides_done(p)?;
+        Ok(Some(format!("{} of {total} slide(s) to tile ({done} tiled already with these settings)", total - done)))
     }
+}
+
+/// Of the slides in a stage's input `slides`, how many have their item already (each keyed by
+/// [`facts`]), and how many there are.
+pub(crate) fn slides_done(p: &Pending) -> Result<(usize, usize)> {
+    let files = slide_files(p.input("slides"))?;
+    let done = files
+        .iter()
+        .filter(|(_, path)| Slide::open(path).is_ok_and(|s| p.has_item(&facts(&quickhash(&s), path))))
+        .count();
+    Ok((done, files.len()))
 }
 
 /// OpenSlide's hash of the slide's metadata and lowest-resolution level.

@@ -93,7 +93,7 @@ pub fn render(
     let layout = Layout::new(placement, panels.len());
     let (pw, ph) = (layout.width, layout.height);
     let base = background(&layout)
-        .map(|b| image::imageops::resize(&b, pw, ph, image::imageops::FilterType::Triangle))
+        .map(|b| crate::pixels::resize(&b, pw, ph))
         .unwrap_or_else(|| RgbImage::from_pixel(pw, ph, Rgb([255, 255, 255])));
     let (width, height) = layout.size();
     let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));

@@ -42,7 +42,7 @@ pub fn mosaic(slide: &Slide, placement: &Placement, maps: &SlideMaps, kind: MapK
         if let std::collections::hash_map::Entry::Vacant(e) = tiles.entry(i) {
             let (x, y) = placement.corners[i];
             let patch = slide.read_rgb(x as i64, y as i64, level, side, side)?;
-            e.insert(image::imageops::resize(&patch, TILE, TILE, image::imageops::FilterType::Triangle));
+            e.insert(crate::pixels::resize(&patch, TILE, TILE));
         }
     }
     let cell = TILE + GAP;
