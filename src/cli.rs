@@ -133,7 +133,7 @@ pub enum Command {
         #[arg(long)]
         features: PathBuf,
         /// The slide, or a folder of slides matched to the feature files by slide id (file stem).
-        #[arg(long)]
+        #[arg(long, alias = "slide")]
         slides: Option<PathBuf>,
         /// Take class names and the hierarchy from this workflow.
         #[arg(long)]

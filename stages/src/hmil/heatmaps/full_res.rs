@@ -40,7 +40,10 @@ pub fn write(
         pyramid += 1;
     }
     let mpp = slide.mpp().map(|m| m * downsample);
-    let mut writer = PyramidWriter::create(path, (width, height), mpp, TILE, pyramid)?;
+    // Written under another name and renamed when whole, so an interrupted run leaves no TIFF
+    // that looks finished.
+    let partial = path.with_extension("tif.partial");
+    let mut writer = PyramidWriter::create(&partial, (width, height), mpp, TILE, pyramid)?;
     let tile = writer.tile();
     let strips = height.div_ceil(tile);
     // The patches each strip crosses, in pixels of the level.
@@ -78,5 +81,6 @@ pub fn write(
         writer.push(&strip)?;
         progress(s as u32 + 1, strips);
     }
-    Ok(writer.finish()?)
+    writer.finish()?;
+    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
 }
