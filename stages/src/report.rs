@@ -168,37 +168,50 @@ impl Report {
              class, and the one given the lowest, each linked to its heatmap (and its top tiles, where the \
              slide could be read).\n",
         );
+        // Per fold: each drawn slide's pictures (relative to the fold's folder).
+        let pictures: Vec<BTreeMap<String, (String, String)>> = drawn
+            .iter()
+            .map(|d| {
+                let pictures = table::strings(d, "heatmap").into_iter().zip(table::strings(d, "top_tiles"));
+                table::strings(d, "slide_id").into_iter().zip(pictures).collect()
+            })
+            .collect();
+        let cell = |k: usize, pick: Option<&(f64, String)>| match pick {
+            None => "–".to_owned(),
+            Some((prob, slide)) => match pictures[k].get(slide) {
+                None => format!("{slide} {prob:.2} (no heatmap)"),
+                Some((heatmap, tiles)) => {
+                    let dir = &self.folds[k].results;
+                    let tiles = if tiles.is_empty() { String::new() } else { format!(" ([top tiles]({dir}/{tiles}))") };
+                    format!("[{slide}]({dir}/{heatmap}) {prob:.2}{tiles}")
+                }
+            },
+        };
         for (level, names) in [("fine", &self.classes.fine), ("coarse", &self.classes.coarse)] {
             let _ = writeln!(md, "\n| {level} class | fold | best predicted | worst predicted |\n|---|---|---|---|");
-            for class in names.iter() {
-                for (k, (p, d)) in preds.iter().zip(drawn).enumerate() {
-                    let pictures: BTreeMap<String, (String, Option<String>)> = table::strings(d, "slide_id")
-                        .into_iter()
-                        .zip(table::strings(d, "heatmap").into_iter().zip(table::strings(d, "top_tiles")))
-                        .map(|(s, (h, t))| (s, (h, (!t.is_empty()).then_some(t))))
-                        .collect();
+            // Per fold: the test slides with their true class and the probabilities of each.
+            let tested: Vec<Vec<(String, String, usize)>> = preds
+                .iter()
+                .map(|p| {
                     let (split, slides) = (table::strings(p, "split"), table::strings(p, "slide_id"));
                     let truth = table::strings(p, &format!("{level}_true"));
-                    let mut of_class: Vec<(f64, &str)> = table::f64s(p, &format!("prob_{level}_{class}"))
-                        .into_iter()
-                        .enumerate()
-                        .filter(|&(i, _)| split[i] == "test" && truth[i] == *class)
-                        .map(|(i, prob)| (prob.unwrap_or(f64::NAN), slides[i].as_str()))
+                    (0..p.num_rows())
+                        .filter(|&i| split[i] == "test")
+                        .map(|i| (slides[i].clone(), truth[i].clone(), i))
+                        .collect()
+                })
+                .collect();
+            for class in names.iter() {
+                for (k, p) in preds.iter().enumerate() {
+                    let probs = table::f64s(p, &format!("prob_{level}_{class}"));
+                    let mut of_class: Vec<(f64, String)> = tested[k]
+                        .iter()
+                        .filter(|(_, truth, _)| truth == class)
+                        .map(|(slide, _, i)| (probs[*i].unwrap_or(f64::NAN), slide.clone()))
                         .collect();
-                    of_class.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-                    let cell = |pick: Option<&(f64, &str)>| match pick {
-                        None => "–".to_owned(),
-                        Some((prob, slide)) => match pictures.get(*slide) {
-                            None => format!("{slide} {prob:.2} (no heatmap)"),
-                            Some((heatmap, tiles)) => {
-                                let dir = &self.folds[k].results;
-                                let tiles =
-                                    tiles.as_ref().map_or(String::new(), |t| format!(" ([top tiles]({dir}/{t}))"));
-                                format!("[{slide}]({dir}/{heatmap}) {prob:.2}{tiles}")
-                            }
-                        },
-                    };
-                    let _ = writeln!(md, "| {class} | {k} | {} | {} |", cell(of_class.first()), cell(of_class.last()));
+                    of_class.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                    let (best, worst) = (cell(k, of_class.first()), cell(k, of_class.last()));
+                    let _ = writeln!(md, "| {class} | {k} | {best} | {worst} |");
                 }
             }
         }
@@ -510,7 +523,92 @@ pub fn register_font() {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Float64Array, Int32Array, StringArray};
+
     use super::*;
+
+    /// (split, slide, fine truth, the probability of IC).
+    type Row = (&'static str, &'static str, &'static str, f64);
+
+    /// A fold's predictions of `rows`.
+    fn predictions(rows: &[Row]) -> RecordBatch {
+        let strings = |f: &dyn Fn(&Row) -> &'static str| table::string_col(rows.iter().map(f));
+        let probs =
+            |v: &dyn Fn(f64) -> f64| -> ArrayRef { Arc::new(rows.iter().map(|r| v(r.3)).collect::<Float64Array>()) };
+        let columns = vec![
+            Arc::new(Int32Array::from(vec![0; rows.len()])) as ArrayRef,
+            strings(&|r| r.0),
+            strings(&|r| r.1),
+            strings(&|r| r.1),
+            strings(&|r| r.2),
+            strings(&|r| r.2),
+            strings(&|_| "benign"),
+            strings(&|_| "benign"),
+            strings(&|_| "benign"),
+            probs(&|p| 1.0 - p),
+            probs(&|p| p),
+            probs(&|p| 1.0 - p),
+            probs(&|p| p),
+            probs(&|p| 1.0 - p),
+            probs(&|p| p),
+        ];
+        RecordBatch::try_new(schemas::tables::predictions(&["N", "IC"], &["benign", "malignant"]), columns).unwrap()
+    }
+
+    #[test]
+    fn heatmap_links_name_each_class_s_best_and_worst_test_slide() {
+        let classes = Classes {
+            coarse: vec!["benign".into(), "malignant".into()],
+            fine: vec!["N".into(), "IC".into()],
+            fine_to_coarse: vec![0, 1],
+        };
+        let fold = |k: usize| FoldNodes {
+            train: String::new(),
+            evaluate: String::new(),
+            heatmaps: String::new(),
+            results: format!("folds/{k}"),
+        };
+        let report = Report {
+            workflow: "w".into(),
+            workflow_digest: String::new(),
+            device: "cpu".into(),
+            classes,
+            folds: vec![fold(0), fold(1)],
+        };
+        // Fold 0 tests two IC slides (and validates a third, which never counts); fold 1 none.
+        let preds = [
+            predictions(&[("test", "s1", "IC", 0.2), ("test", "s2", "IC", 0.9), ("val", "s3", "IC", 0.99)]),
+            predictions(&[("test", "s4", "N", 0.1)]),
+        ];
+        let drawn = |slides: &[&str], tiles: Option<&str>| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int32Array::from(vec![0; slides.len()])),
+                table::string_col(slides.iter().copied()),
+                table::string_col(slides.iter().map(|s| format!("heatmaps/{s}.png"))),
+                Arc::new(slides.iter().map(|s| tiles.map(|t| format!("{t}/{s}.png"))).collect::<StringArray>()),
+                table::string_col(slides.iter().map(|_| "slide")),
+                Arc::new(Float64Array::from(vec![0.1; slides.len()])),
+            ];
+            RecordBatch::try_new(schemas::tables::heatmaps(), columns).unwrap()
+        };
+        let md = report.heatmap_links(&preds, &[drawn(&["s1", "s2"], Some("top_tiles")), drawn(&["s4"], None)]);
+        assert!(
+            md.contains(
+                "| IC | 0 | [s2](folds/0/heatmaps/s2.png) 0.90 ([top tiles](folds/0/top_tiles/s2.png)) | \
+                 [s1](folds/0/heatmaps/s1.png) 0.20 ([top tiles](folds/0/top_tiles/s1.png)) |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| IC | 1 | – | – |"), "{md}");
+        assert!(
+            md.contains("| N | 1 | [s4](folds/1/heatmaps/s4.png) 0.90 | [s4](folds/1/heatmaps/s4.png) 0.90 |"),
+            "{md}"
+        );
+        let none = report.heatmap_links(&preds, &[drawn(&[], None), drawn(&[], None)]);
+        assert!(none.contains("No heatmaps were drawn"), "{none}");
+    }
 
     #[test]
     fn roc_points_step_through_distinct_scores() {

@@ -137,6 +137,9 @@ pub fn build_model(vs: &nn::VarStore, dims: Dims, dropout: f64, seed: u64) -> Hm
     model
 }
 
+/// The best epoch so far: its validation (score, loss) and a copy of its weights.
+type Best = ((f64, f64), Vec<(String, Tensor)>);
+
 /// Whether an epoch with validation (score, loss) beats the best so far: a higher score, or the
 /// same score with a lower loss. A small validation set saturates AUC or accuracy within a few
 /// epochs, while the model is still barely trained; the first epoch to reach the ceiling is not
@@ -227,7 +230,7 @@ impl TrainFold {
         if bags.val.is_empty() {
             ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
-        let mut best: Option<((f64, f64), Vec<(String, Tensor)>)> = None;
+        let mut best: Option<Best> = None;
         let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
         let mut history = History::default();
         let bar = ctx.progress(cfg.epochs as u64, "epochs");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use schemas::workflow::MapKind;
 use tch::{Device, Tensor, nn};
 
-use super::maps::{Placement, SlideMaps};
+use super::maps::SlideMaps;
 use super::{Canvas, Drawing, Drawn, HEATMAP_DIR, TOP_TILES_DIR, draw_slide, full_res, instance_columns, write_drawn};
 use crate::error::{Error, Result};
 use crate::features;
@@ -60,7 +60,7 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
     for dir in [&heatmaps, &top_tiles] {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let drawing = Drawing { heatmaps: &heatmaps, top_tiles: &top_tiles, map: req.map, k: req.top_tiles };
+    let drawing = Drawing { heatmap_dir: &heatmaps, tiles_dir: &top_tiles, map: req.map, top_tiles: req.top_tiles };
     let mut values =
         table::Writer::create(&req.out.join(super::INSTANCE_ATTENTION), schemas::tables::instance_attention())?;
     let mut vs = nn::VarStore::new(req.device);
@@ -106,8 +106,8 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
             return Err(Error::Features(format!("the top tiles of {problem}")));
         }
         values.write(instance_columns(None, &maps, &canvas.coords))?;
-        if let (Some((level, wanted)), Some(t)) = (&req.full_res, &thumbnail) {
-            summary.full_res.extend(whole_slide(&maps, &canvas, t, *level, wanted, req)?);
+        if let (Some((level, wanted)), Some(_)) = (&req.full_res, &thumbnail) {
+            summary.full_res.extend(whole_slide(&maps, &canvas, *level, wanted, req)?);
         }
         drawn.push(made);
         progress(done + 1, files.len());
@@ -137,7 +137,6 @@ fn slide_files(slides: Option<&Path>) -> Result<HashMap<String, PathBuf>> {
 fn whole_slide(
     maps: &SlideMaps,
     canvas: &Canvas,
-    thumbnail: &Thumbnail,
     level: usize,
     wanted: &[String],
     req: &Request,
@@ -155,20 +154,18 @@ fn whole_slide(
             })
             .collect::<Result<_>>()?
     };
-    if canvas.unit == features::CoordUnit::Microns && thumbnail.mpp.is_none() {
-        return Err(Error::BadFile {
-            path: thumbnail.path.clone(),
-            message: "its features are placed in micrometres, and the slide does not say its microns per pixel".into(),
-        });
-    }
-    let placement = Placement::new(canvas.coords.clone(), canvas.unit, canvas.patch_size, thumbnail.mpp);
-    let slide = wsi::Slide::open(&thumbnail.path)?;
+    let Some(on) = canvas.slide() else {
+        let path = canvas.thumbnail.map(|t| t.path.clone()).unwrap_or_default();
+        let message = "its features are placed in micrometres, and the slide does not say its microns per pixel";
+        return Err(Error::BadFile { path, message: message.into() });
+    };
+    let slide = wsi::Slide::open(&on.path)?;
     let dir = req.out.join("full_res");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let mut out = Vec::new();
     for class in chosen {
         let path = dir.join(format!("{}.{}.level{level}.tif", maps.slide_id, class.class));
-        full_res::write(&slide, level, &placement, class.percentiles(req.map), &path, &|_, _| {})?;
+        full_res::write(&slide, level, &canvas.placement(), class.percentiles(req.map), &path, &|_, _| {})?;
         out.push(path);
     }
     Ok(out)

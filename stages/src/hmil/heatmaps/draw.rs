@@ -82,12 +82,11 @@ pub struct Panel<'a> {
 
 /// The picture: `panels` side by side, each the patches of `placement` coloured by value over
 /// `background` (the panels' box, [`Layout::extent`], at the panels' size; white when none),
-/// under `banner`, with a colour bar whose top and bottom read `bar`.
+/// under `banner`, with a colour bar from 0% to 100%.
 pub fn render(
     placement: &Placement,
     panels: &[Panel],
     banner: &str,
-    bar: (&str, &str),
     background: impl FnOnce(&Layout) -> Option<RgbImage>,
 ) -> Result<RgbImage> {
     let layout = Layout::new(placement, panels.len());
@@ -119,7 +118,7 @@ pub fn render(
             canvas.put_pixel(px, layout.panel_y() + py, Rgb([colour.0, colour.1, colour.2]));
         }
     }
-    label(&mut canvas, panels, &layout, banner, bar)?;
+    label(&mut canvas, panels, &layout, banner)?;
     Ok(canvas)
 }
 
@@ -129,7 +128,7 @@ pub fn blend(over: [u8; 3], under: [u8; 3], alpha: f64) -> [u8; 3] {
 }
 
 /// Writes the banner, each panel's title and the colour bar's ends onto `canvas`.
-fn label(canvas: &mut RgbImage, panels: &[Panel], layout: &Layout, banner: &str, bar: (&str, &str)) -> Result<()> {
+fn label(canvas: &mut RgbImage, panels: &[Panel], layout: &Layout, banner: &str) -> Result<()> {
     crate::report::register_font();
     let (w, h) = canvas.dimensions();
     let err = |e: &dyn std::fmt::Display| Error::Features(format!("drawing a heatmap: {e}"));
@@ -141,8 +140,8 @@ fn label(canvas: &mut RgbImage, panels: &[Panel], layout: &Layout, banner: &str,
         root.draw_text(&panel.title, &font(13), (x, (BANNER + 3) as i32)).map_err(|e| err(&e))?;
     }
     let (x, y) = (layout.bar_x() as i32, layout.panel_y() as i32);
-    root.draw_text(bar.0, &font(11), (x - 6, y - 13)).map_err(|e| err(&e))?;
-    root.draw_text(bar.1, &font(11), (x, y + layout.height as i32 + 1)).map_err(|e| err(&e))?;
+    root.draw_text("100%", &font(11), (x - 6, y - 13)).map_err(|e| err(&e))?;
+    root.draw_text("0%", &font(11), (x, y + layout.height as i32 + 1)).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }
 
@@ -157,7 +156,7 @@ mod tests {
         let values: Vec<f64> = corners.iter().map(|(x, _)| if *x == 0.0 { 1.0 } else { 0.0 }).collect();
         let placement = Placement { corners, size: 256.0 };
         let panel = Panel { title: "IC 0.90".into(), values: &values };
-        let picture = render(&placement, &[panel], "slide: true IC", ("100%", "0%"), |_| None).unwrap();
+        let picture = render(&placement, &[panel], "slide: true IC", |_| None).unwrap();
         let layout = Layout::new(&placement, 1);
         let at =
             |x: f64, y: f64| picture.get_pixel(layout.pixel(0, x, y).unwrap().0, layout.pixel(0, x, y).unwrap().1).0;
@@ -175,7 +174,7 @@ mod tests {
         // corner, and the background is asked for exactly that box.
         let placement = Placement { corners: vec![(1000.0, 2000.0), (1100.0, 2000.0)], size: 100.0 };
         let mut asked = None;
-        render(&placement, &[Panel { title: String::new(), values: &[0.0, 1.0] }], "", ("", ""), |l| {
+        render(&placement, &[Panel { title: String::new(), values: &[0.0, 1.0] }], "", |l| {
             asked = Some(l.extent());
             None
         })

@@ -98,12 +98,26 @@ pub struct Canvas<'a> {
     pub thumbnail: Option<&'a Thumbnail>,
 }
 
+impl Canvas<'_> {
+    /// The slide the patches can be placed on: none without one, or when the coordinates are
+    /// micrometres and the slide does not say its resolution.
+    pub fn slide(&self) -> Option<&Thumbnail> {
+        self.thumbnail.filter(|t| self.unit != CoordUnit::Microns || t.mpp.is_some())
+    }
+
+    /// Where the patches lie: on [`Canvas::slide`] in its level-0 pixels, else in the file's unit.
+    pub fn placement(&self) -> Placement {
+        Placement::new(self.coords.clone(), self.unit, self.patch_size, self.slide().and_then(|t| t.mpp))
+    }
+}
+
 /// Where to write a slide's pictures and what to draw.
 pub struct Drawing<'a> {
-    pub heatmaps: &'a Path,
-    pub top_tiles: &'a Path,
+    pub heatmap_dir: &'a Path,
+    pub tiles_dir: &'a Path,
     pub map: MapKind,
-    pub k: usize,
+    /// Patches per class at each end of the mosaic (0: none).
+    pub top_tiles: usize,
 }
 
 /// A slide drawn: its pictures (relative to the output folder), its background, and the time.
@@ -131,7 +145,8 @@ impl HeatmapsFold {
         for dir in [&heatmaps, &top_tiles] {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let drawing = Drawing { heatmaps: &heatmaps, top_tiles: &top_tiles, map: self.map, k: self.top_tiles };
+        let drawing =
+            Drawing { heatmap_dir: &heatmaps, tiles_dir: &top_tiles, map: self.map, top_tiles: self.top_tiles };
         let mut values = table::Writer::create(&ctx.output(INSTANCE_ATTENTION), schemas::tables::instance_attention())?;
         let (mut drawn, mut without_coords) = (Vec::new(), Vec::new());
         let bar = ctx.progress(bags.test.len() as u64, "drawing heatmaps");
@@ -139,25 +154,21 @@ impl HeatmapsFold {
             if ctx.interrupted() {
                 return Err(Error::Interrupted(format!("drawing heatmaps, {} slide(s) drawn", drawn.len())));
             }
-            let mut jobs = Vec::new();
-            let mut failed = None;
+            let mut maps = Vec::new();
             forward_bags(&model, &store, chunk, CHUNK, |i, out| {
                 let bag = &chunk[i];
-                let coords = match store.coords(bag) {
-                    Ok(c) => c,
-                    Err(e) => return failed = Some(e),
-                };
-                if coords.is_empty() || coords.iter().any(|(x, y)| !x.is_finite() || !y.is_finite()) {
-                    return without_coords.push(bag.slide_id.clone());
-                }
-                let maps =
-                    SlideMaps::new(&bag.slide_id, &out, &self.classes, Some((bag.fine as usize, bag.coarse as usize)));
-                let (unit, patch_size) = geometry.get(&bag.slide_id).copied().unwrap_or_default();
-                let canvas = Canvas { coords, unit, patch_size, thumbnail: thumbs.get(&bag.slide_id) };
-                jobs.push((maps, canvas));
+                let truth = Some((bag.fine as usize, bag.coarse as usize));
+                maps.push(SlideMaps::new(&bag.slide_id, &out, &self.classes, truth));
             });
-            if let Some(e) = failed {
-                return Err(e);
+            let mut jobs = Vec::new();
+            for (bag, maps) in chunk.iter().zip(maps) {
+                let coords = store.coords(bag)?;
+                if coords.is_empty() || coords.iter().any(|(x, y)| !x.is_finite() || !y.is_finite()) {
+                    without_coords.push(bag.slide_id.clone());
+                    continue;
+                }
+                let (unit, patch_size) = geometry.get(&bag.slide_id).copied().unwrap_or_default();
+                jobs.push((maps, Canvas { coords, unit, patch_size, thumbnail: thumbs.get(&bag.slide_id) }));
             }
             let results = crate::par::map(&jobs, |(maps, canvas)| draw_slide(maps, canvas, &drawing));
             for ((maps, canvas), result) in jobs.iter().zip(results) {
@@ -188,30 +199,28 @@ impl HeatmapsFold {
 /// Draws a slide's heatmap and, where its slide can be read, its top tiles.
 pub fn draw_slide(maps: &SlideMaps, canvas: &Canvas, to: &Drawing) -> Result<Drawn> {
     let start = Instant::now();
-    let thumbnail = canvas.thumbnail.filter(|t| canvas.unit != CoordUnit::Microns || t.mpp.is_some());
-    let placement =
-        Placement::new(canvas.coords.clone(), canvas.unit, canvas.patch_size, thumbnail.and_then(|t| t.mpp));
+    let (thumbnail, placement) = (canvas.slide(), canvas.placement());
     let panels: Vec<draw::Panel> =
         maps.classes.iter().map(|c| draw::Panel { title: c.title(), values: c.percentiles(to.map) }).collect();
     let banner = format!("{}: {}; colour: {} percentile in the slide", maps.slide_id, maps.verdict, to.map.name());
     let mut background = "blank";
-    let picture = draw::render(&placement, &panels, &banner, ("100%", "0%"), |layout| {
+    let picture = draw::render(&placement, &panels, &banner, |layout| {
         let image = cut(thumbnail?, layout.extent())?;
         background = "slide";
         Some(image)
     })?;
     let heatmap = format!("{}.png", maps.slide_id);
-    let png = to.heatmaps.join(&heatmap);
+    let png = to.heatmap_dir.join(&heatmap);
     picture.save(&png).map_err(|e| Error::BadFile { path: png.clone(), message: e.to_string() })?;
     let (mut top_tiles, mut problem) = (None, None);
-    if let Some(t) = thumbnail.filter(|_| to.k > 0) {
+    if let Some(t) = thumbnail.filter(|_| to.top_tiles > 0) {
         let made = wsi::Slide::open(&t.path)
             .map_err(Error::from)
-            .and_then(|slide| mosaic::mosaic(&slide, &placement, maps, to.map, to.k));
+            .and_then(|slide| mosaic::mosaic(&slide, &placement, maps, to.map, to.top_tiles));
         match made {
             Ok(image) => {
                 let name = format!("{}.png", maps.slide_id);
-                let png = to.top_tiles.join(&name);
+                let png = to.tiles_dir.join(&name);
                 image.save(&png).map_err(|e| Error::BadFile { path: png.clone(), message: e.to_string() })?;
                 top_tiles = Some(name);
             }
