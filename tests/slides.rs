@@ -381,23 +381,15 @@ fn heatmaps_find_the_lesion_that_carries_the_class() {
     // The same checkpoint outside the workflow: one slide's features and the slide, with its
     // heatmap at level 1 of the slide as a pyramidal TIFF.
     let out = dir.path().join("new");
-    let said = hmil_flow(&[
-        "heatmap",
-        "--checkpoint",
-        results.join("folds/0/model.safetensors").to_str().unwrap(),
-        "--features",
-        results.join("slides/h5/slide_001.h5").to_str().unwrap(),
-        "--slides",
-        dir.path().join("data/slides").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--full-res",
-        "1",
-        "--class",
-        "invasive",
-        "--device",
-        "cpu",
-    ]);
+    let (checkpoint, features) = (results.join("folds/0/model.safetensors"), results.join("slides/h5/slide_001.h5"));
+    let slide_dir = dir.path().join("data/slides");
+    let heatmap = |class: &'static str| {
+        let paths = [&checkpoint, &features, &slide_dir, &out].map(|p| p.to_str().unwrap().to_owned());
+        let args = ["heatmap", "--checkpoint", &paths[0], "--features", &paths[1], "--slides", &paths[2]];
+        let args = args.into_iter().chain(["--out", &paths[3], "--full-res", "1", "--class", class, "--device", "cpu"]);
+        args.map(String::from).collect::<Vec<String>>()
+    };
+    let said = hmil_flow(&heatmap("invasive").iter().map(String::as_str).collect::<Vec<_>>());
     assert!(said.contains("drew 1 slide(s)") && said.contains("slide_001.invasive.level1.tif"), "{said}");
     assert!(out.join("heatmaps/slide_001.png").is_file() && out.join("top_tiles/slide_001.png").is_file());
     let tif = wsi::Slide::open(&out.join("full_res/slide_001.invasive.level1.tif")).unwrap();
@@ -413,21 +405,7 @@ fn heatmaps_find_the_lesion_that_carries_the_class() {
     assert_ne!(over.get_pixel(0, 0), under.get_pixel(0, 0), "a patch is coloured");
     let (corner, slide_corner) = (tif.read_rgb(0, 0, 0, 1, 1).unwrap(), source.read_rgb(0, 0, 1, 1, 1).unwrap());
     assert_eq!(corner.get_pixel(0, 0), slide_corner.get_pixel(0, 0), "glass without patches is the slide's");
-    let (_, err) = hmil_flow_fails(&[
-        "heatmap",
-        "--checkpoint",
-        results.join("folds/0/model.safetensors").to_str().unwrap(),
-        "--features",
-        results.join("slides/h5/slide_001.h5").to_str().unwrap(),
-        "--slides",
-        dir.path().join("data/slides").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--full-res",
-        "1",
-        "--class",
-        "ADH",
-    ]);
+    let (_, err) = hmil_flow_fails(&heatmap("ADH").iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("--class ADH") && err.contains("invasive"), "{err}");
 
     // A workflow from those features (CLAM h5): with the slides named, its heatmaps are drawn
