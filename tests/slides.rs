@@ -422,26 +422,18 @@ fn heatmaps_find_the_lesion_that_carries_the_class() {
         .replace("name = \"slides\"", "name = \"features\"");
     fs::write(&features, format!("{text}\n[heatmaps]\nslides = \"data/slides\"\ntop_tiles = 2\n")).unwrap();
     let ft = features.to_str().unwrap();
-    hmil_flow(&["run", ft]);
-    let drawn = csv_rows(&hmil_flow(&[
-        "query",
-        ft,
-        "SELECT background, top_tiles FROM heatmaps WHERE current",
-        "--format",
-        "csv",
-    ]));
+    let drawn_after_a_run = || {
+        hmil_flow(&["run", ft]);
+        let sql = "SELECT background, top_tiles FROM heatmaps WHERE current";
+        csv_rows(&hmil_flow(&["query", ft, sql, "--format", "csv"]))
+    };
+    let drawn = drawn_after_a_run();
     assert_eq!(drawn.len(), 24);
     assert!(drawn.iter().all(|r| r["background"] == "slide" && !r["top_tiles"].is_empty()), "{drawn:?}");
     let (_, err) = hmil_flow_fails(&["run", ft, "--set", "heatmaps.slides=\"nowhere\""]);
     assert!(err.contains("heatmaps.slides") && err.contains("nowhere"), "{err}");
     fs::write(&features, format!("{text}\n")).unwrap();
-    hmil_flow(&["run", ft]);
-    let drawn = csv_rows(&hmil_flow(&[
-        "query",
-        ft,
-        "SELECT background, top_tiles FROM heatmaps WHERE current",
-        "--format",
-        "csv",
-    ]));
+    let drawn = drawn_after_a_run();
+    assert_eq!(drawn.len(), 24);
     assert!(drawn.iter().all(|r| r["background"] == "blank" && r["top_tiles"].is_empty()), "{drawn:?}");
 }
