@@ -11,7 +11,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, Float64Array, Int64Array};
+use arrow::array::{AsArray, BooleanArray, Float64Array, Int64Array};
 use arrow::datatypes::Float64Type;
 use half::f16;
 use pipeline::{Context, Input, Stage, StageError};
@@ -84,22 +84,33 @@ impl Previous {
             return None;
         }
         let coords_col = t.column_by_name("has_coords")?.as_boolean().clone();
-        let sizes = t.column_by_name("patch_size")?.as_primitive::<Float64Type>().clone();
-        let units = table::strings(&t, "coord_unit");
+        let geometries = geometries(&t)?;
         let slides = table::strings(&t, "slide_id")
             .into_iter()
             .zip(table::strings(&t, "digest"))
             .zip(table::i64s(&t, "row_offset").into_iter().zip(table::i64s(&t, "n_instances")))
-            .zip(table::i64s(&t, "dim"))
+            .zip(table::i64s(&t, "dim").into_iter().zip(geometries))
             .enumerate()
-            .map(|(i, (((slide, digest), (offset, count)), dim))| {
-                let unit = CoordUnit::named(&units[i]);
-                let geometry = Geometry { unit, patch_size: sizes.is_valid(i).then(|| sizes.value(i)) };
+            .map(|(i, (((slide, digest), (offset, count)), (dim, geometry)))| {
                 (slide, Packed { digest, offset, count, dim, has_coords: coords_col.value(i), geometry })
             })
             .collect();
         Some(Previous { slides, features: File::open(features).ok()?, coords: File::open(coords).ok()? })
     }
+}
+
+/// Each slide's [`Geometry`] as `packed.parquet` (`t`) records it; none when the table lacks
+/// its columns (a pack from before they were kept).
+pub(crate) fn geometries(t: &arrow::array::RecordBatch) -> Option<Vec<Geometry>> {
+    let sizes = t.column_by_name("patch_size")?.as_primitive::<Float64Type>();
+    let units = t.column_by_name("coord_unit")?.as_string::<i32>();
+    Some(
+        units
+            .iter()
+            .zip(sizes.iter())
+            .map(|(unit, patch_size)| Geometry { unit: CoordUnit::named(unit.unwrap_or_default()), patch_size })
+            .collect(),
+    )
 }
 
 /// Copies `len` bytes at `at` of `from` to the end of `to` (in the kernel where it can).

@@ -14,7 +14,7 @@ use wsi::Slide;
 
 use crate::error::{Error, Result};
 use crate::table;
-use crate::tile::{facts, quickhash, slide_files};
+use crate::tile::{facts, quickhash, read_record, slide_files};
 
 /// The long side of a thumbnail, in pixels, at most.
 pub const THUMBNAIL_SIDE: f64 = 2048.0;
@@ -130,11 +130,7 @@ fn one(ctx: &Context, path: &Path) -> std::result::Result<(PathBuf, Made), Strin
             Ok(())
         })
         .map_err(|e| e.to_string())?;
-    let json = item.dir.join("thumbnail.json");
-    let made = std::fs::read(&json)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| format!("its thumbnail in {} is unreadable ({e}); remove that folder", item.dir.display()))?;
+    let made = read_record(&item.dir, "thumbnail.json", "thumbnail")?;
     Ok((item.dir, made))
 }
 

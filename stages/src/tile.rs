@@ -291,13 +291,22 @@ impl TileSlides {
                 Ok(())
             })
             .map_err(|e| strip(&e.to_string(), path))?;
-        let json = item.dir.join("tiling.json");
-        let tiling: SlideTiling = std::fs::read(&json)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            .map_err(|e| format!("its tiling in {} is unreadable ({e}); remove that folder", item.dir.display()))?;
+        let tiling: SlideTiling = read_record(&item.dir, "tiling.json", "tiling")?;
         Ok(Tiled { id, path, item: item.dir, quickhash, tiling })
     }
+}
+
+/// The JSON record `name` that a per-slide item keeps of its `what` (tiling, thumbnail); an
+/// unreadable one is an error saying which item folder to remove.
+pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+    what: &str,
+) -> std::result::Result<T, String> {
+    std::fs::read(dir.join(name))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("its {what} in {} is unreadable ({e}); remove that folder", dir.display()))
 }
 
 /// "tiled 1 of 13 slide(s); 12 were tiled before": what a stage with per-slide items did.

@@ -99,8 +99,7 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
                 None
             }
         };
-        let (unit, patch_size) = (arrays.geometry.unit, arrays.geometry.patch_size);
-        let canvas = Canvas { coords, unit, patch_size, thumbnail: thumbnail.as_ref() };
+        let canvas = Canvas { coords, geometry: arrays.geometry, thumbnail: thumbnail.as_ref() };
         let made = draw_slide(&maps, &canvas, &drawing)?;
         if let Some(problem) = &made.problem {
             return Err(Error::Features(format!("the top tiles of {problem}")));

@@ -4,7 +4,7 @@
 
 pub use schemas::workflow::MapKind;
 
-use crate::features::CoordUnit;
+use crate::features::{CoordUnit, Geometry};
 use crate::hmil::infer::{BagOutput, argmax, ranked};
 use crate::hmil::train::Classes;
 
@@ -127,14 +127,14 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Patches at `coords` in `unit`, `size` a side when the file said it (else the grid's
-    /// step), on a slide of `mpp` microns per level-0 pixel when known. Micrometres are turned
+    /// Patches at `coords` in the file's unit, its patch size a side when the file said it (else
+    /// the grid's step), on a slide of `mpp` microns per level-0 pixel when known. Micrometres are turned
     /// into pixels with the slide's resolution; without one they stay micrometres (a blank canvas
     /// has no pixels to match). A unit the file did not say is taken as level-0 pixels, as CLAM
     /// writes them.
-    pub fn new(coords: Vec<(f64, f64)>, unit: CoordUnit, size: Option<f64>, mpp: Option<f64>) -> Placement {
-        let size = size.unwrap_or_else(|| spacing(&coords));
-        match (unit, mpp) {
+    pub fn new(coords: Vec<(f64, f64)>, geometry: Geometry, mpp: Option<f64>) -> Placement {
+        let size = geometry.patch_size.unwrap_or_else(|| spacing(&coords));
+        match (geometry.unit, mpp) {
             (CoordUnit::Microns, Some(mpp)) if mpp > 0.0 => {
                 Placement { corners: coords.iter().map(|(x, y)| (x / mpp, y / mpp)).collect(), size: size / mpp }
             }
@@ -178,10 +178,11 @@ mod tests {
     #[test]
     fn micrometres_become_pixels_on_a_slide_with_a_resolution() {
         let um = vec![(0.0, 0.0), (128.0, 64.0)];
-        let on_slide = Placement::new(um.clone(), CoordUnit::Microns, Some(128.0), Some(0.5));
+        let on_slide =
+            Placement::new(um.clone(), Geometry { unit: CoordUnit::Microns, patch_size: Some(128.0) }, Some(0.5));
         assert_eq!(on_slide, Placement { corners: vec![(0.0, 0.0), (256.0, 128.0)], size: 256.0 });
         assert_eq!(on_slide.extent(), (0.0, 0.0, 512.0, 384.0));
-        let blank = Placement::new(um.clone(), CoordUnit::Microns, None, None);
+        let blank = Placement::new(um.clone(), Geometry { unit: CoordUnit::Microns, patch_size: None }, None);
         assert_eq!(blank, Placement { corners: um, size: 64.0 }, "the grid's step, in micrometres");
     }
 

@@ -27,7 +27,7 @@ use super::evaluate::load_checkpoint;
 use super::infer::forward_bags;
 use super::train::{Classes, Sources, device};
 use crate::error::{Error, Result};
-use crate::features::CoordUnit;
+use crate::features::{CoordUnit, Geometry};
 use crate::table;
 use crate::thumbnails::{self, Thumbnail};
 
@@ -92,8 +92,7 @@ pub struct Canvas<'a> {
     /// The feature file's coordinates.
     pub coords: Vec<(f64, f64)>,
     /// Their unit, and the patch side when the file said it.
-    pub unit: CoordUnit,
-    pub patch_size: Option<f64>,
+    pub geometry: Geometry,
     /// The slide, when there is one to draw on.
     pub thumbnail: Option<&'a Thumbnail>,
 }
@@ -102,12 +101,12 @@ impl Canvas<'_> {
     /// The slide the patches can be placed on: none without one, or when the coordinates are
     /// micrometres and the slide does not say its resolution.
     pub fn slide(&self) -> Option<&Thumbnail> {
-        self.thumbnail.filter(|t| self.unit != CoordUnit::Microns || t.mpp.is_some())
+        self.thumbnail.filter(|t| self.geometry.unit != CoordUnit::Microns || t.mpp.is_some())
     }
 
     /// Where the patches lie: on [`Canvas::slide`] in its level-0 pixels, else in the file's unit.
     pub fn placement(&self) -> Placement {
-        Placement::new(self.coords.clone(), self.unit, self.patch_size, self.slide().and_then(|t| t.mpp))
+        Placement::new(self.coords.clone(), self.geometry, self.slide().and_then(|t| t.mpp))
     }
 }
 
@@ -167,8 +166,8 @@ impl HeatmapsFold {
                     without_coords.push(bag.slide_id.clone());
                     continue;
                 }
-                let (unit, patch_size) = geometry.get(&bag.slide_id).copied().unwrap_or_default();
-                jobs.push((maps, Canvas { coords, unit, patch_size, thumbnail: thumbs.get(&bag.slide_id) }));
+                let geometry = geometry.get(&bag.slide_id).copied().unwrap_or_default();
+                jobs.push((maps, Canvas { coords, geometry, thumbnail: thumbs.get(&bag.slide_id) }));
             }
             let results = crate::par::map(&jobs, |(maps, canvas)| draw_slide(maps, canvas, &drawing));
             for ((maps, canvas), result) in jobs.iter().zip(results) {
@@ -251,16 +250,11 @@ fn cut(thumbnail: &Thumbnail, extent: (f64, f64, f64, f64)) -> Option<RgbImage> 
 }
 
 /// Each slide's coordinate unit and patch side (when its file said), from `packed.parquet`.
-fn geometry(packed: &Path) -> Result<HashMap<String, (CoordUnit, Option<f64>)>> {
+fn geometry(packed: &Path) -> Result<HashMap<String, Geometry>> {
     let t = table::read(packed)?;
-    if t.column_by_name("patch_size").is_none() {
-        return Err(Error::Table { path: packed.into(), message: "lacks column patch_size".into() });
-    }
-    let units = table::strings(&t, "coord_unit");
-    Ok(table::strings(&t, "slide_id")
-        .into_iter()
-        .zip(units.iter().map(|u| CoordUnit::named(u)).zip(table::f64s(&t, "patch_size")))
-        .collect())
+    let geometries = crate::pack::geometries(&t)
+        .ok_or_else(|| Error::Table { path: packed.into(), message: "lacks column patch_size or coord_unit".into() })?;
+    Ok(table::strings(&t, "slide_id").into_iter().zip(geometries).collect())
 }
 
 /// The `instance_attention` rows of one slide: every instance for every class.
