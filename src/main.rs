@@ -457,14 +457,15 @@ fn bench(what: Bench) -> Result<()> {
             let _ = std::fs::remove_dir_all(&scratch);
             result?;
         }
-        Bench::Epoch { slides, instances, dim, epochs, threads, device } => {
+        Bench::Epoch { slides, instances, dim, epochs, threads, device, model } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
             }
             let device = stages::hmil::train::device(&device)?;
-            let r = stages::bench::epoch(slides, instances, dim, epochs, device)?;
+            let r = stages::bench::epoch(model, slides, instances, dim, epochs, device)?;
             println!(
-                "{} slides, {} instances, dim {}, {} on {} ({} threads)",
+                "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",
+                r.model.name(),
                 r.slides,
                 r.instances,
                 r.dim,

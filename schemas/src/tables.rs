@@ -130,36 +130,19 @@ pub fn splits() -> SchemaRef {
     schema(vec![Field::new("fold", DataType::Int32, false), utf8("slide_id"), utf8("case_id"), utf8("split")])
 }
 
-/// `history.parquet` (train): one row per epoch.
+/// `history.parquet` (train): one row per epoch and value, in long form so that each model's
+/// own loss terms need no column of their own. Values: `lr`, `loss` and `loss_<term>` (a model's
+/// terms: HMIL's `ce_coarse`, `ce_fine`, `reg`, `con`, `align`; a flat model's `ce_fine`), the
+/// schedule's (HMIL's `weight_ce_coarse`, `weight_con`, `tau`), `train_` and `val_` `acc_` and
+/// `auc_` `coarse`/`fine`, `val_loss`, and `seconds`.
 pub fn history() -> SchemaRef {
-    let f = |name: &str| Field::new(name, DataType::Float64, true);
-    let mut fields = vec![Field::new("fold", DataType::Int32, false), Field::new("epoch", DataType::Int32, false)];
-    fields.extend(HISTORY_VALUES.iter().map(|n| f(n)));
-    schema(fields)
+    schema(vec![
+        Field::new("fold", DataType::Int32, false),
+        Field::new("epoch", DataType::Int32, false),
+        utf8("name"),
+        Field::new("value", DataType::Float64, true),
+    ])
 }
-
-/// The value columns of `history.parquet`, after `fold` and `epoch`.
-pub const HISTORY_VALUES: [&str; 19] = [
-    "alpha",
-    "tau",
-    "lr",
-    "loss",
-    "loss_ce_coarse",
-    "loss_ce_fine",
-    "loss_reg",
-    "loss_con",
-    "loss_align",
-    "train_acc_coarse",
-    "train_acc_fine",
-    "train_auc_coarse",
-    "train_auc_fine",
-    "val_loss",
-    "val_acc_coarse",
-    "val_acc_fine",
-    "val_auc_coarse",
-    "val_auc_fine",
-    "seconds",
-];
 
 /// `predictions.parquet` (evaluate): one row per slide of a fold's val and test splits, with
 /// `prob_fine_<class>`, `prob_coarse_<class>` and `prob_coarse_from_fine_<class>` columns.

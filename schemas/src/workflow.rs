@@ -388,10 +388,76 @@ pub struct Plateau {
     pub min_lr: f64,
 }
 
-/// `[train]`: the HMIL model and its optimisation (defaults are the published ones).
+/// The network a variant trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Hierarchical MIL (Jin et al. 2025): class-wise attention at the coarse and fine levels.
+    #[default]
+    Hmil,
+    /// Flat gated-attention MIL (Ilse et al. 2018) on the fine classes.
+    Abmil,
+    /// Flat MIL on the fine classes: the mean of the bag's embedded instances.
+    Meanpool,
+}
+
+impl ModelKind {
+    /// As the workflow names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Hmil => "hmil",
+            ModelKind::Abmil => "abmil",
+            ModelKind::Meanpool => "meanpool",
+        }
+    }
+
+    /// Whether the model predicts the fine classes alone (its coarse prediction is the fine
+    /// probabilities summed per coarse class).
+    pub fn is_flat(self) -> bool {
+        self != ModelKind::Hmil
+    }
+}
+
+/// How HMIL's curriculum moves weight from the coarse cross-entropy to the contrastive loss
+/// over training: `alpha` weighs the first and `1 − alpha` the second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Curriculum {
+    /// `alpha = 1 − (e/E)²`, as published.
+    #[default]
+    Quadratic,
+    /// `alpha = 1 − e/E`.
+    Linear,
+    /// No trade-off: both terms at full weight in every epoch.
+    None,
+}
+
+/// `[train.loss]`: HMIL's loss terms, each of which can be switched off for an ablation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Loss {
+    /// Cross-entropy of the coarse logits.
+    pub coarse_ce: bool,
+    /// Cross-entropy of the fine probabilities summed per coarse class.
+    pub regulariser: bool,
+    /// Supervised contrastive loss over the fine class-wise bag embeddings.
+    pub contrastive: bool,
+    pub curriculum: Curriculum,
+}
+
+impl Default for Loss {
+    fn default() -> Self {
+        Loss { coarse_ce: true, regulariser: true, contrastive: true, curriculum: Curriculum::Quadratic }
+    }
+}
+
+/// `[train]`: the model and its optimisation (defaults are HMIL's published ones).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Train {
+    pub model: ModelKind,
+    /// HMIL's loss terms (flat models train on the fine cross-entropy alone).
+    pub loss: Loss,
     pub epochs: usize,
     /// Bags per mini-batch.
     pub batch_size: usize,
@@ -419,6 +485,8 @@ pub struct Train {
 impl Default for Train {
     fn default() -> Self {
         Train {
+            model: ModelKind::Hmil,
+            loss: Loss::default(),
             epochs: 200,
             batch_size: 64,
             lr: 1e-4,

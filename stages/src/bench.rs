@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use models::{Batch, Schedule, Targets};
+use schemas::workflow::ModelKind;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::hmil::loss::{self, LossConfig};
-use crate::hmil::model::{Batch, Dims, group_matrix};
-use crate::hmil::train::build_model;
+use crate::hmil::train::{Classes, build_model, model_config};
 use crate::index::{FACTS_KIND, FileFacts, facts, feature_files, scan};
 use crate::rng::Rng;
 
@@ -122,6 +122,7 @@ pub fn index(dir: &Path, scratch: &Path) -> Result<IndexReport> {
 /// One training epoch against the floor the machine's fp32 matmul throughput sets.
 #[derive(Debug)]
 pub struct EpochReport {
+    pub model: ModelKind,
     pub slides: usize,
     pub instances: i64,
     pub dim: i64,
@@ -151,17 +152,38 @@ pub fn peak_rss_bytes() -> u64 {
     usage.ru_maxrss.max(0) as u64 * 1024
 }
 
-/// Multiply–accumulates per instance of every linear layer (forward).
-fn macs_per_instance(d: f64, n_coarse: f64, n_fine: f64) -> (f64, f64) {
-    let first = d * 256.0; // feature_extractor.0: its input needs no gradient
-    let rest =
-        256.0 * d + d * 256.0 + 2.0 * d * 256.0 + 256.0 * n_coarse + 2.0 * 256.0 * 64.0 + 64.0 * n_fine + d + 256.0;
-    (first, rest)
+/// Multiply–accumulates per instance of every linear layer (forward): the first layer's (whose
+/// input needs no gradient) and the rest's.
+fn macs_per_instance(model: ModelKind, d: f64, n_coarse: f64, n_fine: f64) -> (f64, f64) {
+    match model {
+        ModelKind::Hmil => {
+            let rest = 256.0 * d
+                + d * 256.0
+                + 2.0 * d * 256.0
+                + 256.0 * n_coarse
+                + 2.0 * 256.0 * 64.0
+                + 64.0 * n_fine
+                + d
+                + 256.0;
+            (d * 256.0, rest)
+        }
+        // Gated attention 512 → 2 × 256 → 1, and the weighted sum.
+        ModelKind::Abmil => (d * 512.0, 2.0 * 512.0 * 256.0 + 256.0 + 512.0),
+        ModelKind::Meanpool => (d * 512.0, 512.0),
+    }
 }
 
-/// Times `epochs` training epochs over `slides` synthetic bags of about `instances` instances
-/// (lognormal) of dimension `dim`, all resident on `device`, in batches of 64.
-pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: Device) -> Result<EpochReport> {
+/// Times `epochs` training epochs of `model` over `slides` synthetic bags of about `instances`
+/// instances (lognormal) of dimension `dim`, all resident on `device`, in batches of 64.
+pub fn epoch(
+    model: ModelKind,
+    slides: usize,
+    instances: usize,
+    dim: i64,
+    epochs: usize,
+    device: Device,
+) -> Result<EpochReport> {
+    let kind = model;
     let mut rng = Rng::new(1, 0);
     let lens: Vec<i64> = (0..slides)
         .map(|_| ((instances as f64).ln() + 0.5 * rng.normal() - 0.125).exp().round().max(8.0) as i64)
@@ -170,10 +192,11 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
     let x = Tensor::randn([total, dim], (Kind::Float, device)).relu();
     let fine: Vec<i64> = (0..slides).map(|i| (i % 7) as i64).collect();
     let f2c = [0usize, 0, 0, 1, 1, 2, 2];
+    let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
+    let classes = Classes { coarse: names(3), fine: names(7), fine_to_coarse: f2c.to_vec() };
     let vs = nn::VarStore::new(device);
-    let model = build_model(&vs, Dims { input: dim, n_coarse: 3, n_fine: 7 }, 0.0, 1);
+    let model = build_model(&vs, &model_config(kind, &classes, dim), 1);
     let mut opt = nn::Adam::default().build(&vs, 1e-4).map_err(|e| Error::Features(e.to_string()))?;
-    let groups = group_matrix(&f2c, 3, device);
     let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
     let mut epoch_s = Vec::new();
     let mut gflops = Vec::new();
@@ -189,15 +212,9 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
                 Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
-            let cfg = LossConfig {
-                alpha: loss::alpha(e + 1, epochs + 1),
-                tau: loss::tau(e + 1, epochs + 1),
-                align_weight: 0.0,
-                groups: &groups,
-                class_weights: None,
-            };
-            let out = model.forward(&batch, true);
-            let terms = loss::terms(&out, &batch, &y_c, &y_f, &cfg);
+            // Past the first epoch, so that HMIL's contrastive term is computed.
+            let at = Schedule { epoch: e + 1, epochs: epochs + 1 };
+            let (_, terms) = model.step(&batch, &Targets { coarse: &y_c, fine: &y_f, class_weights: None }, at);
             opt.backward_step(&terms.total);
         }
         if device.is_cuda() {
@@ -205,11 +222,12 @@ pub fn epoch(slides: usize, instances: usize, dim: i64, epochs: usize, device: D
         }
         epoch_s.push(start.elapsed().as_secs_f64());
     }
-    let (first, rest) = macs_per_instance(dim as f64, 3.0, 7.0);
+    let (first, rest) = macs_per_instance(kind, dim as f64, 3.0, 7.0);
     let flops_per_instance = 2.0 * (2.0 * first + 3.0 * rest);
     gflops.push(matmul_throughput(dim, device));
     let matmul_gflops = gflops.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
     Ok(EpochReport {
+        model: kind,
         slides,
         instances: total,
         dim,

@@ -50,8 +50,9 @@ impl Stage for Report {
     /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
     /// 3: all folds' metrics and predictions as tables.
     /// 4: links to the heatmaps of each class's best and worst predicted test slides.
+    /// 5: `history.parquet` in long form.
     fn code_version(&self) -> &str {
-        "4"
+        "5"
     }
     fn params(&self) -> serde_json::Value {
         let results: Vec<&str> = self.folds.iter().map(|f| f.results.as_str()).collect();
@@ -478,8 +479,10 @@ fn plot_curves(path: &Path, histories: &[RecordBatch]) -> Result<()> {
                 let epochs = h.column_by_name("epoch").expect("epoch").as_primitive::<Int32Type>().values().to_vec();
                 epochs
                     .iter()
-                    .zip(table::f64s(h, column))
-                    .filter_map(|(e, v)| v.filter(|v| v.is_finite()).map(|v| (*e as f64, v)))
+                    .zip(table::strings(h, "name"))
+                    .zip(table::f64s(h, "value"))
+                    .filter(|((_, name), _)| name == column)
+                    .filter_map(|((e, _), v)| v.filter(|v| v.is_finite()).map(|v| (*e as f64, v)))
                     .collect()
             })
             .collect();

@@ -1,16 +1,19 @@
-//! Checkpoints: the network's parameters under their published names, as safetensors, carrying
-//! in the file's metadata what is needed to use them alone: class names, the fine→coarse
-//! hierarchy, the input dimension and the model's configuration. PyTorch's `load_file` and
-//! `VarStore::load` ignore the metadata; `safe_open(f).metadata()["hmil_flow"]` reads it.
+//! Checkpoints: a network's parameters under its reference implementation's names, as
+//! safetensors, carrying in the file's metadata what is needed to use them alone: the model,
+//! class names, the fine→coarse hierarchy, the input dimension and the model's configuration.
+//! PyTorch's `load_file` and `VarStore::load` ignore the metadata;
+//! `safe_open(f).metadata()["hmil_flow"]` reads it.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use models::MilModel;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use schemas::workflow::ModelKind;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, nn};
+use tch::{Device, Kind, Tensor, nn};
 
-use super::train::Classes;
+use super::train::{Classes, model_config};
 use crate::error::{Error, Result};
 
 /// The metadata key holding [`Info`] as JSON (one key, so the file's bytes are reproducible).
@@ -21,25 +24,30 @@ const KEY: &str = "hmil_flow";
 pub struct Info {
     /// `hmil-flow/1`.
     pub format: String,
-    /// `hmil`.
-    pub model: String,
+    /// `hmil`, `abmil` or `meanpool`.
+    pub model: ModelKind,
     pub classes: Classes,
     /// Instance feature dimension.
     pub input_dim: i64,
-    /// Hidden sizes: the feature extractor and coarse attention, and the fine attention.
-    pub hidden: i64,
-    pub fine_attention_hidden: i64,
-    /// Dropout after the attention gates while training.
+    /// HMIL's hidden sizes: the feature extractor and coarse attention, and the fine attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_attention_hidden: Option<i64>,
+    /// Dropout while training.
     pub dropout: f64,
 }
 
 impl Info {
-    /// The metadata of an HMIL network with these classes, input dimension and dropout.
-    pub fn hmil(classes: &Classes, input_dim: i64, dropout: f64) -> Info {
-        let (hidden, fine_attention_hidden) = super::model::HIDDEN_SIZES;
+    /// The metadata of a `model` network with these classes, input dimension and dropout.
+    pub fn new(model: ModelKind, classes: &Classes, input_dim: i64, dropout: f64) -> Info {
+        let (hidden, fine_attention_hidden) = match model {
+            ModelKind::Hmil => (Some(models::hmil::HIDDEN_SIZES.0), Some(models::hmil::HIDDEN_SIZES.1)),
+            _ => (None, None),
+        };
         Info {
             format: "hmil-flow/1".into(),
-            model: "hmil".into(),
+            model,
             classes: classes.clone(),
             input_dim,
             hidden,
@@ -47,6 +55,53 @@ impl Info {
             dropout,
         }
     }
+}
+
+/// A network loaded from a checkpoint. The variable store holds the weights and must outlive
+/// the network.
+pub struct Loaded {
+    pub vs: nn::VarStore,
+    pub net: Box<dyn MilModel>,
+    pub model: ModelKind,
+}
+
+/// The network of the checkpoint at `path` (an HMIL one when the file does not say), for
+/// `classes` over `dim`-wide features, on `device`.
+pub fn load(path: &Path, classes: &Classes, dim: i64, device: Device) -> Result<Loaded> {
+    let bad = |message: String| Error::BadFile { path: path.into(), message };
+    let model = read_info(path)?.map_or(ModelKind::Hmil, |info| info.model);
+    let tensors = Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?;
+    let rows = |name: &str| {
+        tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.size()).ok_or_else(|| {
+            bad(format!("no tensor {name}: not the parameters of a {} network", model.name()))
+        })
+    };
+    let (input, coarse, fine) = match model {
+        ModelKind::Hmil => (
+            "feature_extractor.0.weight",
+            Some("coarse_attention.0.attention_c.weight"),
+            "fine_attention.0.attention_c.weight",
+        ),
+        ModelKind::Abmil => ("attention_net.0.weight", None, "classifiers.weight"),
+        ModelKind::Meanpool => ("fc.0.weight", None, "classifier.weight"),
+    };
+    let d = rows(input)?[1];
+    if d != dim {
+        return Err(bad(format!("trained on features of dimension {d}, these have {dim}")));
+    }
+    let n_fine = rows(fine)?[0];
+    let n_coarse = coarse.map(|name| rows(name).map(|r| r[0])).transpose()?.unwrap_or(classes.coarse.len() as i64);
+    if (n_fine, n_coarse) != (classes.fine.len() as i64, classes.coarse.len() as i64) {
+        return Err(bad(format!(
+            "has {n_fine} fine and {n_coarse} coarse classes; the workflow declares {} and {}",
+            classes.fine.len(),
+            classes.coarse.len()
+        )));
+    }
+    let mut vs = nn::VarStore::new(device);
+    let net = models::build(&vs.root(), &model_config(model, classes, dim));
+    vs.load(path).map_err(|e| bad(format!("cannot load its parameters: {e}")))?;
+    Ok(Loaded { vs, net, model })
 }
 
 /// Writes the parameters of `vs` (float32, on the CPU, sorted by name) and `info` to `path`.
@@ -89,7 +144,6 @@ pub fn read_info(path: &Path) -> Result<Option<Info>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hmil::model::Dims;
     use crate::hmil::train::build_model;
 
     #[test]
@@ -100,14 +154,14 @@ mod tests {
             fine_to_coarse: vec![0, 0, 1],
         };
         let vs = nn::VarStore::new(Device::Cpu);
-        build_model(&vs, Dims { input: 8, n_coarse: 2, n_fine: 3 }, 0.0, 1);
+        build_model(&vs, &model_config(ModelKind::Hmil, &classes, 8), 1);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        let info = Info::hmil(&classes, 8, 0.25);
+        let info = Info::new(ModelKind::Hmil, &classes, 8, 0.25);
         save(&vs, &info, &path).unwrap();
         assert_eq!(read_info(&path).unwrap(), Some(info.clone()));
         let mut other = nn::VarStore::new(Device::Cpu);
-        build_model(&other, Dims { input: 8, n_coarse: 2, n_fine: 3 }, 0.0, 2);
+        build_model(&other, &model_config(ModelKind::Hmil, &classes, 8), 2);
         other.load(&path).unwrap();
         let (a, b) = (vs.variables(), other.variables());
         assert!(a.iter().all(|(name, t)| t.equal(&b[name])), "the same weights come back");

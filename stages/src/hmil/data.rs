@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use memmap2::Mmap;
 use tch::{Device, Kind, Tensor};
 
-use super::model::Batch;
+use models::Batch;
 use crate::error::{Error, Result};
 use crate::splits::Part;
 use crate::table;

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
 use pipeline::{Context, Input, Stage, StageError};
 use schemas::workflow::Evaluate;
-use tch::nn;
 
 use super::data::Bag;
 use super::infer::{BagPrediction, argmax, predict};
 use super::metrics::{self, Scored};
-use super::model::{Dims, Hmil};
-use super::train::{Classes, Sources, build_model, device};
-use crate::error::{Error, Result};
+use super::checkpoint::{self, Loaded};
+use super::train::{Classes, Sources, device};
+use crate::error::Result;
 use crate::table;
 
 /// The `evaluate[fold=k]` stage.
@@ -57,20 +56,10 @@ impl Stage for EvaluateFold {
     }
 }
 
-/// The network for `classes` over `dim`-wide features, with the weights of the declared input
-/// `checkpoint`, on `device`. The variable store holds the weights and must outlive the model.
-pub fn load_checkpoint(
-    ctx: &Context,
-    classes: &Classes,
-    dim: i64,
-    device: tch::Device,
-) -> Result<(nn::VarStore, Hmil)> {
-    let dims = Dims { input: dim, n_coarse: classes.coarse.len() as i64, n_fine: classes.fine.len() as i64 };
-    let mut vs = nn::VarStore::new(device);
-    let model = build_model(&vs, dims, 0.0, 0);
-    let ckpt = ctx.input("checkpoint");
-    vs.load(ckpt).map_err(|e| Error::BadFile { path: ckpt.into(), message: e.to_string() })?;
-    Ok((vs, model))
+/// The network of the declared input `checkpoint`, for `classes` over `dim`-wide features, on
+/// `device`.
+pub fn load_checkpoint(ctx: &Context, classes: &Classes, dim: i64, device: tch::Device) -> Result<Loaded> {
+    checkpoint::load(ctx.input("checkpoint"), classes, dim, device)
 }
 
 /// One attention row: slide, level, class, rank, instance, score, x, y.
@@ -88,14 +77,14 @@ impl EvaluateFold {
         let device = device(&self.device)?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let c = &self.classes;
-        let (_vs, model) = load_checkpoint(ctx, c, store.dim, device)?;
+        let model = load_checkpoint(ctx, c, store.dim, device)?;
         let k = self.config.attention_top_k;
         let splits: Vec<SplitResult> = [("val", &bags.val), ("test", &bags.test)]
             .into_iter()
             .map(|(name, b)| SplitResult {
                 name,
                 bags: b,
-                preds: predict(&model, &store, b, self.config.batch_size, k, &c.fine_to_coarse),
+                preds: predict(&*model.net, &store, b, self.config.batch_size, k, &c.fine_to_coarse),
             })
             .collect();
         self.write_predictions(ctx, &splits)?;

@@ -1,9 +1,9 @@
 //! Running a trained network over bags: class probabilities and the most attended instances.
 
+use models::{MilModel, Output};
 use tch::{Kind, Tensor};
 
 use super::data::{Bag, Store};
-use super::model::{Hmil, Output};
 
 /// What the network says about one bag.
 #[derive(Debug, Clone)]
@@ -65,14 +65,16 @@ pub struct BagOutput<'a> {
     pub fine_probs: &'a [f64],
     /// Per level (0 coarse, 1 fine): one row per instance, one column per class.
     pub attention: [&'a [Vec<f64>]; 2],
-    /// Per level: each instance's classifier score (see [`evidence`]).
-    pub scores: [&'a [f64]; 2],
+    /// Per level: each instance's classifier score (see [`evidence`]); HMIL's alone.
+    pub scores: Option<[&'a [f64]; 2]>,
 }
 
 impl BagOutput<'_> {
-    /// Per level: one row per instance, one column per class; see [`evidence`].
-    pub fn evidence(&self) -> [Vec<Vec<f64>>; 2] {
-        [0, 1].map(|level| evidence(self.attention[level], self.scores[level]))
+    /// Per level: one row per instance, one column per class; see [`evidence`]. `None` for a
+    /// model without per-instance scores.
+    pub fn evidence(&self) -> Option<[Vec<Vec<f64>>; 2]> {
+        let scores = self.scores?;
+        Some([0, 1].map(|level| evidence(self.attention[level], scores[level])))
     }
 }
 
@@ -100,7 +102,7 @@ pub fn evidence(attention: &[Vec<f64>], scores: &[f64]) -> Vec<Vec<f64>> {
 /// Runs the network over `bags` in batches of `batch_size` (no gradients, no dropout) and hands
 /// `each` every bag's index and output.
 pub fn forward_bags(
-    model: &Hmil,
+    model: &dyn MilModel,
     store: &Store,
     bags: &[Bag],
     batch_size: usize,
@@ -121,7 +123,7 @@ pub fn bag_outputs(o: &Output, lengths: &[i64], mut each: impl FnMut(usize, BagO
     let coarse = rows(&o.coarse_logits.softmax(-1, Kind::Float));
     let fine = rows(&o.fine_logits.softmax(-1, Kind::Float));
     let attention = [rows(&o.coarse_attention), rows(&o.fine_attention)];
-    let scores = [column(&o.coarse_scores), column(&o.fine_scores)];
+    let scores = o.scores.as_ref().map(|s| s.each_ref().map(column));
     let mut start = 0;
     for (i, &len) in lengths.iter().enumerate() {
         let range = start..start + len as usize;
@@ -131,7 +133,7 @@ pub fn bag_outputs(o: &Output, lengths: &[i64], mut each: impl FnMut(usize, BagO
                 coarse_probs: &coarse[i],
                 fine_probs: &fine[i],
                 attention: [&attention[0][range.clone()], &attention[1][range.clone()]],
-                scores: [&scores[0][range.clone()], &scores[1][range]],
+                scores: scores.as_ref().map(|s| [&s[0][range.clone()], &s[1][range]]),
             },
         );
         start += len as usize;
@@ -154,7 +156,7 @@ pub fn ranked(values: impl Iterator<Item = f64>, top_k: usize) -> Vec<(usize, f6
 /// Evaluates `bags` in batches of `batch_size` (no gradients, no dropout), keeping the `top_k`
 /// most attended instances per class and each fine class's agreement with its coarse class.
 pub fn predict(
-    model: &Hmil,
+    model: &dyn MilModel,
     store: &Store,
     bags: &[Bag],
     batch_size: usize,
@@ -179,16 +181,32 @@ pub fn predict(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::hmil::checkpoint::{Loaded, load};
+    use crate::hmil::train::Classes;
+
+    /// The PyTorch HMIL of `tests/fixtures/hmil` and its two-bag batch.
+    fn hmil_fixture() -> (Loaded, models::Batch) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hmil");
+        let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
+        let classes = Classes { coarse: names(3), fine: names(7), fine_to_coarse: vec![0, 0, 0, 1, 1, 2, 2] };
+        let model = load(&dir.join("state_dict.safetensors"), &classes, 16, tch::Device::Cpu).unwrap();
+        let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();
+        let get = |n: &str| expected.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let lengths = Vec::try_from(get("seg").bincount::<Tensor>(None, 2)).unwrap();
+        (model, models::Batch::new(get("x"), lengths))
+    }
 
     #[test]
     fn evidence_sums_to_each_logit_above_the_mean_logit() {
         // The PyTorch fixture's two bags: each class's evidence, summed over the bag's
         // instances, is its logit minus the mean of the bag's logits.
-        let (_vs, model, batch, _) = crate::hmil::model::tests::fixture();
-        let out = model.forward(&batch, false);
+        let (model, batch) = hmil_fixture();
+        let out = model.net.forward(&batch, false);
         let attention = [rows(&out.coarse_attention), rows(&out.fine_attention)];
-        let scores = [column(&out.coarse_scores), column(&out.fine_scores)];
+        let scores = out.scores.as_ref().expect("HMIL's scores").each_ref().map(column);
         let logits = [rows(&out.coarse_logits), rows(&out.fine_logits)];
         let mut start = 0;
         for (bag, &len) in batch.lengths.iter().enumerate() {

@@ -4,38 +4,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array};
-use tch::{Device, Kind, Tensor, nn};
+use models::Batch;
+use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
 use super::infer::argmax;
-use super::model::{Batch, Dims, Hmil};
-use super::train::{Classes, build_model};
+use super::train::Classes;
 use crate::error::{Error, Result};
 use crate::features::{self, Format};
 use crate::index::feature_files;
 use crate::table;
-
-/// The class counts a checkpoint was trained for, read from its attention layers' shapes.
-fn dims(checkpoint: &Path, input: i64) -> Result<Dims> {
-    let bad = |message: String| Error::BadFile { path: checkpoint.into(), message };
-    let tensors = Tensor::read_safetensors(checkpoint).map_err(|e| bad(e.to_string()))?;
-    let rows = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.size()[0])
-            .ok_or_else(|| bad(format!("no tensor {name}: not an HMIL checkpoint")))
-    };
-    let d = tensors.iter().find(|(n, _)| n == "feature_extractor.0.weight").map(|(_, t)| t.size()[1]);
-    if d != Some(input) {
-        return Err(bad(format!("trained on features of dimension {d:?}, these have {input}")));
-    }
-    Ok(Dims {
-        input,
-        n_coarse: rows("coarse_attention.0.attention_c.weight")?,
-        n_fine: rows("fine_attention.0.attention_c.weight")?,
-    })
-}
 
 /// The classes to name predictions by: the checkpoint's own, checked against the workflow's
 /// when both are given; the workflow's for a checkpoint without them; else an error.
@@ -66,30 +44,6 @@ pub(crate) fn feature_inputs(features: &Path) -> Result<Vec<(String, std::path::
     Ok(vec![(slide, features.to_path_buf(), format)])
 }
 
-/// The network of `checkpoint` for features of dimension `dim`, its weights loaded into `vs`.
-pub(crate) fn load_model(checkpoint: &Path, vs: &mut nn::VarStore, dim: i64) -> Result<Hmil> {
-    let net = build_model(vs, dims(checkpoint, dim)?, 0.0, 0);
-    vs.load(checkpoint).map_err(|e| Error::BadFile { path: checkpoint.into(), message: e.to_string() })?;
-    Ok(net)
-}
-
-/// An error unless `net` has as many classes at each level as `classes` names.
-pub(crate) fn check_classes(checkpoint: &Path, net: &Hmil, classes: &Classes) -> Result<()> {
-    if classes.fine.len() as i64 == net.dims.n_fine && classes.coarse.len() as i64 == net.dims.n_coarse {
-        return Ok(());
-    }
-    Err(Error::BadFile {
-        path: checkpoint.into(),
-        message: format!(
-            "has {} fine and {} coarse classes; the workflow declares {} and {}",
-            net.dims.n_fine,
-            net.dims.n_coarse,
-            classes.fine.len(),
-            classes.coarse.len()
-        ),
-    })
-}
-
 /// Predicts every feature file at `features` (a file or a directory) and writes `out`; returns
 /// the number of slides. Classes come from the checkpoint, or from `classes` (a workflow's) for a
 /// checkpoint that does not carry them.
@@ -104,7 +58,6 @@ pub fn predict(
     let files = feature_inputs(features)?;
     let mut model = None;
     let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = Vec::new();
-    let mut vs = nn::VarStore::new(device);
     let _guard = tch::no_grad_guard();
     for (slide, path, format) in &files {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -112,9 +65,9 @@ pub fn predict(
             features::parse(*format, &bytes).map_err(|message| Error::BadFile { path: path.clone(), message })?;
         let (n, d) = (arrays.features.rows as i64, arrays.features.cols as i64);
         if model.is_none() {
-            model = Some(load_model(checkpoint, &mut vs, d)?);
+            model = Some(checkpoint::load(checkpoint, &classes, d, device)?);
         }
-        let net = model.as_ref().expect("built above");
+        let net = &model.as_ref().expect("built above").net;
         let x = Tensor::from_slice(&arrays.features.to_f32()).view([n, d]).to(device);
         let out = net.forward(&Batch::new(x, vec![n]), false);
         let probs = |t: &Tensor| -> Vec<f64> {
@@ -127,8 +80,9 @@ pub fn predict(
             probs(&out.coarse_logits),
         ));
     }
-    let Some(net) = model else { return Ok(0) };
-    check_classes(checkpoint, &net, &classes)?;
+    if model.is_none() {
+        return Ok(0);
+    }
     let from_fine: Vec<Vec<f64>> = rows
         .iter()
         .map(|r| {
@@ -168,9 +122,12 @@ mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Float64Type;
     use safetensors::tensor::{Dtype, TensorView};
+    use schemas::workflow::ModelKind;
+    use tch::nn;
 
     use super::*;
     use crate::hmil::checkpoint::Info;
+    use crate::hmil::train::{build_model, model_config};
 
     fn classes() -> Classes {
         Classes {
@@ -194,10 +151,10 @@ mod tests {
                 .unwrap();
         }
         let vs = nn::VarStore::new(Device::Cpu);
-        build_model(&vs, Dims { input: 8, n_coarse: 2, n_fine: 3 }, 0.0, 3);
+        build_model(&vs, &model_config(ModelKind::Hmil, &classes(), 8), 3);
         let ckpt = dir.path().join("model.safetensors");
         if with_info {
-            checkpoint::save(&vs, &Info::hmil(&classes(), 8, 0.0), &ckpt).unwrap();
+            checkpoint::save(&vs, &Info::new(ModelKind::Hmil, &classes(), 8, 0.0), &ckpt).unwrap();
         } else {
             vs.save(&ckpt).unwrap();
         }

@@ -1,23 +1,22 @@
-//! `train[fold=k]`: trains HMIL on a fold's training bags, keeps the checkpoint that scores best
-//! on its validation bags (ties broken by the lower validation loss; the test bags are never
-//! looked at), and records every epoch.
+//! `train[fold=k]`: trains a model (HMIL or a baseline, any [`MilModel`]) on a fold's training
+//! bags, keeps the checkpoint that scores best on its validation bags (ties broken by the lower
+//! validation loss; the test bags are never looked at), and records every epoch.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, Float64Array, Int32Array};
+use arrow::array::{Float64Array, Int32Array};
+use models::{Dims, MilModel, Schedule, Targets};
 use pipeline::{Context, Input, Stage, StageError};
-use schemas::workflow::{Balance, SelectMetric, Train};
+use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, Train};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
 use super::data::{Bag, FoldBags, Store, fold_bags};
 use super::infer::{argmax, predict};
-use super::loss::{self, LossConfig};
 use super::metrics::binary_auc;
-use super::model::{Dims, Hmil, group_matrix};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::table;
@@ -92,8 +91,9 @@ impl Stage for TrainFold {
     /// 2: one joint product per shared input (same model, different float summation order).
     /// 3: the checkpoint carries its classes, hierarchy and configuration.
     /// 4: an epoch that ties the best validation score is kept when its validation loss is lower.
+    /// 5: any model; `history.parquet` in long form.
     fn code_version(&self) -> &str {
-        "4"
+        "5"
     }
     fn params(&self) -> serde_json::Value {
         let mut config = serde_json::to_value(&self.config).expect("serialises");
@@ -116,10 +116,23 @@ impl Stage for TrainFold {
     }
 }
 
-/// Builds the network with deterministic, seeded Kaiming-normal weights (independent of
-/// libtorch's global generator, so folds trained side by side stay reproducible).
-pub fn build_model(vs: &nn::VarStore, dims: Dims, dropout: f64, seed: u64) -> Hmil {
-    let model = Hmil::new(&vs.root(), dims, dropout);
+/// The network of `model` for `classes` over `dim`-wide features, as inference uses it (no
+/// dropout; the loss settings are those of training, see [`TrainFold`]).
+pub fn model_config(model: ModelKind, classes: &Classes, dim: i64) -> models::Config {
+    models::Config {
+        model,
+        dims: Dims { input: dim, n_coarse: classes.coarse.len() as i64, n_fine: classes.fine.len() as i64 },
+        fine_to_coarse: classes.fine_to_coarse.clone(),
+        dropout: 0.0,
+        loss: Loss::default(),
+        align_weight: 0.0,
+    }
+}
+
+/// Builds the network with deterministic, seeded Kaiming-normal weights and zero biases
+/// (independent of libtorch's global generator, so folds trained side by side stay reproducible).
+pub fn build_model(vs: &nn::VarStore, config: &models::Config, seed: u64) -> Box<dyn MilModel> {
+    let model = models::build(&vs.root(), config);
     let mut rng = Rng::new(seed, 0x1417);
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -176,33 +189,54 @@ fn mean_nll(probs: &[Vec<f64>], y: &[i64]) -> f64 {
     probs.iter().zip(y).map(|(p, &t)| -(p[t as usize].max(1e-12)).ln()).sum::<f64>() / y.len().max(1) as f64
 }
 
+/// Every epoch's values, in long form.
 #[derive(Default)]
 struct History {
-    columns: Vec<(&'static str, Vec<f64>)>,
+    rows: Vec<(i32, String, f64)>,
 }
 
 impl History {
-    fn push(&mut self, row: &[(&'static str, f64)]) {
-        if self.columns.is_empty() {
-            self.columns = row.iter().map(|(n, _)| (*n, Vec::new())).collect();
-        }
-        for (col, (_, v)) in self.columns.iter_mut().zip(row) {
-            col.1.push(*v);
-        }
+    fn push(&mut self, epoch: usize, name: &str, value: f64) {
+        self.rows.push((epoch as i32, name.to_owned(), value));
     }
 
     fn write(&self, path: &Path, fold: usize) -> Result<()> {
-        let n = self.columns.first().map_or(0, |c| c.1.len());
-        let mut cols: Vec<ArrayRef> = vec![Arc::new(Int32Array::from(vec![fold as i32; n]))];
-        for (name, values) in &self.columns {
-            if *name == "epoch" {
-                cols.push(Arc::new(Int32Array::from_iter_values(values.iter().map(|v| *v as i32))));
-            } else {
-                cols.push(Arc::new(Float64Array::from(values.clone())));
-            }
-        }
-        table::write(path, schemas::tables::history(), cols)
+        let n = self.rows.len();
+        table::write(
+            path,
+            schemas::tables::history(),
+            vec![
+                Arc::new(Int32Array::from(vec![fold as i32; n])),
+                Arc::new(Int32Array::from_iter_values(self.rows.iter().map(|r| r.0))),
+                table::string_col(self.rows.iter().map(|r| r.1.as_str())),
+                Arc::new(self.rows.iter().map(|r| r.2.is_finite().then_some(r.2)).collect::<Float64Array>()),
+            ],
+        )
     }
+}
+
+/// Per-bag probabilities of a batch's logits, on the CPU.
+fn probs(t: &Tensor) -> Vec<Vec<f64>> {
+    let t = t.detach().softmax(-1, Kind::Double).to_device(Device::Cpu);
+    let cols = t.size()[1] as usize;
+    let flat: Vec<f64> = Vec::try_from(t.contiguous().view([-1])).expect("double tensor");
+    flat.chunks(cols).map(<[f64]>::to_vec).collect()
+}
+
+/// What one epoch of training saw: each loss term's mean over bags (`loss` the total), the
+/// schedule's values, and the training bags' accuracy and AUC at both levels.
+struct EpochTrain {
+    losses: Vec<(String, f64)>,
+    schedule: Vec<(&'static str, f64)>,
+    coarse: (f64, f64),
+    fine: (f64, f64),
+}
+
+/// The network's validation loss, accuracy and AUC at both levels.
+struct Validation {
+    loss: f64,
+    coarse: (f64, f64),
+    fine: (f64, f64),
 }
 
 impl TrainFold {
@@ -213,10 +247,14 @@ impl TrainFold {
         }
         let device = device(&cfg.device)?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
-        let c = &self.classes;
-        let dims = Dims { input: store.dim, n_coarse: c.coarse.len() as i64, n_fine: c.fine.len() as i64 };
+        let config = models::Config {
+            dropout: cfg.dropout,
+            loss: cfg.loss,
+            align_weight: cfg.align_weight,
+            ..model_config(cfg.model, &self.classes, store.dim)
+        };
         let mut vs = nn::VarStore::new(device);
-        let model = build_model(&vs, dims, cfg.dropout, self.seed.wrapping_add(self.fold as u64));
+        let model = build_model(&vs, &config, self.seed.wrapping_add(self.fold as u64));
         if cfg.init_from.is_some() {
             let path = ctx.input("init_from");
             vs.load(path)
@@ -225,8 +263,7 @@ impl TrainFold {
         let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }
             .build(&vs, cfg.lr)
             .map_err(|e| Error::Features(format!("optimiser: {e}")))?;
-        let groups = group_matrix(&c.fine_to_coarse, dims.n_coarse, device);
-        let weights = (cfg.balance == Balance::LossWeights).then(|| class_weights(&bags.train, dims, device));
+        let weights = (cfg.balance == Balance::LossWeights).then(|| class_weights(&bags.train, config.dims, device));
         if bags.val.is_empty() {
             ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
@@ -236,117 +273,57 @@ impl TrainFold {
         let bar = ctx.progress(cfg.epochs as u64, "epochs");
         for epoch in 0..cfg.epochs {
             let start = Instant::now();
-            let (alpha, tau) = (loss::alpha(epoch, cfg.epochs), loss::tau(epoch, cfg.epochs));
-            let order = self.epoch_order(&bags.train, epoch);
-            let mut sums = [0.0f64; 6];
-            let (mut train_coarse, mut train_fine, mut y_c, mut y_f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (b, chunk) in order.chunks(cfg.batch_size).enumerate() {
-                if ctx.interrupted() {
-                    return Err(Error::Interrupted(format!(
-                        "in epoch {} of {}, batch {}",
-                        epoch + 1,
-                        cfg.epochs,
-                        b + 1
-                    )));
-                }
-                let refs: Vec<&Bag> = chunk.iter().map(|&i| &bags.train[i]).collect();
-                let batch = store.batch(&refs);
-                let coarse = Tensor::from_slice(&refs.iter().map(|b| b.coarse).collect::<Vec<_>>()).to(device);
-                let fine = Tensor::from_slice(&refs.iter().map(|b| b.fine).collect::<Vec<_>>()).to(device);
-                let loss_cfg = LossConfig {
-                    alpha,
-                    tau,
-                    align_weight: cfg.align_weight,
-                    groups: &groups,
-                    class_weights: weights.as_ref().map(|(a, b)| (a, b)),
-                };
-                let bf16 = cfg.bf16 && device.is_cuda();
-                let (terms, out) = tch::autocast(bf16, || {
-                    let out = model.forward(&batch, true);
-                    (loss::terms(&out, &batch, &coarse, &fine, &loss_cfg), out)
-                });
-                opt.backward_step(&terms.total);
-                let n = refs.len() as f64;
-                for (s, t) in sums.iter_mut().zip([
-                    &terms.total,
-                    &terms.ce_coarse,
-                    &terms.ce_fine,
-                    &terms.reg,
-                    &terms.con,
-                    &terms.align,
-                ]) {
-                    *s += t.double_value(&[]) * n;
-                }
-                let probs = |t: &Tensor| {
-                    let t = t.detach().softmax(-1, Kind::Double).to_device(Device::Cpu);
-                    let cols = t.size()[1] as usize;
-                    let flat: Vec<f64> = Vec::try_from(t.contiguous().view([-1])).expect("double tensor");
-                    flat.chunks(cols).map(<[f64]>::to_vec).collect::<Vec<_>>()
-                };
-                train_coarse.extend(probs(&out.coarse_logits));
-                train_fine.extend(probs(&out.fine_logits));
-                y_c.extend(refs.iter().map(|b| b.coarse));
-                y_f.extend(refs.iter().map(|b| b.fine));
-            }
-            let n_train = order.len().max(1) as f64;
-            let val = predict(&model, &store, &bags.val, cfg.batch_size, 0, &self.classes.fine_to_coarse);
-            let vc: Vec<Vec<f64>> = val.iter().map(|p| p.coarse_probs.clone()).collect();
-            let vf: Vec<Vec<f64>> = val.iter().map(|p| p.fine_probs.clone()).collect();
-            let vy_c: Vec<i64> = bags.val.iter().map(|b| b.coarse).collect();
-            let vy_f: Vec<i64> = bags.val.iter().map(|b| b.fine).collect();
-            let val_loss = if val.is_empty() { f64::NAN } else { mean_nll(&vc, &vy_c) + mean_nll(&vf, &vy_f) };
-            let (tac, tauc_c) = acc_auc(&train_coarse, &y_c);
-            let (taf, tauc_f) = acc_auc(&train_fine, &y_f);
-            let (vac, vauc_c) = acc_auc(&vc, &vy_c);
-            let (vaf, vauc_f) = acc_auc(&vf, &vy_f);
+            let step = Step { ctx, model: &*model, store: &store, weights: weights.as_ref(), epoch };
+            let train = self.train_epoch(&step, &mut opt, &bags.train)?;
+            let val = self.validate(&*model, &store, &bags.val);
             let score = match cfg.select {
-                SelectMetric::FineAuc => vauc_f,
-                SelectMetric::FineAccuracy => vaf,
-                SelectMetric::CoarseAuc => vauc_c,
-                SelectMetric::Loss => -val_loss,
+                SelectMetric::FineAuc => val.fine.1,
+                SelectMetric::FineAccuracy => val.fine.0,
+                SelectMetric::CoarseAuc => val.coarse.1,
+                SelectMetric::Loss => -val.loss,
             };
-            if val.is_empty() || better((score, val_loss), best.as_ref().map(|b| b.0)) {
+            if bags.val.is_empty() || better((score, val.loss), best.as_ref().map(|b| b.0)) {
                 let snapshot = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
-                best = Some(((score, val_loss), snapshot));
+                best = Some(((score, val.loss), snapshot));
                 since_best = 0;
             } else {
                 since_best += 1;
             }
-            history.push(&[
-                ("epoch", epoch as f64),
-                ("alpha", alpha),
-                ("tau", tau),
-                ("lr", lr),
-                ("loss", sums[0] / n_train),
-                ("loss_ce_coarse", sums[1] / n_train),
-                ("loss_ce_fine", sums[2] / n_train),
-                ("loss_reg", sums[3] / n_train),
-                ("loss_con", sums[4] / n_train),
-                ("loss_align", sums[5] / n_train),
-                ("train_acc_coarse", tac),
-                ("train_acc_fine", taf),
-                ("train_auc_coarse", tauc_c),
-                ("train_auc_fine", tauc_f),
-                ("val_loss", val_loss),
-                ("val_acc_coarse", vac),
-                ("val_acc_fine", vaf),
-                ("val_auc_coarse", vauc_c),
-                ("val_auc_fine", vauc_f),
+            let loss = train.losses[0].1;
+            history.push(epoch, "lr", lr);
+            for (name, value) in &train.losses {
+                history.push(epoch, name, *value);
+            }
+            for (name, value) in &train.schedule {
+                history.push(epoch, name, *value);
+            }
+            for (name, value) in [
+                ("train_acc_coarse", train.coarse.0),
+                ("train_acc_fine", train.fine.0),
+                ("train_auc_coarse", train.coarse.1),
+                ("train_auc_fine", train.fine.1),
+                ("val_loss", val.loss),
+                ("val_acc_coarse", val.coarse.0),
+                ("val_acc_fine", val.fine.0),
+                ("val_auc_coarse", val.coarse.1),
+                ("val_auc_fine", val.fine.1),
                 ("seconds", start.elapsed().as_secs_f64()),
-            ]);
-            bar.set_message(format!("loss {:.3} val fine AUC {vauc_f:.3}", sums[0] / n_train));
+            ] {
+                history.push(epoch, name, value);
+            }
+            bar.set_message(format!("loss {loss:.3} val fine AUC {:.3}", val.fine.1));
             bar.inc(1);
             // Shown without -v when no progress bar is (stderr is a log file or a job's output).
             tracing::info!(
                 node = ctx.node_id(),
-                "epoch {}/{}: loss {:.4}, validation fine macro AUC {vauc_f:.3}",
+                "epoch {}/{}: loss {loss:.4}, validation fine macro AUC {:.3}",
                 epoch + 1,
                 cfg.epochs,
-                sums[0] / n_train
+                val.fine.1
             );
-            if let Some(p) = cfg.plateau.filter(|_| !val_loss.is_nan()) {
-                if val_loss < best_val_loss {
-                    best_val_loss = val_loss;
+            if let Some(p) = cfg.plateau.filter(|_| !val.loss.is_nan()) {
+                if val.loss < best_val_loss {
+                    best_val_loss = val.loss;
                     plateau_wait = 0;
                 } else {
                     plateau_wait += 1;
@@ -370,10 +347,76 @@ impl TrainFold {
                 vars.get_mut(&name).expect("same variables").copy_(&t);
             }
         }
-        let info = checkpoint::Info::hmil(&self.classes, store.dim, cfg.dropout);
+        let info = checkpoint::Info::new(cfg.model, &self.classes, store.dim, cfg.dropout);
         checkpoint::save(&vs, &info, &ctx.output("model.safetensors"))?;
         history.write(&ctx.output("history.parquet"), self.fold)?;
         Ok(())
+    }
+
+    /// One pass over the training bags in this epoch's order, a step per mini-batch.
+    fn train_epoch(&self, step: &Step, opt: &mut nn::Optimizer, train: &[Bag]) -> Result<EpochTrain> {
+        let cfg = &self.config;
+        let device = step.store.device();
+        let order = self.epoch_order(train, step.epoch);
+        let mut sums: Vec<(String, f64)> = Vec::new();
+        let mut schedule = Vec::new();
+        let (mut coarse_probs, mut fine_probs, mut y_c, mut y_f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (b, chunk) in order.chunks(cfg.batch_size).enumerate() {
+            if step.ctx.interrupted() {
+                return Err(Error::Interrupted(format!(
+                    "in epoch {} of {}, batch {}",
+                    step.epoch + 1,
+                    cfg.epochs,
+                    b + 1
+                )));
+            }
+            let refs: Vec<&Bag> = chunk.iter().map(|&i| &train[i]).collect();
+            let batch = step.store.batch(&refs);
+            let coarse = Tensor::from_slice(&refs.iter().map(|b| b.coarse).collect::<Vec<_>>()).to(device);
+            let fine = Tensor::from_slice(&refs.iter().map(|b| b.fine).collect::<Vec<_>>()).to(device);
+            let targets = Targets { coarse: &coarse, fine: &fine, class_weights: step.weights.map(|(a, b)| (a, b)) };
+            let bf16 = cfg.bf16 && device.is_cuda();
+            let at = Schedule { epoch: step.epoch, epochs: cfg.epochs };
+            let (out, terms) = tch::autocast(bf16, || step.model.step(&batch, &targets, at));
+            opt.backward_step(&terms.total);
+            if sums.is_empty() {
+                sums = std::iter::once("loss".to_owned())
+                    .chain(terms.named.iter().map(|(name, _)| format!("loss_{name}")))
+                    .map(|name| (name, 0.0))
+                    .collect();
+                schedule = terms.schedule.clone();
+            }
+            let n = refs.len() as f64;
+            for (sum, t) in sums.iter_mut().zip(std::iter::once(&terms.total).chain(terms.named.iter().map(|t| &t.1)))
+            {
+                sum.1 += t.double_value(&[]) * n;
+            }
+            coarse_probs.extend(probs(&out.coarse_logits));
+            fine_probs.extend(probs(&out.fine_logits));
+            y_c.extend(refs.iter().map(|b| b.coarse));
+            y_f.extend(refs.iter().map(|b| b.fine));
+        }
+        let n_train = order.len().max(1) as f64;
+        for sum in &mut sums {
+            sum.1 /= n_train;
+        }
+        Ok(EpochTrain {
+            losses: sums,
+            schedule,
+            coarse: acc_auc(&coarse_probs, &y_c),
+            fine: acc_auc(&fine_probs, &y_f),
+        })
+    }
+
+    /// The network on the validation bags.
+    fn validate(&self, model: &dyn MilModel, store: &Store, val: &[Bag]) -> Validation {
+        let preds = predict(model, store, val, self.config.batch_size, 0, &self.classes.fine_to_coarse);
+        let vc: Vec<Vec<f64>> = preds.iter().map(|p| p.coarse_probs.clone()).collect();
+        let vf: Vec<Vec<f64>> = preds.iter().map(|p| p.fine_probs.clone()).collect();
+        let y_c: Vec<i64> = val.iter().map(|b| b.coarse).collect();
+        let y_f: Vec<i64> = val.iter().map(|b| b.fine).collect();
+        let loss = if preds.is_empty() { f64::NAN } else { mean_nll(&vc, &y_c) + mean_nll(&vf, &y_f) };
+        Validation { loss, coarse: acc_auc(&vc, &y_c), fine: acc_auc(&vf, &y_f) }
     }
 
     /// This epoch's bag order: a seeded shuffle, or class-balanced draws with replacement.
@@ -407,6 +450,15 @@ impl TrainFold {
             }
         }
     }
+}
+
+/// What a training step works with, besides the optimiser.
+struct Step<'a> {
+    ctx: &'a Context<'a>,
+    model: &'a dyn MilModel,
+    store: &'a Store,
+    weights: Option<&'a (Tensor, Tensor)>,
+    epoch: usize,
 }
 
 /// Inverse-frequency class weights (coarse, fine), normalised to mean 1 over present classes.

@@ -6,15 +6,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use schemas::workflow::MapKind;
-use tch::{Device, Tensor, nn};
+use models::Batch;
+use tch::{Device, Tensor};
 
 use super::maps::SlideMaps;
 use super::{Canvas, Drawing, Drawn, HEATMAP_DIR, TOP_TILES_DIR, draw_slide, full_res, instance_columns, write_drawn};
 use crate::error::{Error, Result};
 use crate::features;
 use crate::hmil::infer::bag_outputs;
-use crate::hmil::model::Batch;
-use crate::hmil::predict::{check_classes, classes_for, feature_inputs, load_model};
+use crate::hmil::checkpoint;
+use crate::hmil::predict::{classes_for, feature_inputs};
 use crate::hmil::train::Classes;
 use crate::table;
 use crate::thumbnails::Thumbnail;
@@ -63,7 +64,6 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
     let drawing = Drawing { heatmap_dir: &heatmaps, tiles_dir: &top_tiles, map: req.map, top_tiles: req.top_tiles };
     let mut values =
         table::Writer::create(&req.out.join(super::INSTANCE_ATTENTION), schemas::tables::instance_attention())?;
-    let mut vs = nn::VarStore::new(req.device);
     let mut model = None;
     let mut summary = Summary::default();
     let mut drawn: Vec<Drawn> = Vec::new();
@@ -78,11 +78,18 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
         };
         let (n, d) = (arrays.features.rows as i64, arrays.features.cols as i64);
         if model.is_none() {
-            let net = load_model(req.checkpoint, &mut vs, d)?;
-            check_classes(req.checkpoint, &net, &classes)?;
-            model = Some(net);
+            let loaded = checkpoint::load(req.checkpoint, &classes, d, req.device)?;
+            if req.map == MapKind::Evidence && loaded.model.is_flat() {
+                return Err(Error::Features(format!(
+                    "{} is a {} network, whose logits do not split into per-instance evidence: \
+                     draw its attention with --map attention",
+                    req.checkpoint.display(),
+                    loaded.model.name()
+                )));
+            }
+            model = Some(loaded);
         }
-        let net = model.as_ref().expect("built above");
+        let net = &model.as_ref().expect("built above").net;
         let x = Tensor::from_slice(&arrays.features.to_f32()).view([n, d]).to(req.device);
         let mut maps = None;
         bag_outputs(&net.forward(&Batch::new(x, vec![n]), false), &[n], |_, out| {

@@ -78,7 +78,12 @@ impl SlideMaps {
         for (level, names, probs) in [(0, &classes.coarse, out.coarse_probs), (1, &classes.fine, out.fine_probs)] {
             for (k, name) in names.iter().enumerate() {
                 let attention: Vec<f64> = out.attention[level].iter().map(|r| r[k]).collect();
-                let evidence: Vec<f64> = evidence[level].iter().map(|r| r[k]).collect();
+                // A flat model's logits do not split into evidence: NaN, never drawn (see
+                // `heatmap --map`).
+                let evidence: Vec<f64> = match &evidence {
+                    Some(e) => e[level].iter().map(|r| r[k]).collect(),
+                    None => vec![f64::NAN; attention.len()],
+                };
                 let is_true = truth.is_some_and(|(fine, coarse)| [coarse, fine][level] == k);
                 maps.push(ClassMap {
                     level: ["coarse", "fine"][level],
@@ -198,7 +203,7 @@ mod tests {
             coarse_probs: &[0.3, 0.7],
             fine_probs: &[0.2, 0.5, 0.3],
             attention: [&attention[0], &attention[1]],
-            scores: [&[1.0, -1.0], &[0.5, 0.0]],
+            scores: Some([&[1.0, -1.0], &[0.5, 0.0]]),
         };
         let maps = SlideMaps::new("s1", &out, &classes, Some((2, 1)));
         let titles: Vec<String> = maps.classes.iter().map(ClassMap::title).collect();

@@ -134,7 +134,7 @@ impl HeatmapsFold {
     fn draw(&self, ctx: &Context) -> Result<()> {
         let device = device(&self.device)?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
-        let (_vs, model) = load_checkpoint(ctx, &self.classes, store.dim, device)?;
+        let model = load_checkpoint(ctx, &self.classes, store.dim, device)?;
         let geometry = geometry(ctx.input("packed"))?;
         let thumbs = match &self.thumbnails_node {
             Some(_) => thumbnails::read(ctx.input("thumbnails"), ctx.input("thumbnail_dir"))?,
@@ -154,7 +154,7 @@ impl HeatmapsFold {
                 return Err(Error::Interrupted(format!("drawing heatmaps, {} slide(s) drawn", drawn.len())));
             }
             let mut maps = Vec::new();
-            forward_bags(&model, &store, chunk, CHUNK, |i, out| {
+            forward_bags(&*model.net, &store, chunk, CHUNK, |i, out| {
                 let bag = &chunk[i];
                 let truth = Some((bag.fine as usize, bag.coarse as usize));
                 maps.push(SlideMaps::new(&bag.slide_id, &out, &self.classes, truth));

@@ -1,0 +1,154 @@
+//! The MIL networks hmil-flow trains, behind one trait. Each model is one module: how it is
+//! built (its parameters under the names of its reference implementation, so published PyTorch
+//! weights load), its forward pass over a batch of bags, and its loss. Every model predicts both
+//! levels of the class hierarchy: HMIL directly, flat models through the fine probabilities
+//! summed per coarse class. What is shared (batches, segment operations) is in [`ops`].
+
+pub mod abmil;
+pub mod hmil;
+pub mod meanpool;
+pub mod ops;
+
+use schemas::workflow::{Loss, ModelKind};
+use tch::{Tensor, nn};
+
+pub use ops::Batch;
+
+/// Sizes of a network's input and output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Instance feature dimension D.
+    pub input: i64,
+    pub n_coarse: i64,
+    pub n_fine: i64,
+}
+
+/// How to build a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub model: ModelKind,
+    pub dims: Dims,
+    /// The coarse class of each fine class.
+    pub fine_to_coarse: Vec<usize>,
+    /// Dropout in the attention (HMIL, ABMIL) or after the embedding (mean pooling); 0 disables it.
+    pub dropout: f64,
+    /// HMIL's loss terms and curriculum.
+    pub loss: Loss,
+    /// Weight of HMIL's attention-alignment term.
+    pub align_weight: f64,
+}
+
+/// What a forward pass yields, at both levels of the hierarchy.
+pub struct Output {
+    /// B × n_c. A flat model's are the logarithms of its fine probabilities summed per coarse
+    /// class, so that their softmax is those sums.
+    pub coarse_logits: Tensor,
+    /// B × n_f.
+    pub fine_logits: Tensor,
+    /// T × n_c: each instance's attention for each coarse class (softmax over each bag's
+    /// instances). A model with one attention for all classes repeats it per class; mean pooling's
+    /// is 1/n.
+    pub coarse_attention: Tensor,
+    /// T × n_f, likewise.
+    pub fine_attention: Tensor,
+    /// HMIL's per-instance classifier scores (T × 1 coarse, T × 1 fine, without the bias): a
+    /// class's logit is the sum over instances of its attention times the score. `None` for models
+    /// whose logits do not decompose so.
+    pub scores: Option<[Tensor; 2]>,
+}
+
+/// A batch's labels.
+pub struct Targets<'a> {
+    /// B coarse class indices (int64).
+    pub coarse: &'a Tensor,
+    /// B fine class indices (int64).
+    pub fine: &'a Tensor,
+    /// Per-class weights of the cross-entropy terms (coarse, fine), or none.
+    pub class_weights: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// Where training stands, for losses that follow a schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub epoch: usize,
+    pub epochs: usize,
+}
+
+/// A training step's loss: the total that is minimised and its named terms.
+pub struct Terms {
+    pub total: Tensor,
+    /// Each term by name (`ce_fine`, `con`, …), as `history` records them (`loss_<name>`).
+    pub named: Vec<(&'static str, Tensor)>,
+    /// The schedule's values in this epoch by name (`weight_con`, `tau`, …).
+    pub schedule: Vec<(&'static str, f64)>,
+}
+
+/// A MIL network over bags of instance features.
+pub trait MilModel: Send {
+    /// Class logits and attention of every bag of `batch`; `train` turns dropout on.
+    fn forward(&self, batch: &Batch, train: bool) -> Output;
+    /// A training forward pass (dropout on) and its loss.
+    fn step(&self, batch: &Batch, targets: &Targets, schedule: Schedule) -> (Output, Terms);
+}
+
+/// Creates the model of `config` with its variables under `p` (PyTorch's default initialisation;
+/// see each model for its parameter names).
+pub fn build(p: &nn::Path, config: &Config) -> Box<dyn MilModel> {
+    match config.model {
+        ModelKind::Hmil => Box::new(hmil::Hmil::new(p, config)),
+        ModelKind::Abmil => Box::new(abmil::Abmil::new(p, config)),
+        ModelKind::Meanpool => Box::new(meanpool::MeanPool::new(p, config)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use tch::{Device, Kind, Tensor, nn};
+
+    use super::*;
+
+    /// Loads `tests/fixtures/baselines/<model>.safetensors` (written by PyTorch from the papers'
+    /// descriptions; see make_baselines.py) and checks the fine logits and attention of the
+    /// batch of `tests/fixtures/hmil`, and that the coarse prediction is the fine one summed.
+    fn matches_pytorch(model: ModelKind) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let fine_to_coarse = vec![0, 0, 0, 1, 1, 2, 2];
+        let config = Config {
+            model,
+            dims: Dims { input: 16, n_coarse: 3, n_fine: 7 },
+            fine_to_coarse: fine_to_coarse.clone(),
+            dropout: 0.0,
+            loss: Loss::default(),
+            align_weight: 0.0,
+        };
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let net = build(&vs.root(), &config);
+        vs.load(dir.join(format!("baselines/{}.safetensors", model.name()))).unwrap();
+        let read = |path: PathBuf| Tensor::read_safetensors(path).unwrap();
+        let batch = read(dir.join("hmil/expected.safetensors"));
+        let expected = read(dir.join(format!("baselines/{}_expected.safetensors", model.name())));
+        let get = |set: &[(String, Tensor)], n: &str| set.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let lengths = Vec::try_from(get(&batch, "seg").bincount::<Tensor>(None, 2)).unwrap();
+        let out = net.forward(&Batch::new(get(&batch, "x"), lengths), false);
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&out.fine_logits, &get(&expected, "fine_logits")) < 1e-5, "{} fine logits", model.name());
+        let attention = get(&expected, "attention").unsqueeze(1).expand([-1, 7], false);
+        assert!(diff(&out.fine_attention, &attention) < 1e-6, "{} attention", model.name());
+        let groups = ops::group_matrix(&fine_to_coarse, 3, Device::Cpu);
+        let summed = out.fine_logits.softmax(-1, Kind::Float).matmul(&groups);
+        assert!(diff(&out.coarse_logits.softmax(-1, Kind::Float), &summed) < 1e-6);
+        assert!(out.scores.is_none());
+    }
+
+    #[test]
+    fn abmil_loads_clam_names_and_matches_pytorch() {
+        matches_pytorch(ModelKind::Abmil);
+    }
+
+    #[test]
+    fn meanpool_matches_pytorch() {
+        matches_pytorch(ModelKind::Meanpool);
+    }
+}

@@ -1,0 +1,182 @@
+//! What every model shares: batches of bags as concatenated instances, per-bag (segment)
+//! softmax and sums, linear layers fused into one product, and the step from fine to coarse
+//! predictions that flat models take.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Reduction, Tensor};
+
+/// Class-wise gated attention (Ilse et al. 2018, with CLAM's parameter names):
+/// `W_c(tanh(W_a h) ⊙ sigmoid(W_b h))`, one score per class.
+#[derive(Debug)]
+pub struct GatedAttention {
+    pub a: nn::Linear,
+    pub b: nn::Linear,
+    pub c: nn::Linear,
+}
+
+impl GatedAttention {
+    /// `attention_a.0`, `attention_b.0` and `attention_c` under `p`.
+    pub fn new(p: &nn::Path, input: i64, hidden: i64, classes: i64) -> GatedAttention {
+        GatedAttention {
+            a: nn::linear(p / "attention_a" / "0", input, hidden, linear_config()),
+            b: nn::linear(p / "attention_b" / "0", input, hidden, linear_config()),
+            c: nn::linear(p / "attention_c", hidden, classes, linear_config()),
+        }
+    }
+
+    /// Raw scores (T × classes) from the pre-activations of the two gates.
+    pub fn scores(&self, a: &Tensor, b: &Tensor, dropout: f64, train: bool) -> Tensor {
+        let a = a.tanh().dropout(dropout, train);
+        let b = b.sigmoid().dropout(dropout, train);
+        self.c.forward(&(a * b))
+    }
+}
+
+/// A batch of bags: concatenated instances and the bag each belongs to.
+pub struct Batch {
+    /// T × D instance features (float32).
+    pub x: Tensor,
+    /// T bag indices in `0..bags` (int64), non-decreasing.
+    pub seg: Tensor,
+    /// Instances of each bag, in order.
+    pub lengths: Vec<i64>,
+}
+
+impl Batch {
+    /// A batch whose `x` holds bags of `lengths` instances one after another.
+    pub fn new(x: Tensor, lengths: Vec<i64>) -> Batch {
+        let seg: Vec<i64> =
+            lengths.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize)).collect();
+        let seg = Tensor::from_slice(&seg).to(x.device());
+        Batch { x, seg, lengths }
+    }
+
+    /// Number of bags.
+    pub fn bags(&self) -> i64 {
+        self.lengths.len() as i64
+    }
+}
+
+/// `h·Wᵀ + b` of several linear layers reading the same `h`, as one product split back into
+/// each layer's output (views). A layer paired with `false` is applied without its bias. The
+/// product's width is padded with zero rows to a multiple of 8 floats: rows of an odd width
+/// (769) made it a third slower.
+pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]) -> [Tensor; N] {
+    let options = (layers[0].0.ws.kind(), layers[0].0.ws.device());
+    let mut sizes: Vec<i64> = layers.iter().map(|(l, _)| l.ws.size()[0]).collect();
+    let width: i64 = sizes.iter().sum();
+    let pad = (8 - width % 8) % 8;
+    let mut weights: Vec<Tensor> = layers.iter().map(|(l, _)| l.ws.shallow_clone()).collect();
+    let mut biases: Vec<Tensor> = layers
+        .iter()
+        .zip(&sizes)
+        .map(|((l, with_bias), &n)| match (&l.bs, with_bias) {
+            (Some(b), true) => b.shallow_clone(),
+            _ => Tensor::zeros([n], options),
+        })
+        .collect();
+    if pad > 0 {
+        weights.push(Tensor::zeros([pad, h.size()[1]], options));
+        biases.push(Tensor::zeros([pad], options));
+        sizes.push(pad);
+    }
+    let mut parts = h.linear(&Tensor::cat(&weights, 0), Some(Tensor::cat(&biases, 0))).split_with_sizes(&sizes, 1);
+    parts.truncate(N);
+    parts.try_into().expect("one part per layer")
+}
+
+pub fn linear_config() -> nn::LinearConfig {
+    nn::LinearConfig { ws_init: nn::init::DEFAULT_KAIMING_NORMAL, bs_init: Some(nn::Init::Const(0.0)), bias: true }
+}
+
+/// Softmax of `scores` (T × C) over the instances of each bag, in float32 (under bf16 autocast
+/// too: a bag's sum runs over thousands of instances).
+pub fn segment_softmax(scores: &Tensor, seg: &Tensor, bags: i64) -> Tensor {
+    let scores = scores.to_kind(Kind::Float);
+    // Bags are contiguous runs of `seg`, so a segment max by run length shifts each bag.
+    let lengths = seg.bincount::<Tensor>(None, bags);
+    let max = Tensor::segment_reduce(&scores.detach(), "max", Some(&lengths), None, None, 0, false, f64::NEG_INFINITY);
+    let e = (&scores - max.index_select(0, seg)).exp();
+    let sum = segment_sum(&e, seg, bags);
+    e / sum.index_select(0, seg)
+}
+
+/// Per-bag sums of the rows of `values` (T × C) → B × C.
+pub fn segment_sum(values: &Tensor, seg: &Tensor, bags: i64) -> Tensor {
+    let size = values.size();
+    Tensor::zeros([bags, size[1]], (values.kind(), values.device())).index_add(0, seg, values)
+}
+
+/// The fine→coarse group matrix (n_f × n_c, one-hot rows).
+pub fn group_matrix(fine_to_coarse: &[usize], n_coarse: i64, device: tch::Device) -> Tensor {
+    let n_fine = fine_to_coarse.len() as i64;
+    let idx: Vec<i64> = fine_to_coarse.iter().map(|&c| c as i64).collect();
+    Tensor::zeros([n_fine, n_coarse], (Kind::Float, device)).scatter_value(
+        1,
+        &Tensor::from_slice(&idx).view([-1, 1]).to(device),
+        1.0,
+    )
+}
+
+/// Cross-entropy of `logits` against class indices `y`, weighted per class by `weights`.
+pub fn cross_entropy(logits: &Tensor, y: &Tensor, weights: Option<&Tensor>) -> Tensor {
+    logits.cross_entropy_loss::<&Tensor>(y, weights, Reduction::Mean, -100, 0.0)
+}
+
+/// Coarse logits of a flat model: the logarithms of its fine probabilities summed per coarse
+/// class (`groups` is n_f × n_c one-hot), whose softmax is those sums.
+pub fn coarse_from_fine(fine_logits: &Tensor, groups: &Tensor) -> Tensor {
+    fine_logits.softmax(-1, Kind::Float).matmul(groups).clamp_min(f64::from(f32::MIN_POSITIVE)).log()
+}
+
+/// The loss of a flat model: the fine cross-entropy alone.
+pub fn flat_terms(out: &crate::Output, targets: &crate::Targets) -> crate::Terms {
+    let ce = cross_entropy(&out.fine_logits, targets.fine, targets.class_weights.map(|w| w.1));
+    crate::Terms { total: ce.shallow_clone(), named: vec![("ce_fine", ce)], schedule: Vec::new() }
+}
+
+/// One attention per instance (T × 1) as a per-class attention (T × `classes`).
+pub fn per_class(attention: &Tensor, classes: i64) -> Tensor {
+    attention.expand([-1, classes], false)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+
+    #[test]
+    fn segment_softmax_and_sum_by_hand() {
+        let scores = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 5.0, 5.0]).view([5, 1]);
+        let seg = Tensor::from_slice(&[0i64, 0, 0, 1, 1]);
+        let a: Vec<f32> = Vec::try_from(segment_softmax(&scores, &seg, 2).view([-1])).unwrap();
+        let z = 1.0 + 1f32.exp() + 2f32.exp();
+        let expected = [1.0 / z, 1f32.exp() / z, 2f32.exp() / z, 0.5, 0.5];
+        for (g, e) in a.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-6, "{a:?}");
+        }
+        let sums: Vec<f32> = Vec::try_from(segment_sum(&scores, &seg, 2).view([-1])).unwrap();
+        assert_eq!(sums, [3.0, 10.0]);
+    }
+
+    #[test]
+    fn segment_softmax_of_bf16_scores_is_float32() {
+        let scores = Tensor::randn([3000, 2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let a = segment_softmax(&scores, &Tensor::zeros([3000], (Kind::Int64, Device::Cpu)), 1);
+        assert_eq!(a.kind(), Kind::Float);
+        let total = a.sum_dim_intlist([0].as_slice(), false, Kind::Double);
+        let err = (total - 1.0).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "a bag's attention sums to 1 ± {err}");
+    }
+
+    #[test]
+    fn coarse_from_fine_gives_the_summed_probabilities() {
+        let fine = Tensor::from_slice(&[1.0f32, 2.0, 0.5, -1.0]).view([1, 4]);
+        let groups = group_matrix(&[0, 1, 1, 0], 2, Device::Cpu);
+        let got: Vec<f32> = Vec::try_from(coarse_from_fine(&fine, &groups).softmax(-1, Kind::Float).view([-1])).unwrap();
+        let p: Vec<f32> = Vec::try_from(fine.softmax(-1, Kind::Float).view([-1])).unwrap();
+        let want = [p[0] + p[3], p[1] + p[2]];
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+    }
+}
