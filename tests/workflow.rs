@@ -601,3 +601,89 @@ fn bench_pack_times_a_full_pack_and_one_added_slide() {
     }
     assert!(said.contains(" slides, a 0.00 GB store"), "{said}");
 }
+
+#[test]
+fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 6);
+    let base = fs::read_to_string(&wf).unwrap().replace("folds = 3", "folds = 2");
+    let two = format!("{base}\n[variants.hmil]\n[variants.abmil]\nmodel = \"abmil\"\n[repeats]\nseeds = [1, 2]\n");
+    fs::write(&wf, &two).unwrap();
+    let wf_s = wf.to_str().unwrap();
+    let results = dir.path().join("results/test");
+
+    let first = run(&wf, &[]);
+    // 4 preprocessing nodes; 2 variants × 2 seeds × 2 folds of train and evaluate; heatmaps for
+    // HMIL's 4 runs (a flat model has no evidence to draw); the report.
+    assert_eq!(first.len(), 4 + 8 * 2 + 4 + 1, "{first:?}");
+    for id in ["train[variant=abmil,seed=2,fold=1]", "heatmaps[variant=hmil,seed=1,fold=0]"] {
+        assert_eq!(first.get(id).map(String::as_str), Some("executed"), "{id}: {first:?}");
+    }
+    assert!(!first.contains_key("heatmaps[variant=abmil,seed=1,fold=0]"));
+    assert!(results.join("variants/abmil/seed_2/folds/1/model.safetensors").is_file());
+    let report = fs::read_to_string(results.join("report.md")).unwrap();
+    for section in ["## Comparison of variants", "## Against hmil", "not independent", "| abmil | fine | auc_macro |"] {
+        assert!(report.contains(section), "{section}:\n{report}");
+    }
+    assert!(results.join("comparison.png").is_file());
+
+    // Every run's metrics in one table, by variant and seed; the comparison, by variant.
+    let metrics = read(&results.join("metrics.parquet"));
+    let variant = metrics.column_by_name("variant").unwrap().as_string::<i32>().clone();
+    let seed = metrics.column_by_name("seed").unwrap().as_primitive::<arrow::datatypes::Int64Type>().clone();
+    let mut runs: Vec<(String, i64)> =
+        (0..metrics.num_rows()).map(|i| (variant.value(i).to_owned(), seed.value(i))).collect();
+    runs.dedup();
+    runs.sort();
+    runs.dedup();
+    assert_eq!(runs, [("abmil".into(), 1), ("abmil".into(), 2), ("hmil".into(), 1), ("hmil".into(), 2)]);
+    let answer = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT variant, count(*) AS runs FROM all_folds_metrics WHERE current AND split = 'test' \
+         AND level = 'fine' AND metric = 'auc_macro' AND class IS NULL GROUP BY variant ORDER BY variant",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(answer.trim(), "variant,runs\nabmil,4\nhmil,4", "{answer}");
+    let compared = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT DISTINCT variant FROM comparison WHERE current AND difference IS NOT NULL",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(compared.trim(), "variant\nabmil", "{compared}");
+
+    // A third variant trains and evaluates only its own runs; the others' results stay as they were.
+    let models_before: Vec<Vec<u8>> = ["hmil", "abmil"]
+        .iter()
+        .map(|v| fs::read(results.join(format!("variants/{v}/seed_1/folds/0/model.safetensors"))).unwrap())
+        .collect();
+    fs::write(&wf, format!("{two}[variants.meanpool]\nmodel = \"meanpool\"\n")).unwrap();
+    let third = run(&wf, &[]);
+    let mut expected: Vec<String> = ["train", "evaluate"]
+        .iter()
+        .flat_map(|k| (1..=2).flat_map(move |s| (0..2).map(move |f| format!("{k}[variant=meanpool,seed={s},fold={f}]"))))
+        .collect();
+    expected.push("report".into());
+    expected.sort();
+    assert_eq!(executed(&third), expected.iter().map(String::as_str).collect::<Vec<_>>());
+    let models_after: Vec<Vec<u8>> = ["hmil", "abmil"]
+        .iter()
+        .map(|v| fs::read(results.join(format!("variants/{v}/seed_1/folds/0/model.safetensors"))).unwrap())
+        .collect();
+    assert_eq!(models_before, models_after, "bit-identical models");
+    let after = read(&results.join("metrics.parquet"));
+    let kept = |m: &RecordBatch| {
+        let v = m.column_by_name("variant").unwrap().as_string::<i32>().clone();
+        let values = m.column_by_name("value").unwrap().as_primitive::<Float64Type>().clone();
+        (0..m.num_rows()).filter(|&i| v.value(i) != "meanpool").map(|i| values.value(i).to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(kept(&metrics), kept(&after), "the same metrics, bit for bit");
+
+    // Changing one variant's setting retrains that variant alone.
+    fs::write(&wf, format!("{two}[variants.meanpool]\nmodel = \"meanpool\"\nlr = 0.002\n")).unwrap();
+    let changed = run(&wf, &[]);
+    assert_eq!(executed(&changed), expected.iter().map(String::as_str).collect::<Vec<_>>());
+}

@@ -179,6 +179,27 @@ pub fn metrics() -> SchemaRef {
     ])
 }
 
+/// `comparison.parquet` (report): per variant, level and metric on the test split, the mean and
+/// sd over runs (folds × seeds), the 95% t interval over folds, and the paired per-fold difference
+/// from the reference variant with its interval and p-value (null for the reference).
+pub fn comparison() -> SchemaRef {
+    let f = |name: &str| Field::new(name, DataType::Float64, true);
+    schema(vec![
+        utf8("variant"),
+        utf8("level"),
+        utf8("metric"),
+        Field::new("runs", DataType::Int64, false),
+        f("mean"),
+        f("sd"),
+        f("ci_low"),
+        f("ci_high"),
+        f("difference"),
+        f("difference_low"),
+        f("difference_high"),
+        f("p"),
+    ])
+}
+
 /// `attention.parquet` (evaluate): per slide, level and class, the top instances by attention.
 pub fn attention() -> SchemaRef {
     schema(vec![

@@ -28,6 +28,38 @@ pub struct Workflow {
     pub evaluate: Evaluate,
     #[serde(default)]
     pub heatmaps: Heatmaps,
+    /// `[variants.<name>]`: models and settings trained side by side over the same folds, each
+    /// a table of `[train]` keys that override `[train]` (see [`Workflow::variants`]).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub variants: toml::Table,
+    #[serde(default)]
+    pub repeats: Repeats,
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+/// `[repeats]`: training repeated with other seeds over the same folds.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Repeats {
+    /// Training seeds (weights, bag order, dropout); the splits stay those of `workflow.seed`.
+    /// Empty: `workflow.seed` alone.
+    pub seeds: Vec<u64>,
+}
+
+/// `[report]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The variant the others are compared with; default the first.
+    pub compare_to: Option<String>,
+}
+
+/// One trained configuration: its name and its `[train]` settings.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub train: Train,
 }
 
 /// `[workflow]`: name, seed, where the cache lives.
@@ -675,6 +707,42 @@ impl Workflow {
         Ok(())
     }
 
+    /// The variants to train, in the order the file gives them: each `[variants.<name>]` table
+    /// laid over `[train]` (nested tables such as `loss` key by key). Without `[variants]`, one
+    /// variant named for `train.model`.
+    pub fn variants(&self) -> Vec<Variant> {
+        if self.variants.is_empty() {
+            return vec![Variant { name: self.train.model.name().into(), train: self.train.clone() }];
+        }
+        self.variants
+            .iter()
+            .map(|(name, value)| Variant {
+                name: name.clone(),
+                train: self.variant_train(value).expect("variants are checked when the workflow is loaded"),
+            })
+            .collect()
+    }
+
+    /// `[train]` with `overrides` (a variant's table) laid over it.
+    fn variant_train(&self, overrides: &toml::Value) -> std::result::Result<Train, String> {
+        let Some(overrides) = overrides.as_table() else {
+            return Err("must be a table of [train] keys, e.g. `model = \"abmil\"`".into());
+        };
+        let mut base = toml::Table::try_from(&self.train).map_err(|e| e.to_string())?;
+        merge(&mut base, overrides);
+        base.try_into().map_err(|e: toml::de::Error| e.message().to_owned())
+    }
+
+    /// The training seeds: `[repeats] seeds`, or `workflow.seed`.
+    pub fn seeds(&self) -> Vec<u64> {
+        if self.repeats.seeds.is_empty() { vec![self.workflow.seed] } else { self.repeats.seeds.clone() }
+    }
+
+    /// Whether nodes are named by variant, by seed: when the workflow has `[variants]`, `[repeats]`.
+    pub fn fans_out(&self) -> (bool, bool) {
+        (!self.variants.is_empty(), !self.repeats.seeds.is_empty())
+    }
+
     /// The folder of slides heatmaps are drawn on: `slides.dir`, or `heatmaps.slides`.
     pub fn heatmap_slides(&self) -> Option<&Path> {
         self.slides.as_ref().map(|s| s.dir.as_path()).or(self.heatmaps.slides.as_deref())
@@ -772,6 +840,29 @@ impl Workflow {
         if !valid_device(&t.device) {
             return bad("train.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", t.device));
         }
+        for (name, value) in &self.variants {
+            let key = format!("variants.{name}");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return bad(&key, "name a variant with letters, digits, `_` and `-` (it names folders and nodes)".into());
+            }
+            if value.get("init_from").is_some() {
+                return bad(&format!("{key}.init_from"), "set init_from in [train], for every variant".into());
+            }
+            if let Err(m) = self.variant_train(value) {
+                return bad(&key, m);
+            }
+        }
+        let mut seeds = self.repeats.seeds.clone();
+        seeds.sort_unstable();
+        if seeds.windows(2).any(|w| w[0] == w[1]) {
+            return bad("repeats.seeds", format!("{:?} repeats a seed", self.repeats.seeds));
+        }
+        if let Some(to) = &self.report.compare_to {
+            let names: Vec<String> = self.variants().into_iter().map(|v| v.name).collect();
+            if !names.contains(to) {
+                return bad("report.compare_to", format!("`{to}` is not a variant; the variants are {names:?}"));
+            }
+        }
         if self.evaluate.batch_size == 0 {
             return bad("evaluate.batch_size", "must be at least 1".into());
         }
@@ -808,6 +899,18 @@ impl Workflow {
         }
         if let Some(dir) = &mut self.heatmaps.slides {
             join(dir);
+        }
+    }
+}
+
+/// Lays `over` onto `base`: tables key by key, other values replaced.
+fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(key.clone(), value.clone());
+            }
         }
     }
 }
@@ -964,5 +1067,38 @@ malignant = ["DCIS", "IC"]
         let text = MINIMAL.replace("\"DCIS\", \"IC\"", "\"DCIS\", \"N\"");
         let err = Workflow::parse(&text, Path::new("f.toml"), &[]).unwrap_err().to_string();
         assert!(err.contains("labels.hierarchy") && err.contains("`N`"), "{err}");
+    }
+
+    #[test]
+    fn variants_lay_their_keys_over_train_and_say_what_is_wrong() {
+        let text = format!(
+            "{MINIMAL}\n[train]\nepochs = 7\nlr = 0.001\n[variants.hmil]\n[variants.flat]\nmodel = \"abmil\"\nlr = 0.01\n\
+             [variants.no_con]\nloss = {{ contrastive = false }}\n[repeats]\nseeds = [3, 1]\n"
+        );
+        let wf = Workflow::parse(&text, Path::new("f.toml"), &[]).unwrap();
+        let v = wf.variants();
+        assert_eq!(v.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["hmil", "flat", "no_con"]);
+        assert_eq!((v[0].train.model, v[0].train.lr, v[0].train.epochs), (ModelKind::Hmil, 0.001, 7));
+        assert_eq!((v[1].train.model, v[1].train.lr, v[1].train.epochs), (ModelKind::Abmil, 0.01, 7));
+        assert_eq!(v[2].train.loss, Loss { contrastive: false, ..Loss::default() }, "one key of a nested table");
+        assert_eq!((wf.seeds(), wf.fans_out()), (vec![3, 1], (true, true)));
+
+        let plain = Workflow::parse(MINIMAL, Path::new("f.toml"), &[]).unwrap();
+        assert_eq!(plain.variants().len(), 1);
+        assert_eq!((plain.seeds(), plain.fans_out()), (vec![plain.workflow.seed], (false, false)));
+
+        let bad = |extra: &str| {
+            Workflow::parse(&format!("{MINIMAL}\n{extra}"), Path::new("f.toml"), &[]).unwrap_err().to_string()
+        };
+        let err = bad("[variants.x]\nmodle = \"abmil\"\n");
+        assert!(err.contains("`variants.x`") && err.contains("modle"), "{err}");
+        let err = bad("[variants.x]\nmodel = \"transformer\"\n");
+        assert!(err.contains("`variants.x`") && err.contains("transformer"), "{err}");
+        let err = bad("[variants.\"a/b\"]\n");
+        assert!(err.contains("letters, digits"), "{err}");
+        let err = bad("[variants.a]\n[report]\ncompare_to = \"b\"\n");
+        assert!(err.contains("`b` is not a variant") && err.contains("[\"a\"]"), "{err}");
+        let err = bad("[repeats]\nseeds = [1, 2, 1]\n");
+        assert!(err.contains("repeats a seed"), "{err}");
     }
 }

@@ -11,9 +11,11 @@ pub mod labels;
 pub mod pack;
 mod par;
 pub mod pixels;
+pub mod plan;
 pub mod report;
 pub mod rng;
 pub mod splits;
+pub mod stats;
 pub mod synth;
 pub mod synth_slides;
 mod table;
@@ -47,11 +49,11 @@ pub const SPLIT: &str = "split_folds";
 pub const REPORT: &str = "report";
 
 /// The nodes of `wf`, ready for [`pipeline::Dag::new`]: preprocessing (and `thumbnails` of the
-/// slides heatmaps draw on, when there are any), then `train[fold=k]`, `evaluate[fold=k]` and
-/// `heatmaps[fold=k]` per fold, then `report` (which names `workflow_digest`). In the results
-/// folder, the labels, splits and report are at the top, the feature index under `features/`,
-/// slides' pictures under `slides/`, and each fold's model, evaluation and heatmaps under
-/// `folds/<k>/`.
+/// slides heatmaps draw on, when there are any), then `train`, `evaluate` and (for HMIL)
+/// `heatmaps` per variant, seed and fold (see [`plan::Coordinates`]), then `report` (which names
+/// `workflow_digest`). In the results folder, the labels, splits and report are at the top, the
+/// feature index under `features/`, slides' pictures under `slides/`, and each run's model,
+/// evaluation and heatmaps under `[variants/<name>/][seed_<s>/]folds/<k>/`.
 pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let d = &wf.dataset;
     let classes = classes(wf);
@@ -91,16 +93,15 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
     let thumbnails_node = thumbnails.as_ref().map(|n| n.id.clone());
     nodes.extend(thumbnails);
     let mut folds = Vec::new();
-    for fold in 0..fold_count(wf) {
-        let label = format!("fold={fold}");
-        let results = format!("folds/{fold}");
-        let train = Node::new(
+    for run in plan::Coordinates::all(wf, fold_count(wf)) {
+        let (label, results, fold, train) = (run.label(), run.results(), run.fold, &run.variant.train);
+        let train_node = Node::new(
             "train",
             Some(&label),
             Arc::new(hmil::train::TrainFold {
                 fold,
-                config: wf.train.clone(),
-                seed: wf.workflow.seed,
+                config: train.clone(),
+                seed: run.seed,
                 classes: classes.clone(),
                 sources: sources.clone(),
             }),
@@ -109,30 +110,36 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         let evaluate = hmil::evaluate::EvaluateFold {
             fold,
             config: wf.evaluate.clone(),
-            device: wf.train.device.clone(),
+            device: train.device.clone(),
             classes: classes.clone(),
             sources: sources.clone(),
-            train_node: train.id.clone(),
+            train_node: train_node.id.clone(),
         };
         let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate)).results_in(&results);
-        let heatmaps = hmil::heatmaps::HeatmapsFold {
-            fold,
-            device: wf.train.device.clone(),
-            classes: classes.clone(),
-            sources: sources.clone(),
-            map: wf.heatmaps.map,
-            top_tiles: wf.heatmaps.top_tiles,
-            train_node: train.id.clone(),
-            thumbnails_node: thumbnails_node.clone(),
-        };
-        let heatmaps = Node::new("heatmaps", Some(&label), Arc::new(heatmaps)).results_in(&results);
+        // A flat model's logits do not split into evidence; its attention is in attention.parquet.
+        let heatmaps = (!train.model.is_flat()).then(|| {
+            let stage = hmil::heatmaps::HeatmapsFold {
+                fold,
+                device: train.device.clone(),
+                classes: classes.clone(),
+                sources: sources.clone(),
+                map: wf.heatmaps.map,
+                top_tiles: wf.heatmaps.top_tiles,
+                train_node: train_node.id.clone(),
+                thumbnails_node: thumbnails_node.clone(),
+            };
+            Node::new("heatmaps", Some(&label), Arc::new(stage)).results_in(&results)
+        });
         folds.push(report::FoldNodes {
-            train: train.id.clone(),
+            variant: run.variant.name.clone(),
+            seed: run.seed,
+            fold,
+            train: train_node.id.clone(),
             evaluate: evaluate.id.clone(),
-            heatmaps: heatmaps.id.clone(),
+            heatmaps: heatmaps.as_ref().map(|n| n.id.clone()),
             results,
         });
-        nodes.extend([train, evaluate, heatmaps]);
+        nodes.extend([train_node, evaluate].into_iter().chain(heatmaps));
     }
     let report = report::Report {
         workflow: wf.workflow.name.clone(),
@@ -140,6 +147,7 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         device: wf.train.device.clone(),
         classes,
         folds,
+        compare_to: wf.report.compare_to.clone().unwrap_or_else(|| wf.variants()[0].name.clone()),
     };
     nodes.push(
         Node::new(REPORT, None, Arc::new(report))

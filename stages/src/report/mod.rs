@@ -1,14 +1,18 @@
-//! `report`: `report.md` (mean ± sd over folds of every metric and level, per-class tables,
+//! `report`: `report.md` (with several variants, their comparison first (see [`compare`]); then,
+//! for the reference variant, mean ± sd over folds of every metric and level, per-class tables,
 //! confusion matrices), PNG plots (ROC per fine class, confusion heatmap, training curves), and
-//! every fold's metrics and predictions in one table each; [`headline`] reads the numbers a run
-//! ends with back from those.
+//! every run's metrics and predictions in one table each, with its variant and seed;
+//! [`headline`] reads the numbers a run ends with back from those.
+
+pub mod compare;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::Int32Type;
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
 use pipeline::{Context, Input, Stage, StageError};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -16,13 +20,16 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use crate::error::{Error, Result};
 use crate::hmil::metrics::binary_auc;
 use crate::hmil::train::Classes;
-use crate::table;
+use crate::{stats, table};
 
-/// Every fold's `metrics.parquet` in one table: named apart from them, so that the `metrics`
-/// table of `query` holds each row once; the results folder shows it as `metrics.parquet`.
+/// Every run's `metrics.parquet` in one table, with `variant` and `seed` columns first: named
+/// apart from them, so that the `metrics` table of `query` holds each row once; the results
+/// folder shows it as `metrics.parquet`.
 pub const ALL_METRICS: &str = "all_folds_metrics.parquet";
-/// Every fold's `predictions.parquet` in one table; see [`ALL_METRICS`].
+/// Every run's `predictions.parquet` in one table; see [`ALL_METRICS`].
 pub const ALL_PREDICTIONS: &str = "all_folds_predictions.parquet";
+/// The comparison of variants (see [`compare::write`]).
+pub const COMPARISON: &str = "comparison.parquet";
 
 /// The `report` stage.
 pub struct Report {
@@ -31,15 +38,21 @@ pub struct Report {
     pub device: String,
     pub classes: Classes,
     pub folds: Vec<FoldNodes>,
+    /// The variant the others are compared with, and whose details the report shows.
+    pub compare_to: String,
 }
 
-/// The nodes of one fold the report reads, and the folder of the results folder that shows
-/// them (the report links the fold's heatmaps there).
+/// The nodes of one run (variant, seed, fold) the report reads, and the folder of the results
+/// folder that shows them (the report links the run's heatmaps there).
 #[derive(Debug, Clone)]
 pub struct FoldNodes {
+    pub variant: String,
+    pub seed: u64,
+    pub fold: usize,
     pub train: String,
     pub evaluate: String,
-    pub heatmaps: String,
+    /// None for a model without heatmaps (a flat one).
+    pub heatmaps: Option<String>,
     pub results: String,
 }
 
@@ -50,15 +63,20 @@ impl Stage for Report {
     /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
     /// 3: all folds' metrics and predictions as tables.
     /// 4: links to the heatmaps of each class's best and worst predicted test slides.
-    /// 5: `history.parquet` in long form.
+    /// 5: `history.parquet` in long form; variants and seeds: their comparison, and `variant`
+    /// and `seed` columns in the combined tables.
     fn code_version(&self) -> &str {
         "5"
     }
     fn params(&self) -> serde_json::Value {
-        let results: Vec<&str> = self.folds.iter().map(|f| f.results.as_str()).collect();
+        let runs: Vec<serde_json::Value> = self
+            .folds
+            .iter()
+            .map(|f| serde_json::json!({ "variant": f.variant, "seed": f.seed, "fold": f.fold, "results": f.results }))
+            .collect();
         serde_json::json!({
             "workflow": self.workflow, "workflow_digest": self.workflow_digest, "device": self.device,
-            "classes": self.classes, "results": results,
+            "classes": self.classes, "runs": runs, "compare_to": self.compare_to,
         })
     }
     fn inputs(&self) -> Vec<Input> {
@@ -67,58 +85,105 @@ impl Stage for Report {
             .enumerate()
             .flat_map(|(k, f)| {
                 [
-                    Input::artifact(&format!("history{k}"), &f.train, "history.parquet"),
-                    Input::artifact(&format!("metrics{k}"), &f.evaluate, "metrics.parquet"),
-                    Input::artifact(&format!("predictions{k}"), &f.evaluate, "predictions.parquet"),
-                    Input::artifact(&format!("heatmaps{k}"), &f.heatmaps, crate::hmil::heatmaps::DRAWN),
+                    Some(Input::artifact(&format!("history{k}"), &f.train, "history.parquet")),
+                    Some(Input::artifact(&format!("metrics{k}"), &f.evaluate, "metrics.parquet")),
+                    Some(Input::artifact(&format!("predictions{k}"), &f.evaluate, "predictions.parquet")),
+                    f.heatmaps
+                        .as_ref()
+                        .map(|node| Input::artifact(&format!("heatmaps{k}"), node, crate::hmil::heatmaps::DRAWN)),
                 ]
             })
+            .flatten()
             .collect()
     }
     fn outputs(&self) -> Vec<String> {
-        ["report.md", "roc.png", "confusion.png", "curves.png", ALL_METRICS, ALL_PREDICTIONS].map(String::from).to_vec()
+        let mut v = ["report.md", "roc.png", "confusion.png", "curves.png", ALL_METRICS, ALL_PREDICTIONS, COMPARISON]
+            .map(String::from)
+            .to_vec();
+        if self.variants().len() > 1 {
+            v.push("comparison.png".into());
+        }
+        v
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.write(ctx)?)
     }
 }
 
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let sd = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
-    (mean, sd)
-}
-
 /// Metric values on the test split: (level, metric, class) → one value per fold.
 type Collected = BTreeMap<(String, String, Option<String>), Vec<f64>>;
 
+/// What the report reads of one run.
+struct RunTables<'a> {
+    nodes: &'a FoldNodes,
+    metrics: RecordBatch,
+    predictions: RecordBatch,
+    history: RecordBatch,
+    drawn: Option<RecordBatch>,
+}
+
 impl Report {
+    /// The variants, in the workflow's order.
+    fn variants(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for f in &self.folds {
+            if !names.contains(&f.variant) {
+                names.push(f.variant.clone());
+            }
+        }
+        names
+    }
+
     fn write(&self, ctx: &Context) -> Result<()> {
         register_font();
-        let k = self.folds.len();
-        let mut test: Collected = BTreeMap::new();
-        let (mut metrics, mut preds, mut histories, mut drawn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for fold in 0..k {
-            let m = table::read(ctx.input(&format!("metrics{fold}")))?;
-            collect_test(&m, &mut test);
-            metrics.push(m);
-            preds.push(table::read(ctx.input(&format!("predictions{fold}")))?);
-            histories.push(table::read(ctx.input(&format!("history{fold}")))?);
-            drawn.push(table::read(ctx.input(&format!("heatmaps{fold}")))?);
+        let mut runs = Vec::new();
+        for (k, nodes) in self.folds.iter().enumerate() {
+            let read = |name: &str| table::read(ctx.input(&format!("{name}{k}")));
+            runs.push(RunTables {
+                nodes,
+                metrics: read("metrics")?,
+                predictions: read("predictions")?,
+                history: read("history")?,
+                drawn: nodes.heatmaps.as_ref().map(|_| read("heatmaps")).transpose()?,
+            });
         }
+        let metrics = runs.iter().map(|r| with_run(&r.metrics, r.nodes)).collect::<Result<Vec<_>>>()?;
         table::write_all(&ctx.output(ALL_METRICS), &metrics)?;
-        table::write_all(&ctx.output(ALL_PREDICTIONS), &preds)?;
+        let predictions = runs.iter().map(|r| with_run(&r.predictions, r.nodes)).collect::<Result<Vec<_>>>()?;
+        table::write_all(&ctx.output(ALL_PREDICTIONS), &predictions)?;
+        let variants = self.variants();
+        let seeds = {
+            let mut s: Vec<u64> = self.folds.iter().map(|f| f.seed).collect();
+            s.sort_unstable();
+            s.dedup();
+            s.len()
+        };
+        let values: Vec<(String, compare::Values)> =
+            variants.iter().map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v)))).collect();
+        let rows = compare::rows(&values, &self.compare_to);
+        compare::write(&ctx.output(COMPARISON), &rows)?;
+        let reference: Vec<&RunTables> = runs.iter().filter(|r| r.nodes.variant == self.compare_to).collect();
+        let mut test: Collected = BTreeMap::new();
+        for r in &reference {
+            collect_test(&r.metrics, &mut test);
+        }
+        let k = reference.len();
         let mut md = String::new();
         let _ = writeln!(md, "# {} — cross-validated HMIL results\n", self.workflow);
+        let runs_line = if seeds > 1 { format!("{} folds × {seeds} seeds", k / seeds) } else { format!("{k}") };
         let _ = writeln!(
             md,
-            "- run: `{}`\n- workflow digest: `{}`\n- device: {}\n- versions: hmil-flow {}, tch 0.24.0 (libtorch 2.11.0)\n- folds: {k}; metrics on each fold's test split, mean ± sd over folds\n",
+            "- run: `{}`\n- workflow digest: `{}`\n- device: {}\n- versions: hmil-flow {}, tch 0.24.0 (libtorch 2.11.0)\n- folds: {runs_line}; metrics on each fold's test split, mean ± sd over folds\n",
             ctx.run_id(),
             &self.workflow_digest[..16.min(self.workflow_digest.len())],
             self.device,
             env!("CARGO_PKG_VERSION"),
         );
+        if variants.len() > 1 {
+            md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
+            compare::plot(&ctx.output("comparison.png"), &rows, &self.compare_to)?;
+            let _ = writeln!(md, "\n# {}\n\nThe sections below are those of the reference variant.\n", self.compare_to);
+        }
         let summary = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auc_macro", "kappa_quadratic"];
         let _ =
             writeln!(md, "## Summary\n\n| level | {} |\n|---|{}", summary.join(" | "), "---|".repeat(summary.len()));
@@ -149,77 +214,20 @@ impl Report {
             md,
             "\n## Plots\n\n![ROC](roc.png)\n\n![Confusion](confusion.png)\n\n![Training curves](curves.png)"
         );
-        md.push_str(&self.heatmap_links(&preds, &drawn));
+        let drawn: Vec<(&FoldNodes, &RecordBatch, &RecordBatch)> =
+            reference.iter().filter_map(|r| r.drawn.as_ref().map(|d| (r.nodes, &r.predictions, d))).collect();
+        if !drawn.is_empty() {
+            md.push_str(&heatmap_links(&self.classes, &drawn, seeds > 1));
+        }
         std::fs::write(ctx.output("report.md"), md).map_err(|e| Error::io(&ctx.output("report.md"), e))?;
+        let preds: Vec<&RecordBatch> = reference.iter().map(|r| &r.predictions).collect();
         self.plot_roc(&ctx.output("roc.png"), &preds)?;
         self.plot_confusion(&ctx.output("confusion.png"), &test)?;
+        let histories: Vec<&RecordBatch> = reference.iter().map(|r| &r.history).collect();
         plot_curves(&ctx.output("curves.png"), &histories)
     }
 
-    /// The section linking, per class and fold, the heatmaps of the test slide of that class
-    /// predicted best (the highest probability of its true class) and worst.
-    fn heatmap_links(&self, preds: &[RecordBatch], drawn: &[RecordBatch]) -> String {
-        let mut md = String::from("\n## Heatmaps of the best and worst predicted test slides\n\n");
-        if drawn.iter().all(|d| d.num_rows() == 0) {
-            md.push_str("No heatmaps were drawn: the feature files hold no patch coordinates.\n");
-            return md;
-        }
-        md.push_str(
-            "Per class and fold, the test slide of the class given the highest probability of its true \
-             class, and the one given the lowest, each linked to its heatmap (and its top tiles, where the \
-             slide could be read).\n",
-        );
-        // Per fold: each drawn slide's pictures (relative to the fold's folder).
-        let pictures: Vec<BTreeMap<String, (String, String)>> = drawn
-            .iter()
-            .map(|d| {
-                let pictures = table::strings(d, "heatmap").into_iter().zip(table::strings(d, "top_tiles"));
-                table::strings(d, "slide_id").into_iter().zip(pictures).collect()
-            })
-            .collect();
-        let cell = |k: usize, pick: Option<&(f64, String)>| match pick {
-            None => "–".to_owned(),
-            Some((prob, slide)) => match pictures[k].get(slide) {
-                None => format!("{slide} {prob:.2} (no heatmap)"),
-                Some((heatmap, tiles)) => {
-                    let dir = &self.folds[k].results;
-                    let tiles = if tiles.is_empty() { String::new() } else { format!(" ([top tiles]({dir}/{tiles}))") };
-                    format!("[{slide}]({dir}/{heatmap}) {prob:.2}{tiles}")
-                }
-            },
-        };
-        for (level, names) in [("fine", &self.classes.fine), ("coarse", &self.classes.coarse)] {
-            let _ = writeln!(md, "\n| {level} class | fold | best predicted | worst predicted |\n|---|---|---|---|");
-            // Per fold: the test slides with their true class and the probabilities of each.
-            let tested: Vec<Vec<(String, String, usize)>> = preds
-                .iter()
-                .map(|p| {
-                    let (split, slides) = (table::strings(p, "split"), table::strings(p, "slide_id"));
-                    let truth = table::strings(p, &format!("{level}_true"));
-                    (0..p.num_rows())
-                        .filter(|&i| split[i] == "test")
-                        .map(|i| (slides[i].clone(), truth[i].clone(), i))
-                        .collect()
-                })
-                .collect();
-            for class in names.iter() {
-                for (k, p) in preds.iter().enumerate() {
-                    let probs = table::f64s(p, &format!("prob_{level}_{class}"));
-                    let mut of_class: Vec<(f64, String)> = tested[k]
-                        .iter()
-                        .filter(|(_, truth, _)| truth == class)
-                        .map(|(slide, _, i)| (probs[*i].unwrap_or(f64::NAN), slide.clone()))
-                        .collect();
-                    of_class.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                    let (best, worst) = (cell(k, of_class.first()), cell(k, of_class.last()));
-                    let _ = writeln!(md, "| {class} | {k} | {best} | {worst} |");
-                }
-            }
-        }
-        md
-    }
-
-    fn plot_roc(&self, path: &Path, preds: &[RecordBatch]) -> Result<()> {
+    fn plot_roc(&self, path: &Path, preds: &[&RecordBatch]) -> Result<()> {
         let root = BitMapBackend::new(path, (720, 640)).into_drawing_area();
         let err = plot_error(path);
         root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -377,14 +385,16 @@ fn collect_test(m: &RecordBatch, test: &mut Collected) {
 }
 
 /// The numbers a run ends with: macro AUC and balanced accuracy on the test splits, fine and
-/// coarse, as mean ± sd over folds.
+/// coarse, as mean ± sd over folds (and seeds), per variant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Headline {
     pub folds: usize,
-    pub levels: Vec<HeadlineLevel>,
+    pub seeds: usize,
+    /// Each variant's levels, in the order of the table.
+    pub variants: Vec<(String, Vec<HeadlineLevel>)>,
 }
 
-/// One level's headline numbers, as (mean, sd) over folds; `None` where no fold has the value.
+/// One level's headline numbers, as (mean, sd) over runs; `None` where no run has the value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadlineLevel {
     pub level: &'static str,
@@ -395,30 +405,64 @@ pub struct HeadlineLevel {
 /// The headline of the report's [`ALL_METRICS`] table.
 pub fn headline(metrics: &Path) -> Result<Headline> {
     let m = table::read(metrics)?;
-    let mut test = Collected::new();
-    collect_test(&m, &mut test);
-    let mut folds = table::i32s(&m, "fold");
-    folds.sort_unstable();
-    folds.dedup();
-    let value = |level: &str, metric: &str| test.get(&(level.to_owned(), metric.to_owned(), None)).map(|v| mean_sd(v));
-    let levels = ["fine", "coarse"]
-        .map(|level| HeadlineLevel {
-            level,
-            auc_macro: value(level, "auc_macro"),
-            balanced_accuracy: value(level, "balanced_accuracy"),
+    let distinct = |mut v: Vec<i64>| {
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    let folds = distinct(table::i32s(&m, "fold").into_iter().map(i64::from).collect());
+    let seeds = distinct(m.column_by_name("seed").map_or(vec![0], |c| c.as_primitive::<Int64Type>().values().to_vec()));
+    let names = table::strings(&m, "variant");
+    let mut variants: Vec<String> = Vec::new();
+    for name in &names {
+        if !variants.contains(name) {
+            variants.push(name.clone());
+        }
+    }
+    let variants = variants
+        .into_iter()
+        .map(|variant| {
+            let mask: arrow::array::BooleanArray = names.iter().map(|n| Some(*n == variant)).collect();
+            let rows = arrow::compute::filter_record_batch(&m, &mask)
+                .map_err(|e| Error::Table { path: metrics.into(), message: e.to_string() })?;
+            let mut test = Collected::new();
+            collect_test(&rows, &mut test);
+            let value =
+                |level: &str, metric: &str| test.get(&(level.to_owned(), metric.to_owned(), None)).map(|v| stats::mean_sd(v));
+            let levels = ["fine", "coarse"]
+                .map(|level| HeadlineLevel {
+                    level,
+                    auc_macro: value(level, "auc_macro"),
+                    balanced_accuracy: value(level, "balanced_accuracy"),
+                })
+                .to_vec();
+            Ok((variant, levels))
         })
-        .to_vec();
-    Ok(Headline { folds: folds.len(), levels })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Headline { folds, seeds, variants })
 }
 
 impl std::fmt::Display for Headline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let show = |v: Option<(f64, f64)>| v.map_or_else(|| "–".to_owned(), |(m, s)| format!("{m:.3} ± {s:.3}"));
-        let folds = if self.folds == 1 { "1 fold".to_owned() } else { format!("{} folds", self.folds) };
-        writeln!(f, "test split, mean ± sd over {folds}:")?;
+        let mut over = if self.folds == 1 { "1 fold".to_owned() } else { format!("{} folds", self.folds) };
+        if self.seeds > 1 {
+            over += &format!(" × {} seeds", self.seeds);
+        }
+        writeln!(f, "test split, mean ± sd over {over}:")?;
+        let several = self.variants.len() > 1;
+        let width = self.variants.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(7);
+        if several {
+            write!(f, "  {:<width$}", "variant")?;
+        }
         writeln!(f, "  {:<8} {:<15}  balanced accuracy", "level", "macro AUC")?;
-        for l in &self.levels {
-            writeln!(f, "  {:<8} {:<15}  {}", l.level, show(l.auc_macro), show(l.balanced_accuracy))?;
+        for (variant, levels) in &self.variants {
+            for l in levels {
+                if several {
+                    write!(f, "  {variant:<width$}")?;
+                }
+                writeln!(f, "  {:<8} {:<15}  {}", l.level, show(l.auc_macro), show(l.balanced_accuracy))?;
+            }
         }
         Ok(())
     }
@@ -428,7 +472,7 @@ fn cell(test: &Collected, level: &str, metric: &str, class: Option<&String>) -> 
     match test.get(&(level.to_owned(), metric.to_owned(), class.cloned())) {
         Some(v) if metric == "support" => format!("{:.0}", v.iter().sum::<f64>()),
         Some(v) => {
-            let (m, s) = mean_sd(v);
+            let (m, s) = stats::mean_sd(v);
             format!("{m:.3} ± {s:.3}")
         }
         None => "–".into(),
@@ -460,12 +504,108 @@ fn roc_points(truth: &[bool], scores: &[f64]) -> Vec<(f64, f64)> {
     out
 }
 
+/// The section linking, per class and fold, the heatmaps of the test slide of that class
+/// predicted best (the highest probability of its true class) and worst.
+fn heatmap_links(classes: &Classes, runs: &[(&FoldNodes, &RecordBatch, &RecordBatch)], show_seed: bool) -> String {
+    let mut md = String::from("\n## Heatmaps of the best and worst predicted test slides\n\n");
+    if runs.iter().all(|r| r.2.num_rows() == 0) {
+        md.push_str("No heatmaps were drawn: the feature files hold no patch coordinates.\n");
+        return md;
+    }
+    md.push_str(
+        "Per class and fold, the test slide of the class given the highest probability of its true \
+         class, and the one given the lowest, each linked to its heatmap (and its top tiles, where the \
+         slide could be read).\n",
+    );
+    // Per fold: each drawn slide's pictures (relative to the fold's folder).
+    let pictures: Vec<BTreeMap<String, (String, String)>> = runs
+        .iter()
+        .map(|(_, _, d)| {
+            let pictures = table::strings(d, "heatmap").into_iter().zip(table::strings(d, "top_tiles"));
+            table::strings(d, "slide_id").into_iter().zip(pictures).collect()
+        })
+        .collect();
+    let cell = |k: usize, pick: Option<&(f64, String)>| match pick {
+        None => "–".to_owned(),
+        Some((prob, slide)) => match pictures[k].get(slide) {
+            None => format!("{slide} {prob:.2} (no heatmap)"),
+            Some((heatmap, tiles)) => {
+                let dir = &runs[k].0.results;
+                let tiles = if tiles.is_empty() { String::new() } else { format!(" ([top tiles]({dir}/{tiles}))") };
+                format!("[{slide}]({dir}/{heatmap}) {prob:.2}{tiles}")
+            }
+        },
+    };
+    for (level, names) in [("fine", &classes.fine), ("coarse", &classes.coarse)] {
+        let _ = writeln!(md, "\n| {level} class | fold | best predicted | worst predicted |\n|---|---|---|---|");
+        // Per fold: the test slides with their true class and the probabilities of each.
+        let tested: Vec<Vec<(String, String, usize)>> = runs
+            .iter()
+            .map(|(_, p, _)| {
+                let (split, slides) = (table::strings(p, "split"), table::strings(p, "slide_id"));
+                let truth = table::strings(p, &format!("{level}_true"));
+                (0..p.num_rows())
+                    .filter(|&i| split[i] == "test")
+                    .map(|i| (slides[i].clone(), truth[i].clone(), i))
+                    .collect()
+            })
+            .collect();
+        for class in names.iter() {
+            for (k, (nodes, p, _)) in runs.iter().enumerate() {
+                let probs = table::f64s(p, &format!("prob_{level}_{class}"));
+                let mut of_class: Vec<(f64, String)> = tested[k]
+                    .iter()
+                    .filter(|(_, truth, _)| truth == class)
+                    .map(|(slide, _, i)| (probs[*i].unwrap_or(f64::NAN), slide.clone()))
+                    .collect();
+                of_class.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let (best, worst) = (cell(k, of_class.first()), cell(k, of_class.last()));
+                let run = if show_seed {
+                    format!("seed {}, fold {}", nodes.seed, nodes.fold)
+                } else {
+                    nodes.fold.to_string()
+                };
+                let _ = writeln!(md, "| {class} | {run} | {best} | {worst} |");
+            }
+        }
+    }
+    md
+}
+
+/// `batch` with the run's `variant` and `seed` as its first columns.
+fn with_run(batch: &RecordBatch, run: &FoldNodes) -> Result<RecordBatch> {
+    let (variant, seed) = (run.variant.as_str(), run.seed);
+    let n = batch.num_rows();
+    let mut fields = vec![Field::new("variant", DataType::Utf8, false), Field::new("seed", DataType::Int64, false)];
+    fields.extend(batch.schema().fields().iter().map(|f| f.as_ref().clone()));
+    let mut columns: Vec<ArrayRef> =
+        vec![table::string_col(std::iter::repeat_n(variant, n)), Arc::new(Int64Array::from(vec![seed as i64; n]))];
+    columns.extend(batch.columns().iter().cloned());
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::Features(format!("tagging a run's table: {e}")))
+}
+
+/// The test-split values of `runs` (one variant's) that [`compare`] compares.
+fn compared_values<'a>(runs: impl Iterator<Item = &'a RunTables<'a>>) -> compare::Values {
+    let mut values = compare::Values::new();
+    for r in runs {
+        let mut test = Collected::new();
+        collect_test(&r.metrics, &mut test);
+        for ((level, metric, class), v) in test {
+            if class.is_none() && let Some(&v) = v.first() {
+                values.entry((level, metric)).or_default().insert((r.nodes.seed, r.nodes.fold), v);
+            }
+        }
+    }
+    values
+}
+
 /// Turns a plotting failure into an error naming the PNG being drawn.
 fn plot_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
     move |e| Error::BadFile { path: path.into(), message: e.to_string() }
 }
 
-fn plot_curves(path: &Path, histories: &[RecordBatch]) -> Result<()> {
+fn plot_curves(path: &Path, histories: &[&RecordBatch]) -> Result<()> {
     let err = plot_error(path);
     let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -568,18 +708,15 @@ mod tests {
             fine_to_coarse: vec![0, 1],
         };
         let fold = |k: usize| FoldNodes {
+            variant: "hmil".into(),
+            seed: 1,
+            fold: k,
             train: String::new(),
             evaluate: String::new(),
-            heatmaps: String::new(),
+            heatmaps: Some(String::new()),
             results: format!("folds/{k}"),
         };
-        let report = Report {
-            workflow: "w".into(),
-            workflow_digest: String::new(),
-            device: "cpu".into(),
-            classes,
-            folds: vec![fold(0), fold(1)],
-        };
+        let folds = [fold(0), fold(1)];
         // Fold 0 tests two IC slides (and validates a third, which never counts); fold 1 none.
         let preds = [
             predictions(&[("test", "s1", "IC", 0.2), ("test", "s2", "IC", 0.9), ("val", "s3", "IC", 0.99)]),
@@ -596,7 +733,12 @@ mod tests {
             ];
             RecordBatch::try_new(schemas::tables::heatmaps(), columns).unwrap()
         };
-        let md = report.heatmap_links(&preds, &[drawn(&["s1", "s2"], Some("top_tiles")), drawn(&["s4"], None)]);
+        let drawn_some = [drawn(&["s1", "s2"], Some("top_tiles")), drawn(&["s4"], None)];
+        let md = heatmap_links(
+            &classes,
+            &[(&folds[0], &preds[0], &drawn_some[0]), (&folds[1], &preds[1], &drawn_some[1])],
+            false,
+        );
         assert!(
             md.contains(
                 "| IC | 0 | [s2](folds/0/heatmaps/s2.png) 0.90 ([top tiles](folds/0/top_tiles/s2.png)) | \
@@ -609,7 +751,8 @@ mod tests {
             md.contains("| N | 1 | [s4](folds/1/heatmaps/s4.png) 0.90 | [s4](folds/1/heatmaps/s4.png) 0.90 |"),
             "{md}"
         );
-        let none = report.heatmap_links(&preds, &[drawn(&[], None), drawn(&[], None)]);
+        let blank = [drawn(&[], None), drawn(&[], None)];
+        let none = heatmap_links(&classes, &[(&folds[0], &preds[0], &blank[0]), (&folds[1], &preds[1], &blank[1])], false);
         assert!(none.contains("No heatmaps were drawn"), "{none}");
     }
 
@@ -666,7 +809,7 @@ mod tests {
 
     #[test]
     fn mean_and_sample_sd() {
-        assert_eq!(mean_sd(&[1.0, 3.0]), (2.0, 2f64.sqrt()));
-        assert_eq!(mean_sd(&[0.5]), (0.5, 0.0));
+        assert_eq!(stats::mean_sd(&[1.0, 3.0]), (2.0, 2f64.sqrt()));
+        assert_eq!(stats::mean_sd(&[0.5]), (0.5, 0.0));
     }
 }

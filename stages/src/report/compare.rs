@@ -1,0 +1,265 @@
+//! The comparison of variants: per variant, level and metric, the mean ± sd over folds and seeds
+//! with a 95% t interval over folds; per variant against the reference, the paired per-fold
+//! difference with its interval and a paired t-test; as a table in `report.md`, as
+//! `comparison.parquet`, and as a forest plot of the differences.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, Int64Array};
+use plotters::prelude::*;
+
+use super::plot_error;
+use crate::error::Result;
+use crate::stats::{self, Interval, Paired};
+use crate::table;
+
+/// The levels and metrics compared (the columns of the table).
+pub const LEVELS: [&str; 3] = ["fine", "coarse", "coarse_from_fine"];
+pub const METRICS: [&str; 3] = ["balanced_accuracy", "auc_macro", "f1_macro"];
+
+/// Test-split values of one variant: (level, metric) → (seed, fold) → value.
+pub type Values = BTreeMap<(String, String), BTreeMap<(u64, usize), f64>>;
+
+/// One variant's numbers for one level and metric.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub variant: String,
+    pub level: String,
+    pub metric: String,
+    /// Mean ± sd over every fold and seed.
+    pub mean: f64,
+    pub sd: f64,
+    /// Folds × seeds.
+    pub runs: usize,
+    /// The 95% t interval of the mean over folds (each fold's value averaged over seeds).
+    pub interval: Interval,
+    /// Against the reference: the paired per-fold difference (none for the reference itself).
+    pub against: Option<Paired>,
+}
+
+/// Each fold's value averaged over the seeds that have it.
+fn per_fold(values: &BTreeMap<(u64, usize), f64>) -> BTreeMap<usize, f64> {
+    let mut folds: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for (&(_, fold), &v) in values {
+        folds.entry(fold).or_default().push(v);
+    }
+    folds.into_iter().map(|(k, v)| (k, stats::mean_sd(&v).0)).collect()
+}
+
+/// The rows of every variant (in `variants` order), level and metric, compared with `reference`.
+pub fn rows(variants: &[(String, Values)], reference: &str) -> Vec<Row> {
+    let base = variants.iter().find(|(name, _)| name == reference).map(|(_, v)| v);
+    let mut rows = Vec::new();
+    for (name, values) in variants {
+        for level in LEVELS {
+            for metric in METRICS {
+                let key = (level.to_owned(), metric.to_owned());
+                let Some(runs) = values.get(&key) else { continue };
+                let all: Vec<f64> = runs.values().copied().collect();
+                let (mean, sd) = stats::mean_sd(&all);
+                let folds = per_fold(runs);
+                let interval = stats::t_interval(&folds.values().copied().collect::<Vec<_>>());
+                let against = base.filter(|_| name != reference).and_then(|b| b.get(&key)).map(|b| {
+                    let b = per_fold(b);
+                    let shared: Vec<usize> = folds.keys().filter(|k| b.contains_key(k)).copied().collect();
+                    let ours: Vec<f64> = shared.iter().map(|k| folds[k]).collect();
+                    let theirs: Vec<f64> = shared.iter().map(|k| b[k]).collect();
+                    stats::paired(&ours, &theirs)
+                });
+                rows.push(Row {
+                    variant: name.clone(),
+                    level: level.into(),
+                    metric: metric.into(),
+                    mean,
+                    sd,
+                    runs: all.len(),
+                    interval,
+                    against,
+                });
+            }
+        }
+    }
+    rows
+}
+
+fn bound(v: f64) -> String {
+    if v.is_nan() { "–".into() } else { format!("{v:.3}") }
+}
+
+/// The report's comparison sections: variants × (level, metric), the best of each column in
+/// bold; then each variant's paired differences from the reference, with the caveat that
+/// folds share slides.
+pub fn markdown(rows: &[Row], variants: &[String], reference: &str, seeds: usize) -> String {
+    let mut md = String::from("## Comparison of variants\n\n");
+    let over = if seeds > 1 { format!("over folds and {seeds} seeds") } else { "over folds".into() };
+    let _ = writeln!(
+        md,
+        "Test split. Each cell: mean ± sd {over}, and the 95% t interval of the mean over folds (a fold's value \
+         averaged over seeds). The best mean of each column is in bold.\n"
+    );
+    let columns: Vec<(&str, &str)> = LEVELS.iter().flat_map(|l| METRICS.iter().map(move |m| (*l, *m))).collect();
+    let find = |v: &str, l: &str, m: &str| rows.iter().find(|r| r.variant == v && r.level == l && r.metric == m);
+    let header: Vec<String> = columns.iter().map(|(l, m)| format!("{l} {m}")).collect();
+    let _ = writeln!(md, "| variant | {} |\n|---|{}", header.join(" | "), "---|".repeat(columns.len()));
+    for v in variants {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(l, m)| match find(v, l, m) {
+                None => "–".into(),
+                Some(r) => {
+                    let best = variants.iter().filter_map(|o| find(o, l, m)).map(|o| o.mean).fold(f64::MIN, f64::max);
+                    let text = format!("{:.3} ± {:.3}", r.mean, r.sd);
+                    let text = if r.mean == best && variants.len() > 1 { format!("**{text}**") } else { text };
+                    format!("{text} [{}, {}]", bound(r.interval.low), bound(r.interval.high))
+                }
+            })
+            .collect();
+        let _ = writeln!(md, "| {v} | {} |", cells.join(" | "));
+    }
+    let paired: Vec<&Row> = rows.iter().filter(|r| r.against.is_some()).collect();
+    if paired.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Against {reference}\n\nEach variant minus {reference}, fold by fold (each fold's value averaged over seeds): \
+         the mean difference, its 95% t interval, and the two-sided p-value of a paired t-test over folds. \
+         Folds share training slides, and Monte-Carlo folds share test slides too, so fold results are not \
+         independent: the intervals are narrower and the p-values smaller than they would be for independent \
+         samples. Read them as a guide, not as a significance test.\n\n![Differences](comparison.png)\n"
+    );
+    let _ = writeln!(md, "| variant | level | metric | difference | 95% CI | p | folds |\n|---|---|---|---|---|---|---|");
+    for r in paired {
+        let p = r.against.expect("filtered");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:+.3} | [{}, {}] | {} | {} |",
+            r.variant,
+            r.level,
+            r.metric,
+            p.difference.mean,
+            bound(p.difference.low),
+            bound(p.difference.high),
+            if p.p.is_nan() { "–".into() } else { format!("{:.3}", p.p) },
+            p.difference.n
+        );
+    }
+    md
+}
+
+/// `comparison.parquet`: the rows, for SQL.
+pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
+    let f = |v: &dyn Fn(&Row) -> f64| -> ArrayRef {
+        Arc::new(rows.iter().map(|r| Some(v(r)).filter(|x| !x.is_nan())).collect::<Float64Array>())
+    };
+    let against = |v: &dyn Fn(&Paired) -> f64| -> ArrayRef {
+        Arc::new(rows.iter().map(|r| r.against.as_ref().map(v).filter(|x| !x.is_nan())).collect::<Float64Array>())
+    };
+    table::write(
+        path,
+        schemas::tables::comparison(),
+        vec![
+            table::string_col(rows.iter().map(|r| r.variant.as_str())),
+            table::string_col(rows.iter().map(|r| r.level.as_str())),
+            table::string_col(rows.iter().map(|r| r.metric.as_str())),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.runs as i64))),
+            f(&|r| r.mean),
+            f(&|r| r.sd),
+            f(&|r| r.interval.low),
+            f(&|r| r.interval.high),
+            against(&|p| p.difference.mean),
+            against(&|p| p.difference.low),
+            against(&|p| p.difference.high),
+            against(&|p| p.p),
+        ],
+    )
+}
+
+/// The forest plot of the differences from the reference: one line per variant, level and
+/// metric, its 95% interval as a bar around the mean difference, and zero marked.
+pub fn plot(path: &Path, rows: &[Row], reference: &str) -> Result<()> {
+    let err = plot_error(path);
+    let lines: Vec<(String, Interval)> = rows
+        .iter()
+        .filter_map(|r| r.against.map(|p| (format!("{} · {} {}", r.variant, r.level, r.metric), p.difference)))
+        .collect();
+    let height = 90 + 26 * lines.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let reach = lines
+        .iter()
+        .flat_map(|(_, i)| [i.mean, i.low, i.high])
+        .filter_map(finite)
+        .fold(0.01f64, |m, v| m.max(v.abs()))
+        * 1.1;
+    let n = lines.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("difference from {reference} (mean, 95% CI over folds)"), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(330)
+        .build_cartesian_2d(-reach..reach, -0.5..(n - 0.5).max(0.5))
+        .map_err(|e| err(&e))?;
+    let labels: Vec<String> = lines.iter().map(|(l, _)| l.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(lines.len().max(1))
+        .y_label_formatter(&|y| {
+            let i = (n - 1.0 - y).round();
+            if (y - y.round()).abs() < 1e-6 && i >= 0.0 { labels.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+        })
+        .x_desc("variant − reference")
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart.draw_series(LineSeries::new([(0.0, -0.5), (0.0, n - 0.5)], BLACK.mix(0.5))).map_err(|e| err(&e))?;
+    for (i, (_, interval)) in lines.iter().enumerate() {
+        let y = n - 1.0 - i as f64;
+        let colour = Palette99::pick(0).to_rgba();
+        if let (Some(low), Some(high)) = (finite(interval.low), finite(interval.high)) {
+            chart
+                .draw_series(LineSeries::new([(low, y), (high, y)], colour.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+        }
+        if let Some(mean) = finite(interval.mean) {
+            chart.draw_series([Circle::new((mean, y), 5, colour.filled())]).map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(per_run: &[((u64, usize), f64)]) -> Values {
+        let mut v = Values::new();
+        v.insert(("fine".into(), "auc_macro".into()), per_run.iter().copied().collect());
+        v
+    }
+
+    #[test]
+    fn seeds_are_averaged_within_a_fold_before_folds_are_paired() {
+        let hmil = values(&[((1, 0), 0.80), ((2, 0), 0.84), ((1, 1), 0.70), ((2, 1), 0.72), ((1, 2), 0.90), ((2, 2), 0.90)]);
+        let flat = values(&[((1, 0), 0.78), ((2, 0), 0.80), ((1, 1), 0.69), ((2, 1), 0.69), ((1, 2), 0.85), ((2, 2), 0.87)]);
+        let rows = rows(&[("hmil".into(), hmil), ("abmil".into(), flat)], "hmil");
+        assert_eq!(rows.len(), 2);
+        let (h, a) = (&rows[0], &rows[1]);
+        assert!(h.against.is_none() && h.runs == 6);
+        // Fold means: hmil 0.82, 0.71, 0.90; abmil 0.79, 0.69, 0.86.
+        let mean = |a: f64, b: f64| stats::mean_sd(&[a, b]).0;
+        let hmil_folds = [mean(0.80, 0.84), mean(0.70, 0.72), mean(0.90, 0.90)];
+        let abmil_folds = [mean(0.78, 0.80), mean(0.69, 0.69), mean(0.85, 0.87)];
+        assert_eq!(h.interval, stats::t_interval(&hmil_folds));
+        let p = a.against.unwrap();
+        assert_eq!(p, stats::paired(&abmil_folds, &hmil_folds));
+        assert!(p.difference.mean < 0.0 && p.difference.n == 3);
+        let md = markdown(&rows, &["hmil".into(), "abmil".into()], "hmil", 2);
+        assert!(md.contains("| hmil | – | **0.810 ± "), "{md}");
+        assert!(md.contains("| abmil | fine | auc_macro | -0.030 |") && md.contains("not independent"), "{md}");
+    }
+}
