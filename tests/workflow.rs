@@ -664,7 +664,9 @@ fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
     let third = run(&wf, &[]);
     let mut expected: Vec<String> = ["train", "evaluate"]
         .iter()
-        .flat_map(|k| (1..=2).flat_map(move |s| (0..2).map(move |f| format!("{k}[variant=meanpool,seed={s},fold={f}]"))))
+        .flat_map(|k| {
+            (1..=2).flat_map(move |s| (0..2).map(move |f| format!("{k}[variant=meanpool,seed={s},fold={f}]")))
+        })
         .collect();
     expected.push("report".into());
     expected.sort();

@@ -3,14 +3,14 @@
 //! (`CLAM_SB` without its instance-clustering loss is this model): `attention_net.0` embeds,
 //! `attention_net.3` attends, `classifiers` classifies.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use crate::ops::{
-    Batch, GatedAttention, coarse_from_fine, flat_terms, group_matrix, joint_linear, linear_config, per_class,
-    segment_softmax, segment_sum,
+    Batch, GatedAttention, coarse_from_fine, group_matrix, joint_linear, linear_config, per_class, segment_softmax,
+    segment_sum,
 };
-use crate::{Config, Dims, MilModel, Output, Schedule, Targets, Terms};
+use crate::{Config, Dims, MilModel, Output};
 
 /// Embedding width and attention width (CLAM's "small" sizes).
 const EMBED: i64 = 512;
@@ -57,11 +57,5 @@ impl MilModel for Abmil {
             fine_attention: per_class(&attention, self.dims.n_fine),
             scores: None,
         }
-    }
-
-    fn step(&self, batch: &Batch, targets: &Targets, _: Schedule) -> (Output, Terms) {
-        let out = self.forward(batch, true);
-        let terms = flat_terms(&out, targets);
-        (out, terms)
     }
 }

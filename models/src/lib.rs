@@ -87,8 +87,13 @@ pub struct Terms {
 pub trait MilModel: Send {
     /// Class logits and attention of every bag of `batch`; `train` turns dropout on.
     fn forward(&self, batch: &Batch, train: bool) -> Output;
-    /// A training forward pass (dropout on) and its loss.
-    fn step(&self, batch: &Batch, targets: &Targets, schedule: Schedule) -> (Output, Terms);
+    /// A training forward pass (dropout on) and its loss; by default, a flat model's: the fine
+    /// cross-entropy alone.
+    fn step(&self, batch: &Batch, targets: &Targets, _schedule: Schedule) -> (Output, Terms) {
+        let out = self.forward(batch, true);
+        let terms = ops::flat_terms(&out, targets);
+        (out, terms)
+    }
 }
 
 /// Creates the model of `config` with its variables under `p` (PyTorch's default initialisation;

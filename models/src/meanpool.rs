@@ -5,8 +5,8 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::ops::{Batch, coarse_from_fine, flat_terms, group_matrix, linear_config, per_class, segment_sum};
-use crate::{Config, Dims, MilModel, Output, Schedule, Targets, Terms};
+use crate::ops::{Batch, coarse_from_fine, group_matrix, linear_config, per_class, segment_sum};
+use crate::{Config, Dims, MilModel, Output};
 
 /// Embedding width.
 const EMBED: i64 = 512;
@@ -50,11 +50,5 @@ impl MilModel for MeanPool {
             fine_attention: per_class(&weight, self.dims.n_fine),
             scores: None,
         }
-    }
-
-    fn step(&self, batch: &Batch, targets: &Targets, _: Schedule) -> (Output, Terms) {
-        let out = self.forward(batch, true);
-        let terms = flat_terms(&out, targets);
-        (out, terms)
     }
 }

@@ -174,7 +174,8 @@ mod tests {
     fn coarse_from_fine_gives_the_summed_probabilities() {
         let fine = Tensor::from_slice(&[1.0f32, 2.0, 0.5, -1.0]).view([1, 4]);
         let groups = group_matrix(&[0, 1, 1, 0], 2, Device::Cpu);
-        let got: Vec<f32> = Vec::try_from(coarse_from_fine(&fine, &groups).softmax(-1, Kind::Float).view([-1])).unwrap();
+        let got: Vec<f32> =
+            Vec::try_from(coarse_from_fine(&fine, &groups).softmax(-1, Kind::Float).view([-1])).unwrap();
         let p: Vec<f32> = Vec::try_from(fine.softmax(-1, Kind::Float).view([-1])).unwrap();
         let want = [p[0] + p[3], p[1] + p[2]];
         assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");

@@ -843,7 +843,10 @@ impl Workflow {
         for (name, value) in &self.variants {
             let key = format!("variants.{name}");
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return bad(&key, "name a variant with letters, digits, `_` and `-` (it names folders and nodes)".into());
+                return bad(
+                    &key,
+                    "name a variant with letters, digits, `_` and `-` (it names folders and nodes)".into(),
+                );
             }
             if value.get("init_from").is_some() {
                 return bad(&format!("{key}.init_from"), "set init_from in [train], for every variant".into());

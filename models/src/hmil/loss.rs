@@ -62,11 +62,8 @@ pub fn terms(f: &Forward, batch: &Batch, targets: &Targets, cfg: &Objective) -> 
     } else {
         zero()
     };
-    let align = if cfg.align_weight > 0.0 {
-        attention_alignment(out, &batch.seg, batch.bags(), cfg.groups)
-    } else {
-        zero()
-    };
+    let align =
+        if cfg.align_weight > 0.0 { attention_alignment(out, &batch.seg, batch.bags(), cfg.groups) } else { zero() };
     let total = &ce_coarse * cfg.coarse_ce + &ce_fine + &reg + &con * cfg.contrastive + &align * cfg.align_weight;
     Terms {
         total,

@@ -81,13 +81,8 @@ impl Hmil {
         let a2 = segment_softmax(&fine.scores(&a, &b, self.dropout, train), seg, bags);
         let coarse_logits = segment_sum(&(&a1 * &s1), seg, bags) + self.coarse_classifier.bs.as_ref().expect("bias");
         let fine_logits = segment_sum(&(&a2 * &s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
-        let out = Output {
-            coarse_logits,
-            fine_logits,
-            coarse_attention: a1,
-            fine_attention: a2,
-            scores: Some([s1, s2]),
-        };
+        let out =
+            Output { coarse_logits, fine_logits, coarse_attention: a1, fine_attention: a2, scores: Some([s1, s2]) };
         Forward { out, h2 }
     }
 

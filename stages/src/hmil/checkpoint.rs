@@ -72,9 +72,11 @@ pub fn load(path: &Path, classes: &Classes, dim: i64, device: Device) -> Result<
     let model = read_info(path)?.map_or(ModelKind::Hmil, |info| info.model);
     let tensors = Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?;
     let rows = |name: &str| {
-        tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.size()).ok_or_else(|| {
-            bad(format!("no tensor {name}: not the parameters of a {} network", model.name()))
-        })
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.size())
+            .ok_or_else(|| bad(format!("no tensor {name}: not the parameters of a {} network", model.name())))
     };
     let (input, coarse, fine) = match model {
         ModelKind::Hmil => (

@@ -8,10 +8,10 @@ use std::sync::Mutex;
 use memmap2::Mmap;
 use tch::{Device, Kind, Tensor};
 
-use models::Batch;
 use crate::error::{Error, Result};
 use crate::splits::Part;
 use crate::table;
+use models::Batch;
 
 /// A loaded store, kept for the rest of the process so that every fold reuses it.
 struct Resident {

@@ -7,10 +7,10 @@ use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
 use pipeline::{Context, Input, Stage, StageError};
 use schemas::workflow::Evaluate;
 
+use super::checkpoint::{self, Loaded};
 use super::data::Bag;
 use super::infer::{BagPrediction, argmax, predict};
 use super::metrics::{self, Scored};
-use super::checkpoint::{self, Loaded};
 use super::train::{Classes, Sources, device};
 use crate::error::Result;
 use crate::table;

@@ -387,8 +387,7 @@ impl TrainFold {
                 schedule = terms.schedule.clone();
             }
             let n = refs.len() as f64;
-            for (sum, t) in sums.iter_mut().zip(std::iter::once(&terms.total).chain(terms.named.iter().map(|t| &t.1)))
-            {
+            for (sum, t) in sums.iter_mut().zip(std::iter::once(&terms.total).chain(terms.named.iter().map(|t| &t.1))) {
                 sum.1 += t.double_value(&[]) * n;
             }
             coarse_probs.extend(probs(&out.coarse_logits));

@@ -98,27 +98,40 @@ pub fn markdown(rows: &[Row], variants: &[String], reference: &str, seeds: usize
     let _ = writeln!(
         md,
         "Test split. Each cell: mean ± sd {over}, and the 95% t interval of the mean over folds (a fold's value \
-         averaged over seeds). The best mean of each column is in bold.\n"
+         averaged over seeds). The best mean of each column is in bold."
     );
-    let columns: Vec<(&str, &str)> = LEVELS.iter().flat_map(|l| METRICS.iter().map(move |m| (*l, *m))).collect();
     let find = |v: &str, l: &str, m: &str| rows.iter().find(|r| r.variant == v && r.level == l && r.metric == m);
-    let header: Vec<String> = columns.iter().map(|(l, m)| format!("{l} {m}")).collect();
-    let _ = writeln!(md, "| variant | {} |\n|---|{}", header.join(" | "), "---|".repeat(columns.len()));
-    for v in variants {
-        let cells: Vec<String> = columns
-            .iter()
-            .map(|(l, m)| match find(v, l, m) {
-                None => "–".into(),
-                Some(r) => {
-                    let best = variants.iter().filter_map(|o| find(o, l, m)).map(|o| o.mean).fold(f64::MIN, f64::max);
-                    let text = format!("{:.3} ± {:.3}", r.mean, r.sd);
-                    let text = if r.mean == best && variants.len() > 1 { format!("**{text}**") } else { text };
-                    format!("{text} [{}, {}]", bound(r.interval.low), bound(r.interval.high))
-                }
-            })
-            .collect();
-        let _ = writeln!(md, "| {v} | {} |", cells.join(" | "));
+    // Every metric compared lies in [0, 1]; an interval reaching past it is shown cut there.
+    let clip = |v: f64| bound(v.clamp(0.0, 1.0));
+    for level in LEVELS {
+        let _ = writeln!(
+            md,
+            "\n**{level}**\n\n| variant | {} |\n|---|{}",
+            METRICS.join(" | "),
+            "---|".repeat(METRICS.len())
+        );
+        for v in variants {
+            let cells: Vec<String> = METRICS
+                .iter()
+                .map(|m| match find(v, level, m) {
+                    None => "–".into(),
+                    Some(r) => {
+                        let best =
+                            variants.iter().filter_map(|o| find(o, level, m)).map(|o| o.mean).fold(f64::MIN, f64::max);
+                        let text = format!("{:.3} ± {:.3}", r.mean, r.sd);
+                        let text = if r.mean == best && variants.len() > 1 { format!("**{text}**") } else { text };
+                        format!("{text} [{}, {}]", clip(r.interval.low), clip(r.interval.high))
+                    }
+                })
+                .collect();
+            let _ = writeln!(md, "| {v} | {} |", cells.join(" | "));
+        }
     }
+    let _ = writeln!(
+        md,
+        "\nA flat model (abmil, meanpool) predicts the fine classes alone: its coarse prediction is its fine \
+         probabilities summed per coarse class, so its `coarse` and `coarse_from_fine` rows agree."
+    );
     let paired: Vec<&Row> = rows.iter().filter(|r| r.against.is_some()).collect();
     if paired.is_empty() {
         return md;
@@ -131,7 +144,8 @@ pub fn markdown(rows: &[Row], variants: &[String], reference: &str, seeds: usize
          independent: the intervals are narrower and the p-values smaller than they would be for independent \
          samples. Read them as a guide, not as a significance test.\n\n![Differences](comparison.png)\n"
     );
-    let _ = writeln!(md, "| variant | level | metric | difference | 95% CI | p | folds |\n|---|---|---|---|---|---|---|");
+    let _ =
+        writeln!(md, "| variant | level | metric | difference | 95% CI | p | folds |\n|---|---|---|---|---|---|---|");
     for r in paired {
         let p = r.against.expect("filtered");
         let _ = writeln!(
@@ -182,9 +196,18 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
 /// metric, its 95% interval as a bar around the mean difference, and zero marked.
 pub fn plot(path: &Path, rows: &[Row], reference: &str) -> Result<()> {
     let err = plot_error(path);
-    let lines: Vec<(String, Interval)> = rows
+    let mut variants: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.against.is_some()) {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+    }
+    let lines: Vec<(String, usize, Interval)> = rows
         .iter()
-        .filter_map(|r| r.against.map(|p| (format!("{} · {} {}", r.variant, r.level, r.metric), p.difference)))
+        .filter_map(|r| {
+            let colour = variants.iter().position(|v| *v == r.variant).unwrap_or(0);
+            r.against.map(|p| (format!("{} · {} {}", r.variant, r.level, r.metric), colour, p.difference))
+        })
         .collect();
     let height = 90 + 26 * lines.len().max(1) as u32;
     let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
@@ -192,7 +215,7 @@ pub fn plot(path: &Path, rows: &[Row], reference: &str) -> Result<()> {
     let finite = |v: f64| v.is_finite().then_some(v);
     let reach = lines
         .iter()
-        .flat_map(|(_, i)| [i.mean, i.low, i.high])
+        .flat_map(|(_, _, i)| [i.mean, i.low, i.high])
         .filter_map(finite)
         .fold(0.01f64, |m, v| m.max(v.abs()))
         * 1.1;
@@ -204,26 +227,29 @@ pub fn plot(path: &Path, rows: &[Row], reference: &str) -> Result<()> {
         .y_label_area_size(330)
         .build_cartesian_2d(-reach..reach, -0.5..(n - 0.5).max(0.5))
         .map_err(|e| err(&e))?;
-    let labels: Vec<String> = lines.iter().map(|(l, _)| l.clone()).collect();
+    let labels: Vec<String> = lines.iter().map(|(l, _, _)| l.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .light_line_style(TRANSPARENT)
         .y_labels(lines.len().max(1))
         .y_label_formatter(&|y| {
             let i = (n - 1.0 - y).round();
-            if (y - y.round()).abs() < 1e-6 && i >= 0.0 { labels.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+            if (y - y.round()).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .x_desc("variant − reference")
         .draw()
         .map_err(|e| err(&e))?;
     chart.draw_series(LineSeries::new([(0.0, -0.5), (0.0, n - 0.5)], BLACK.mix(0.5))).map_err(|e| err(&e))?;
-    for (i, (_, interval)) in lines.iter().enumerate() {
+    for (i, (_, colour, interval)) in lines.iter().enumerate() {
         let y = n - 1.0 - i as f64;
-        let colour = Palette99::pick(0).to_rgba();
+        let colour = Palette99::pick(*colour).to_rgba();
         if let (Some(low), Some(high)) = (finite(interval.low), finite(interval.high)) {
-            chart
-                .draw_series(LineSeries::new([(low, y), (high, y)], colour.stroke_width(2)))
-                .map_err(|e| err(&e))?;
+            chart.draw_series(LineSeries::new([(low, y), (high, y)], colour.stroke_width(2))).map_err(|e| err(&e))?;
         }
         if let Some(mean) = finite(interval.mean) {
             chart.draw_series([Circle::new((mean, y), 5, colour.filled())]).map_err(|e| err(&e))?;
@@ -244,8 +270,10 @@ mod tests {
 
     #[test]
     fn seeds_are_averaged_within_a_fold_before_folds_are_paired() {
-        let hmil = values(&[((1, 0), 0.80), ((2, 0), 0.84), ((1, 1), 0.70), ((2, 1), 0.72), ((1, 2), 0.90), ((2, 2), 0.90)]);
-        let flat = values(&[((1, 0), 0.78), ((2, 0), 0.80), ((1, 1), 0.69), ((2, 1), 0.69), ((1, 2), 0.85), ((2, 2), 0.87)]);
+        let hmil =
+            values(&[((1, 0), 0.80), ((2, 0), 0.84), ((1, 1), 0.70), ((2, 1), 0.72), ((1, 2), 0.90), ((2, 2), 0.90)]);
+        let flat =
+            values(&[((1, 0), 0.78), ((2, 0), 0.80), ((1, 1), 0.69), ((2, 1), 0.69), ((1, 2), 0.85), ((2, 2), 0.87)]);
         let rows = rows(&[("hmil".into(), hmil), ("abmil".into(), flat)], "hmil");
         assert_eq!(rows.len(), 2);
         let (h, a) = (&rows[0], &rows[1]);
@@ -260,6 +288,7 @@ mod tests {
         assert!(p.difference.mean < 0.0 && p.difference.n == 3);
         let md = markdown(&rows, &["hmil".into(), "abmil".into()], "hmil", 2);
         assert!(md.contains("| hmil | – | **0.810 ± "), "{md}");
+        assert!(md.contains(", 1.000] |"), "an interval past 1 is cut there: {md}");
         assert!(md.contains("| abmil | fine | auc_macro | -0.030 |") && md.contains("not independent"), "{md}");
     }
 }

@@ -158,8 +158,10 @@ impl Report {
             s.dedup();
             s.len()
         };
-        let values: Vec<(String, compare::Values)> =
-            variants.iter().map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v)))).collect();
+        let values: Vec<(String, compare::Values)> = variants
+            .iter()
+            .map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v))))
+            .collect();
         let rows = compare::rows(&values, &self.compare_to);
         compare::write(&ctx.output(COMPARISON), &rows)?;
         let reference: Vec<&RunTables> = runs.iter().filter(|r| r.nodes.variant == self.compare_to).collect();
@@ -182,7 +184,7 @@ impl Report {
         if variants.len() > 1 {
             md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
             compare::plot(&ctx.output("comparison.png"), &rows, &self.compare_to)?;
-            let _ = writeln!(md, "\n# {}\n\nThe sections below are those of the reference variant.\n", self.compare_to);
+            let _ = writeln!(md, "\n# Reference variant: {}\n", self.compare_to);
         }
         let summary = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auc_macro", "kappa_quadratic"];
         let _ =
@@ -427,8 +429,9 @@ pub fn headline(metrics: &Path) -> Result<Headline> {
                 .map_err(|e| Error::Table { path: metrics.into(), message: e.to_string() })?;
             let mut test = Collected::new();
             collect_test(&rows, &mut test);
-            let value =
-                |level: &str, metric: &str| test.get(&(level.to_owned(), metric.to_owned(), None)).map(|v| stats::mean_sd(v));
+            let value = |level: &str, metric: &str| {
+                test.get(&(level.to_owned(), metric.to_owned(), None)).map(|v| stats::mean_sd(v))
+            };
             let levels = ["fine", "coarse"]
                 .map(|level| HeadlineLevel {
                     level,
@@ -592,7 +595,9 @@ fn compared_values<'a>(runs: impl Iterator<Item = &'a RunTables<'a>>) -> compare
         let mut test = Collected::new();
         collect_test(&r.metrics, &mut test);
         for ((level, metric, class), v) in test {
-            if class.is_none() && let Some(&v) = v.first() {
+            if class.is_none()
+                && let Some(&v) = v.first()
+            {
                 values.entry((level, metric)).or_default().insert((r.nodes.seed, r.nodes.fold), v);
             }
         }
@@ -752,7 +757,8 @@ mod tests {
             "{md}"
         );
         let blank = [drawn(&[], None), drawn(&[], None)];
-        let none = heatmap_links(&classes, &[(&folds[0], &preds[0], &blank[0]), (&folds[1], &preds[1], &blank[1])], false);
+        let none =
+            heatmap_links(&classes, &[(&folds[0], &preds[0], &blank[0]), (&folds[1], &preds[1], &blank[1])], false);
         assert!(none.contains("No heatmaps were drawn"), "{none}");
     }
 

@@ -5,16 +5,16 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use schemas::workflow::MapKind;
 use models::Batch;
+use schemas::workflow::MapKind;
 use tch::{Device, Tensor};
 
 use super::maps::SlideMaps;
 use super::{Canvas, Drawing, Drawn, HEATMAP_DIR, TOP_TILES_DIR, draw_slide, full_res, instance_columns, write_drawn};
 use crate::error::{Error, Result};
 use crate::features;
-use crate::hmil::infer::bag_outputs;
 use crate::hmil::checkpoint;
+use crate::hmil::infer::bag_outputs;
 use crate::hmil::predict::{classes_for, feature_inputs};
 use crate::hmil::train::Classes;
 use crate::table;
