@@ -689,3 +689,54 @@ fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
     let changed = run(&wf, &[]);
     assert_eq!(executed(&changed), expected.iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_external_cohort_is_predicted_by_every_fold_model_and_their_ensemble() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = setup(dir.path(), 15);
+    // The same synthetic classes (the seed draws them first), other slides: a second site.
+    let site_b = dir.path().join("site_b");
+    let site_b_s = site_b.to_str().unwrap();
+    hmil_flow(&["synth", "--out", site_b_s, "--scale", "0.1", "--mean-instances", "40", "--dim", "48", "--seed", "3"]);
+    let text = fs::read_to_string(&wf).unwrap().replace("folds = 3", "folds = 2");
+    let cohort = "[[cohorts]]\nname = \"site_b\"\nfeatures = \"site_b/pt_files\"\nlabels = \"site_b/labels.csv\"\n";
+    fs::write(&wf, format!("{text}\n{cohort}")).unwrap();
+
+    let first = run(&wf, &[]);
+    for id in ["index_features[cohort=site_b]", "pack_features[cohort=site_b]", "join_labels[cohort=site_b]"] {
+        assert_eq!(first.get(id).map(String::as_str), Some("executed"), "{id}: {first:?}");
+    }
+    assert_eq!(first.get("external[cohort=site_b]").map(String::as_str), Some("executed"), "{first:?}");
+    let results = dir.path().join("results/test");
+    let m = read(&results.join("cohorts/site_b/external_metrics.parquet"));
+    let col = |n: &str| m.column_by_name(n).unwrap().as_string::<i32>().clone();
+    let (cohort, split, level, metric) = (col("cohort"), col("split"), col("level"), col("metric"));
+    let fold = m.column_by_name("fold").unwrap().as_primitive::<arrow::datatypes::Int32Type>().clone();
+    let value = m.column_by_name("value").unwrap().as_primitive::<Float64Type>().clone();
+    let class = m.column_by_name("class").unwrap().clone();
+    let auc = |which: &str| -> Vec<(i32, f64)> {
+        (0..m.num_rows())
+            .filter(|&i| split.value(i) == which && level.value(i) == "fine" && metric.value(i) == "auc_macro")
+            .filter(|&i| class.is_null(i) && cohort.value(i) == "site_b")
+            .map(|i| (fold.value(i), value.value(i)))
+            .collect()
+    };
+    let (folds, ensemble) = (auc("external"), auc("ensemble"));
+    assert_eq!(folds.iter().map(|f| f.0).collect::<Vec<_>>(), [0, 1], "one row per fold model");
+    assert_eq!(ensemble.len(), 1);
+    assert_eq!(ensemble[0].0, -1);
+    assert!(ensemble[0].1 > 0.6, "the fold models carry over to the second site: {ensemble:?} (folds {folds:?})");
+    let report = fs::read_to_string(results.join("report.md")).unwrap();
+    assert!(report.contains("## External cohorts") && report.contains("**site_b**"), "{report}");
+
+    // A label of the cohort changes: only the cohort's labels, its predictions and the report
+    // run again.
+    let labels = site_b.join("labels.csv");
+    let csv = fs::read_to_string(&labels).unwrap();
+    let last = csv.lines().last().unwrap().to_owned();
+    let (row, label) = last.rsplit_once(',').unwrap();
+    let relabelled = format!("{row},{}", if label == "N" { "PB" } else { "N" });
+    fs::write(&labels, csv.replace(&last, &relabelled)).unwrap();
+    let again = run(&wf, &[]);
+    assert_eq!(executed(&again), ["external[cohort=site_b]", "join_labels[cohort=site_b]", "report"], "{again:?}");
+}

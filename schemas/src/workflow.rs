@@ -36,6 +36,19 @@ pub struct Workflow {
     pub repeats: Repeats,
     #[serde(default)]
     pub report: ReportConfig,
+    /// `[[cohorts]]`: external test sets every fold model predicts, never used for any choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cohorts: Vec<Cohort>,
+}
+
+/// One external cohort: its feature files and labels (the same columns and classes as the
+/// workflow's).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cohort {
+    pub name: String,
+    pub features: PathBuf,
+    pub labels: PathBuf,
 }
 
 /// `[repeats]`: training repeated with other seeds over the same folds.
@@ -691,6 +704,10 @@ impl Workflow {
         if let Some(dir) = &self.heatmaps.slides {
             required.push(("heatmaps.slides", dir.as_path()));
         }
+        for c in &self.cohorts {
+            required.push(("cohorts.features", c.features.as_path()));
+            required.push(("cohorts.labels", c.labels.as_path()));
+        }
         for (key, path) in required {
             if !path.exists() {
                 return Err(Error::MissingPath { key: key.into(), path: path.to_path_buf() });
@@ -855,6 +872,15 @@ impl Workflow {
                 return bad(&key, m);
             }
         }
+        for (i, c) in self.cohorts.iter().enumerate() {
+            let key = format!("cohorts[{i}].name");
+            if c.name.is_empty() || !c.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return bad(&key, format!("`{}`: name a cohort with letters, digits, `_` and `-`", c.name));
+            }
+            if self.cohorts[..i].iter().any(|o| o.name == c.name) {
+                return bad(&key, format!("`{}` names two cohorts", c.name));
+            }
+        }
         let mut seeds = self.repeats.seeds.clone();
         seeds.sort_unstable();
         if seeds.windows(2).any(|w| w[0] == w[1]) {
@@ -902,6 +928,10 @@ impl Workflow {
         }
         if let Some(dir) = &mut self.heatmaps.slides {
             join(dir);
+        }
+        for c in &mut self.cohorts {
+            join(&mut c.features);
+            join(&mut c.labels);
         }
     }
 }

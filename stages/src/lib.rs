@@ -141,6 +141,7 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         });
         nodes.extend([train_node, evaluate].into_iter().chain(heatmaps));
     }
+    let externals = cohort_nodes(wf, &folds, &classes, &mut nodes);
     let report = report::Report {
         workflow: wf.workflow.name.clone(),
         workflow_digest: workflow_digest.to_owned(),
@@ -148,6 +149,7 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
         classes,
         folds,
         compare_to: wf.report.compare_to.clone().unwrap_or_else(|| wf.variants()[0].name.clone()),
+        externals,
     };
     nodes.push(
         Node::new(REPORT, None, Arc::new(report))
@@ -156,6 +158,82 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             .results_name(report::ALL_PREDICTIONS, "predictions.parquet"),
     );
     nodes
+}
+
+/// Per external cohort: its own `index_features`, `pack_features` and `join_labels`
+/// (`…[cohort=c]`), and an `external` node per variant and seed over the fold models of `folds`,
+/// all shown under `cohorts/<c>/`. Returns the `external` nodes for the report.
+fn cohort_nodes(
+    wf: &Workflow,
+    folds: &[report::FoldNodes],
+    classes: &hmil::train::Classes,
+    nodes: &mut Vec<Node>,
+) -> Vec<report::ExternalNodes> {
+    let d = &wf.dataset;
+    let (by_variant, by_seed) = wf.fans_out();
+    let mut externals = Vec::new();
+    for cohort in &wf.cohorts {
+        let label = format!("cohort={}", cohort.name);
+        let results = format!("cohorts/{}", cohort.name);
+        let index = Node::new(
+            "index_features",
+            Some(&label),
+            Arc::new(index::IndexFeatures {
+                features: FeatureDir::External(cohort.features.clone()),
+                on_bad_file: d.on_bad_file,
+            }),
+        )
+        .results_in(format!("{results}/features"));
+        let pack = pack::PackFeatures {
+            features: FeatureDir::External(cohort.features.clone()),
+            dtype: d.pack_dtype,
+            index_node: index.id.clone(),
+        };
+        let pack = Node::new("pack_features", Some(&label), Arc::new(pack)).results_in(format!("{results}/features"));
+        let join =
+            labels::JoinLabels { csv: cohort.labels.clone(), labels: wf.labels.clone(), index_node: index.id.clone() };
+        let join = Node::new("join_labels", Some(&label), Arc::new(join)).results_in(&results);
+        for variant in wf.variants() {
+            for seed in wf.seeds() {
+                let train_nodes: Vec<String> = folds
+                    .iter()
+                    .filter(|f| f.variant == variant.name && f.seed == seed)
+                    .map(|f| f.train.clone())
+                    .collect();
+                let stage = hmil::external::ExternalCohort {
+                    cohort: cohort.name.clone(),
+                    variant: variant.name.clone(),
+                    seed,
+                    device: variant.train.device.clone(),
+                    batch_size: wf.evaluate.batch_size,
+                    classes: classes.clone(),
+                    pack_node: pack.id.clone(),
+                    labels_node: join.id.clone(),
+                    train_nodes,
+                };
+                let mut label = label.clone();
+                let mut results = results.clone();
+                if by_variant {
+                    label += &format!(",variant={}", variant.name);
+                    results += &format!("/variants/{}", variant.name);
+                }
+                if by_seed {
+                    label += &format!(",seed={seed}");
+                    results += &format!("/seed_{seed}");
+                }
+                let node = Node::new("external", Some(&label), Arc::new(stage)).results_in(&results);
+                externals.push(report::ExternalNodes {
+                    cohort: cohort.name.clone(),
+                    variant: variant.name.clone(),
+                    seed,
+                    node: node.id.clone(),
+                });
+                nodes.push(node);
+            }
+        }
+        nodes.extend([index, pack, join]);
+    }
+    externals
 }
 
 /// `tile_slides` and `extract_features`: patches of the slides in `slides.dir`, and their features

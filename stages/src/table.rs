@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{Float64Type, Int32Type, Int64Type, SchemaRef};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -59,6 +59,27 @@ pub fn write_all(path: &Path, batches: &[RecordBatch]) -> Result<()> {
     let schema = batches.first().ok_or_else(|| err(&"no table to write"))?.schema();
     let batch = concat_batches(&schema, batches).map_err(|e| err(&e))?;
     write(path, schema, batch.columns().to_vec())
+}
+
+/// `batch` with a column of `variant`, one of `seed`, and (for an external cohort) one of
+/// `cohort` first: which run of a workflow its rows come from.
+pub fn tag_run(batch: &RecordBatch, cohort: Option<&str>, variant: &str, seed: u64) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    if let Some(cohort) = cohort {
+        fields.push(Field::new("cohort", DataType::Utf8, false));
+        columns.push(string_col(std::iter::repeat_n(cohort, n)));
+    }
+    fields.extend([Field::new("variant", DataType::Utf8, false), Field::new("seed", DataType::Int64, false)]);
+    columns.extend([
+        string_col(std::iter::repeat_n(variant, n)),
+        Arc::new(arrow::array::Int64Array::from(vec![seed as i64; n])) as ArrayRef,
+    ]);
+    fields.extend(batch.schema().fields().iter().map(|f| f.as_ref().clone()));
+    columns.extend(batch.columns().iter().cloned());
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::Features(format!("tagging a run's table: {e}")))
 }
 
 /// Reads a whole Parquet file as one batch.

@@ -147,15 +147,36 @@ pub struct FoldBags {
     pub test: Vec<Bag>,
 }
 
-/// Reads labels and splits and returns fold `fold`'s bags (each split sorted by slide id).
-pub fn fold_bags(labels: &Path, splits: &Path, fold: usize, store: &Store) -> Result<FoldBags> {
+/// A labelled slide: its id, and its case, fine and coarse class index.
+type Labelled = (String, (String, i64, i64));
+
+/// Each labelled slide of `labels.parquet`.
+fn labels_of(labels: &Path) -> Result<Vec<Labelled>> {
     let l = table::read(labels)?;
-    let label_of: HashMap<String, (String, i64, i64)> = table::strings(&l, "slide_id")
+    Ok(table::strings(&l, "slide_id")
         .into_iter()
         .zip(table::strings(&l, "case_id"))
         .zip(table::i32s(&l, "fine_idx").into_iter().zip(table::i32s(&l, "coarse_idx")))
         .map(|((s, c), (f, k))| (s, (c, f as i64, k as i64)))
-        .collect();
+        .collect())
+}
+
+/// Every labelled slide of `labels` as a bag of `store` (an external cohort: all of it is tested).
+pub fn labelled_bags(labels: &Path, store: &Store) -> Result<Vec<Bag>> {
+    labels_of(labels)?
+        .into_iter()
+        .map(|(slide, (case_id, fine, coarse))| {
+            let (start, len) = store
+                .rows(&slide)
+                .ok_or_else(|| Error::Splits(format!("{}: slide {slide} has no packed features", labels.display())))?;
+            Ok(Bag { slide_id: slide, case_id, fine, coarse, start, len })
+        })
+        .collect()
+}
+
+/// Reads labels and splits and returns fold `fold`'s bags (each split sorted by slide id).
+pub fn fold_bags(labels: &Path, splits: &Path, fold: usize, store: &Store) -> Result<FoldBags> {
+    let label_of: HashMap<String, (String, i64, i64)> = labels_of(labels)?.into_iter().collect();
     let mut out = FoldBags { train: Vec::new(), val: Vec::new(), test: Vec::new() };
     for a in crate::splits::read(splits)?.into_iter().filter(|a| a.fold == fold) {
         let slide = a.slide_id;

@@ -66,10 +66,10 @@ pub fn load_checkpoint(ctx: &Context, classes: &Classes, dim: i64, device: tch::
 type AttentionRow<'a> = (String, &'a str, String, i32, i64, f64, Option<f64>, Option<f64>);
 
 /// One evaluated split.
-struct SplitResult<'a> {
-    name: &'static str,
-    bags: &'a [Bag],
-    preds: Vec<BagPrediction>,
+pub struct SplitResult<'a> {
+    pub name: &'static str,
+    pub bags: &'a [Bag],
+    pub preds: Vec<BagPrediction>,
 }
 
 impl EvaluateFold {
@@ -119,71 +119,15 @@ impl EvaluateFold {
     }
 
     fn write_predictions(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {
-        let c = &self.classes;
-        let rows: Vec<(&str, &Bag, &BagPrediction)> =
-            splits.iter().flat_map(|s| s.bags.iter().zip(&s.preds).map(move |(b, p)| (s.name, b, p))).collect();
-        let from_fine: Vec<Vec<f64>> = rows.iter().map(|r| r.2.coarse_from_fine(&c.fine_to_coarse)).collect();
-        let name = |names: &[String], i: usize| names[i].clone();
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(Int32Array::from(vec![self.fold as i32; rows.len()])),
-            table::string_col(rows.iter().map(|r| r.0)),
-            table::string_col(rows.iter().map(|r| r.1.slide_id.as_str())),
-            table::string_col(rows.iter().map(|r| r.1.case_id.as_str())),
-            Arc::new(rows.iter().map(|r| Some(name(&c.fine, r.1.fine as usize))).collect::<StringArray>()),
-            Arc::new(rows.iter().map(|r| Some(name(&c.fine, argmax(&r.2.fine_probs)))).collect::<StringArray>()),
-            Arc::new(rows.iter().map(|r| Some(name(&c.coarse, r.1.coarse as usize))).collect::<StringArray>()),
-            Arc::new(rows.iter().map(|r| Some(name(&c.coarse, argmax(&r.2.coarse_probs)))).collect::<StringArray>()),
-            Arc::new(from_fine.iter().map(|p| Some(name(&c.coarse, argmax(p)))).collect::<StringArray>()),
-        ];
-        let fine_probs: Vec<&[f64]> = rows.iter().map(|r| r.2.fine_probs.as_slice()).collect();
-        let coarse_probs: Vec<&[f64]> = rows.iter().map(|r| r.2.coarse_probs.as_slice()).collect();
-        let from_fine_probs: Vec<&[f64]> = from_fine.iter().map(Vec::as_slice).collect();
-        for (probs, n) in
-            [(&fine_probs, c.fine.len()), (&coarse_probs, c.coarse.len()), (&from_fine_probs, c.coarse.len())]
-        {
-            cols.extend((0..n).map(|k| Arc::new(probs.iter().map(|p| p[k]).collect::<Float64Array>()) as ArrayRef));
-        }
-        let fine: Vec<&str> = c.fine.iter().map(String::as_str).collect();
-        let coarse: Vec<&str> = c.coarse.iter().map(String::as_str).collect();
-        table::write(&ctx.output("predictions.parquet"), schemas::tables::predictions(&fine, &coarse), cols)
+        let (schema, cols) = prediction_columns(self.fold as i32, &self.classes, splits);
+        table::write(&ctx.output("predictions.parquet"), schema, cols)
     }
 
     fn write_metrics(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {
-        let c = &self.classes;
-        let mut rows: Vec<(&str, &str, String, Option<String>, f64)> = Vec::new();
-        for s in splits.iter().filter(|s| !s.bags.is_empty()) {
-            let from_fine: Vec<Vec<f64>> = s.preds.iter().map(|p| p.coarse_from_fine(&c.fine_to_coarse)).collect();
-            let coarse_probs: Vec<Vec<f64>> = s.preds.iter().map(|p| p.coarse_probs.clone()).collect();
-            let fine_probs: Vec<Vec<f64>> = s.preds.iter().map(|p| p.fine_probs.clone()).collect();
-            let y_c: Vec<usize> = s.bags.iter().map(|b| b.coarse as usize).collect();
-            let y_f: Vec<usize> = s.bags.iter().map(|b| b.fine as usize).collect();
-            for (level, probs, y, names) in [
-                ("coarse", &coarse_probs, &y_c, &c.coarse),
-                ("fine", &fine_probs, &y_f, &c.fine),
-                ("coarse_from_fine", &from_fine, &y_c, &c.coarse),
-            ] {
-                let y_pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
-                let scored = Scored { y_true: y, y_pred: &y_pred, probs, n_classes: names.len() };
-                for m in metrics::all(&scored) {
-                    let metric = match m.predicted {
-                        Some(p) => format!("confusion[{}]", names[p]),
-                        None => m.name.to_owned(),
-                    };
-                    rows.push((s.name, level, metric, m.class.map(|k| names[k].clone()), m.value));
-                }
-            }
-        }
         table::write(
             &ctx.output("metrics.parquet"),
             schemas::tables::metrics(),
-            vec![
-                Arc::new(Int32Array::from(vec![self.fold as i32; rows.len()])),
-                table::string_col(rows.iter().map(|r| r.0)),
-                table::string_col(rows.iter().map(|r| r.1)),
-                table::string_col(rows.iter().map(|r| r.2.as_str())),
-                Arc::new(rows.iter().map(|r| r.3.clone()).collect::<StringArray>()),
-                Arc::new(rows.iter().map(|r| r.4.is_finite().then_some(r.4)).collect::<Float64Array>()),
-            ],
+            metric_columns(self.fold as i32, &self.classes, splits),
         )
     }
 
@@ -230,4 +174,72 @@ impl EvaluateFold {
             ],
         )
     }
+}
+
+/// The schema and columns of `predictions.parquet` for `splits`, as fold `fold`.
+pub fn prediction_columns(
+    fold: i32,
+    c: &Classes,
+    splits: &[SplitResult],
+) -> (arrow::datatypes::SchemaRef, Vec<ArrayRef>) {
+    let rows: Vec<(&str, &Bag, &BagPrediction)> =
+        splits.iter().flat_map(|s| s.bags.iter().zip(&s.preds).map(move |(b, p)| (s.name, b, p))).collect();
+    let from_fine: Vec<Vec<f64>> = rows.iter().map(|r| r.2.coarse_from_fine(&c.fine_to_coarse)).collect();
+    let name = |names: &[String], i: usize| names[i].clone();
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(Int32Array::from(vec![fold; rows.len()])),
+        table::string_col(rows.iter().map(|r| r.0)),
+        table::string_col(rows.iter().map(|r| r.1.slide_id.as_str())),
+        table::string_col(rows.iter().map(|r| r.1.case_id.as_str())),
+        Arc::new(rows.iter().map(|r| Some(name(&c.fine, r.1.fine as usize))).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| Some(name(&c.fine, argmax(&r.2.fine_probs)))).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| Some(name(&c.coarse, r.1.coarse as usize))).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| Some(name(&c.coarse, argmax(&r.2.coarse_probs)))).collect::<StringArray>()),
+        Arc::new(from_fine.iter().map(|p| Some(name(&c.coarse, argmax(p)))).collect::<StringArray>()),
+    ];
+    let fine_probs: Vec<&[f64]> = rows.iter().map(|r| r.2.fine_probs.as_slice()).collect();
+    let coarse_probs: Vec<&[f64]> = rows.iter().map(|r| r.2.coarse_probs.as_slice()).collect();
+    let from_fine_probs: Vec<&[f64]> = from_fine.iter().map(Vec::as_slice).collect();
+    for (probs, n) in [(&fine_probs, c.fine.len()), (&coarse_probs, c.coarse.len()), (&from_fine_probs, c.coarse.len())]
+    {
+        cols.extend((0..n).map(|k| Arc::new(probs.iter().map(|p| p[k]).collect::<Float64Array>()) as ArrayRef));
+    }
+    let fine: Vec<&str> = c.fine.iter().map(String::as_str).collect();
+    let coarse: Vec<&str> = c.coarse.iter().map(String::as_str).collect();
+    (schemas::tables::predictions(&fine, &coarse), cols)
+}
+
+/// The columns of `metrics.parquet` for `splits`, every metric at every level, as fold `fold`.
+pub fn metric_columns(fold: i32, c: &Classes, splits: &[SplitResult]) -> Vec<ArrayRef> {
+    let mut rows: Vec<(&str, &str, String, Option<String>, f64)> = Vec::new();
+    for s in splits.iter().filter(|s| !s.bags.is_empty()) {
+        let from_fine: Vec<Vec<f64>> = s.preds.iter().map(|p| p.coarse_from_fine(&c.fine_to_coarse)).collect();
+        let coarse_probs: Vec<Vec<f64>> = s.preds.iter().map(|p| p.coarse_probs.clone()).collect();
+        let fine_probs: Vec<Vec<f64>> = s.preds.iter().map(|p| p.fine_probs.clone()).collect();
+        let y_c: Vec<usize> = s.bags.iter().map(|b| b.coarse as usize).collect();
+        let y_f: Vec<usize> = s.bags.iter().map(|b| b.fine as usize).collect();
+        for (level, probs, y, names) in [
+            ("coarse", &coarse_probs, &y_c, &c.coarse),
+            ("fine", &fine_probs, &y_f, &c.fine),
+            ("coarse_from_fine", &from_fine, &y_c, &c.coarse),
+        ] {
+            let y_pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+            let scored = Scored { y_true: y, y_pred: &y_pred, probs, n_classes: names.len() };
+            for m in metrics::all(&scored) {
+                let metric = match m.predicted {
+                    Some(p) => format!("confusion[{}]", names[p]),
+                    None => m.name.to_owned(),
+                };
+                rows.push((s.name, level, metric, m.class.map(|k| names[k].clone()), m.value));
+            }
+        }
+    }
+    vec![
+        Arc::new(Int32Array::from(vec![fold; rows.len()])),
+        table::string_col(rows.iter().map(|r| r.0)),
+        table::string_col(rows.iter().map(|r| r.1)),
+        table::string_col(rows.iter().map(|r| r.2.as_str())),
+        Arc::new(rows.iter().map(|r| r.3.clone()).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.4.is_finite().then_some(r.4)).collect::<Float64Array>()),
+    ]
 }

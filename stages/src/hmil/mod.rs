@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
+pub mod external;
 pub mod heatmaps;
 pub mod infer;
 pub mod memory;

@@ -9,10 +9,9 @@ pub mod compare;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Int32Type, Int64Type};
 use pipeline::{Context, Input, Stage, StageError};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -40,6 +39,17 @@ pub struct Report {
     pub folds: Vec<FoldNodes>,
     /// The variant the others are compared with, and whose details the report shows.
     pub compare_to: String,
+    /// The external cohorts' predictions, per cohort, variant and seed.
+    pub externals: Vec<ExternalNodes>,
+}
+
+/// One `external` node: a cohort predicted by one variant's and seed's fold models.
+#[derive(Debug, Clone)]
+pub struct ExternalNodes {
+    pub cohort: String,
+    pub variant: String,
+    pub seed: u64,
+    pub node: String,
 }
 
 /// The nodes of one run (variant, seed, fold) the report reads, and the folder of the results
@@ -77,6 +87,7 @@ impl Stage for Report {
         serde_json::json!({
             "workflow": self.workflow, "workflow_digest": self.workflow_digest, "device": self.device,
             "classes": self.classes, "runs": runs, "compare_to": self.compare_to,
+            "externals": self.externals.iter().map(|e| [&e.cohort, &e.variant]).collect::<Vec<_>>(),
         })
     }
     fn inputs(&self) -> Vec<Input> {
@@ -94,6 +105,12 @@ impl Stage for Report {
                 ]
             })
             .flatten()
+            .chain(
+                self.externals
+                    .iter()
+                    .enumerate()
+                    .map(|(j, e)| Input::artifact(&format!("external{j}"), &e.node, crate::hmil::external::METRICS)),
+            )
             .collect()
     }
     fn outputs(&self) -> Vec<String> {
@@ -147,9 +164,15 @@ impl Report {
                 drawn: nodes.heatmaps.as_ref().map(|_| read("heatmaps")).transpose()?,
             });
         }
-        let metrics = runs.iter().map(|r| with_run(&r.metrics, r.nodes)).collect::<Result<Vec<_>>>()?;
+        let metrics = runs
+            .iter()
+            .map(|r| table::tag_run(&r.metrics, None, &r.nodes.variant, r.nodes.seed))
+            .collect::<Result<Vec<_>>>()?;
         table::write_all(&ctx.output(ALL_METRICS), &metrics)?;
-        let predictions = runs.iter().map(|r| with_run(&r.predictions, r.nodes)).collect::<Result<Vec<_>>>()?;
+        let predictions = runs
+            .iter()
+            .map(|r| table::tag_run(&r.predictions, None, &r.nodes.variant, r.nodes.seed))
+            .collect::<Result<Vec<_>>>()?;
         table::write_all(&ctx.output(ALL_PREDICTIONS), &predictions)?;
         let variants = self.variants();
         let seeds = {
@@ -184,6 +207,14 @@ impl Report {
         if variants.len() > 1 {
             md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
             compare::plot(&ctx.output("comparison.png"), &rows, &self.compare_to)?;
+        }
+        if !self.externals.is_empty() {
+            let tables = (0..self.externals.len())
+                .map(|j| table::read(ctx.input(&format!("external{j}"))))
+                .collect::<Result<Vec<_>>>()?;
+            md.push_str(&self.external_section(&tables, seeds > 1));
+        }
+        if variants.len() > 1 {
             let _ = writeln!(md, "\n# Reference variant: {}\n", self.compare_to);
         }
         let summary = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auc_macro", "kappa_quadratic"];
@@ -227,6 +258,54 @@ impl Report {
         self.plot_confusion(&ctx.output("confusion.png"), &test)?;
         let histories: Vec<&RecordBatch> = reference.iter().map(|r| &r.history).collect();
         plot_curves(&ctx.output("curves.png"), &histories)
+    }
+
+    /// Per cohort, each variant's (and seed's) ensemble and fold models on the cohort.
+    fn external_section(&self, tables: &[RecordBatch], show_seed: bool) -> String {
+        let mut md = String::from(
+            "## External cohorts\n\nEvery fold model predicts every labelled slide of the cohort; the ensemble is \
+             the mean of their probabilities. Each cell: the ensemble's value, then the fold models' mean ± sd.\n",
+        );
+        let columns = [
+            ("fine", "balanced_accuracy"),
+            ("fine", "auc_macro"),
+            ("coarse", "balanced_accuracy"),
+            ("coarse", "auc_macro"),
+        ];
+        let mut cohorts: Vec<&str> = Vec::new();
+        for e in &self.externals {
+            if !cohorts.contains(&e.cohort.as_str()) {
+                cohorts.push(&e.cohort);
+            }
+        }
+        for cohort in cohorts {
+            let header: Vec<String> = columns.iter().map(|(l, m)| format!("{l} {m}")).collect();
+            let _ = writeln!(
+                md,
+                "\n**{cohort}**\n\n| variant | {} |\n|---|{}",
+                header.join(" | "),
+                "---|".repeat(columns.len())
+            );
+            for (e, t) in self.externals.iter().zip(tables).filter(|(e, _)| e.cohort == cohort) {
+                let mut ensemble = Collected::new();
+                let mut folds = Collected::new();
+                collect_split(t, "ensemble", &mut ensemble);
+                collect_split(t, "external", &mut folds);
+                let cells: Vec<String> = columns
+                    .iter()
+                    .map(|(l, m)| {
+                        let key = (l.to_string(), m.to_string(), None);
+                        let one =
+                            ensemble.get(&key).and_then(|v| v.first()).map_or("–".into(), |v| format!("{v:.3}"));
+                        format!("{one} ({})", cell(&folds, l, m, None))
+                    })
+                    .collect();
+                let name = if show_seed { format!("{}, seed {}", e.variant, e.seed) } else { e.variant.clone() };
+                let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+            }
+        }
+        md.push('\n');
+        md
     }
 
     fn plot_roc(&self, path: &Path, preds: &[&RecordBatch]) -> Result<()> {
@@ -374,10 +453,15 @@ fn plot_confusion(path: &Path, caption: &str, names: &[String], counts: &[Vec<f6
 
 /// Adds the test-split values of a `metrics` table to `test`.
 fn collect_test(m: &RecordBatch, test: &mut Collected) {
+    collect_split(m, "test", test);
+}
+
+/// The values of `m`'s rows of split `name`.
+fn collect_split(m: &RecordBatch, name: &str, test: &mut Collected) {
     let (split, level, metric) = (table::strings(m, "split"), table::strings(m, "level"), table::strings(m, "metric"));
     let class = m.column_by_name("class").expect("class column").as_string::<i32>().clone();
     for (i, v) in table::f64s(m, "value").into_iter().enumerate() {
-        if split[i] == "test"
+        if split[i] == name
             && let Some(v) = v
         {
             let c = (!class.is_null(i)).then(|| class.value(i).to_owned());
@@ -573,19 +657,6 @@ fn heatmap_links(classes: &Classes, runs: &[(&FoldNodes, &RecordBatch, &RecordBa
         }
     }
     md
-}
-
-/// `batch` with the run's `variant` and `seed` as its first columns.
-fn with_run(batch: &RecordBatch, run: &FoldNodes) -> Result<RecordBatch> {
-    let (variant, seed) = (run.variant.as_str(), run.seed);
-    let n = batch.num_rows();
-    let mut fields = vec![Field::new("variant", DataType::Utf8, false), Field::new("seed", DataType::Int64, false)];
-    fields.extend(batch.schema().fields().iter().map(|f| f.as_ref().clone()));
-    let mut columns: Vec<ArrayRef> =
-        vec![table::string_col(std::iter::repeat_n(variant, n)), Arc::new(Int64Array::from(vec![seed as i64; n]))];
-    columns.extend(batch.columns().iter().cloned());
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| Error::Features(format!("tagging a run's table: {e}")))
 }
 
 /// The test-split values of `runs` (one variant's) that [`compare`] compares.
