@@ -325,7 +325,7 @@ pub enum Bench {
         /// `cpu`, `cuda:N` or `auto`.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// The network: hmil, abmil or meanpool.
+        /// The network: hmil, abmil, meanpool or transmil.
         #[arg(long, default_value = "hmil", value_parser = model_kind)]
         model: schemas::workflow::ModelKind,
     },
@@ -334,5 +334,5 @@ pub enum Bench {
 /// A model name as the workflow's `train.model` takes it.
 fn model_kind(name: &str) -> Result<schemas::workflow::ModelKind, String> {
     serde_json::from_value(serde_json::Value::String(name.into()))
-        .map_err(|_| format!("`{name}`: expected hmil, abmil or meanpool"))
+        .map_err(|_| format!("`{name}`: expected hmil, abmil, meanpool or transmil"))
 }

@@ -53,8 +53,7 @@ impl MilModel for Abmil {
         Output {
             coarse_logits: coarse_from_fine(&fine_logits, &self.groups),
             fine_logits,
-            coarse_attention: per_class(&attention, self.dims.n_coarse),
-            fine_attention: per_class(&attention, self.dims.n_fine),
+            attention: Some([per_class(&attention, self.dims.n_coarse), per_class(&attention, self.dims.n_fine)]),
             scores: None,
         }
     }

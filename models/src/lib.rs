@@ -8,6 +8,7 @@ pub mod abmil;
 pub mod hmil;
 pub mod meanpool;
 pub mod ops;
+pub mod transmil;
 
 use schemas::workflow::{Loss, ModelKind};
 use tch::{Tensor, nn};
@@ -45,12 +46,10 @@ pub struct Output {
     pub coarse_logits: Tensor,
     /// B × n_f.
     pub fine_logits: Tensor,
-    /// T × n_c: each instance's attention for each coarse class (softmax over each bag's
-    /// instances). A model with one attention for all classes repeats it per class; mean pooling's
-    /// is 1/n.
-    pub coarse_attention: Tensor,
-    /// T × n_f, likewise.
-    pub fine_attention: Tensor,
+    /// Each instance's attention for each class (softmax over each bag's instances): T × n_c
+    /// and T × n_f. A model with one attention for all classes repeats it per class; `None` for
+    /// a model without per-instance attention (mean pooling, TransMIL).
+    pub attention: Option<[Tensor; 2]>,
     /// HMIL's per-instance classifier scores (T × 1 coarse, T × 1 fine, without the bias): a
     /// class's logit is the sum over instances of its attention times the score. `None` for models
     /// whose logits do not decompose so.
@@ -103,6 +102,7 @@ pub fn build(p: &nn::Path, config: &Config) -> Box<dyn MilModel> {
         ModelKind::Hmil => Box::new(hmil::Hmil::new(p, config)),
         ModelKind::Abmil => Box::new(abmil::Abmil::new(p, config)),
         ModelKind::Meanpool => Box::new(meanpool::MeanPool::new(p, config)),
+        ModelKind::Transmil => Box::new(transmil::TransMil::new(p, config)),
     }
 }
 
@@ -131,16 +131,29 @@ mod tests {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let net = build(&vs.root(), &config);
         vs.load(dir.join(format!("baselines/{}.safetensors", model.name()))).unwrap();
+        vs.float();
         let read = |path: PathBuf| Tensor::read_safetensors(path).unwrap();
-        let batch = read(dir.join("hmil/expected.safetensors"));
         let expected = read(dir.join(format!("baselines/{}_expected.safetensors", model.name())));
+        // The model's own batch where the fixture has one, else HMIL's.
+        let own = expected.iter().any(|(k, _)| k == "x");
+        let batch = read(if own {
+            dir.join(format!("baselines/{}_expected.safetensors", model.name()))
+        } else {
+            dir.join("hmil/expected.safetensors")
+        });
         let get = |set: &[(String, Tensor)], n: &str| set.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-        let lengths = Vec::try_from(get(&batch, "seg").bincount::<Tensor>(None, 2)).unwrap();
+        let seg = get(&batch, "seg");
+        let bags = seg.max().int64_value(&[]) + 1;
+        let lengths = Vec::try_from(seg.bincount::<Tensor>(None, bags)).unwrap();
         let out = net.forward(&Batch::new(get(&batch, "x"), lengths), false);
         let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
         assert!(diff(&out.fine_logits, &get(&expected, "fine_logits")) < 1e-5, "{} fine logits", model.name());
-        let attention = get(&expected, "attention").unsqueeze(1).expand([-1, 7], false);
-        assert!(diff(&out.fine_attention, &attention) < 1e-6, "{} attention", model.name());
+        assert_eq!(out.fine_logits.size()[0], bags);
+        if let Some([_, fine]) = &out.attention {
+            let attention = get(&expected, "attention").unsqueeze(1).expand([-1, 7], false);
+            assert!(diff(fine, &attention) < 1e-6, "{} attention", model.name());
+        }
+        assert_eq!(out.attention.is_some(), model == ModelKind::Abmil, "only ABMIL of the flat models attends");
         let groups = ops::group_matrix(&fine_to_coarse, 3, Device::Cpu);
         let summed = out.fine_logits.softmax(-1, Kind::Float).matmul(&groups);
         assert!(diff(&out.coarse_logits.softmax(-1, Kind::Float), &summed) < 1e-6);
@@ -155,5 +168,10 @@ mod tests {
     #[test]
     fn meanpool_matches_pytorch() {
         matches_pytorch(ModelKind::Meanpool);
+    }
+
+    #[test]
+    fn transmil_loads_its_published_names_and_matches_pytorch() {
+        matches_pytorch(ModelKind::Transmil);
     }
 }

@@ -5,7 +5,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::ops::{Batch, coarse_from_fine, group_matrix, linear_config, per_class, segment_sum};
+use crate::ops::{Batch, coarse_from_fine, group_matrix, linear_config, segment_sum};
 use crate::{Config, Dims, MilModel, Output};
 
 /// Embedding width.
@@ -39,15 +39,14 @@ impl MilModel for MeanPool {
     fn forward(&self, batch: &Batch, train: bool) -> Output {
         let (seg, bags) = (&batch.seg, batch.bags());
         let h = self.embed.forward(&batch.x).relu().dropout(self.dropout, train);
-        // Each instance weighs 1/n of its bag: the weights a mean gives, as attention.
+        // Each instance weighs 1/n of its bag.
         let lengths = Tensor::from_slice(&batch.lengths).to_device(h.device()).to_kind(Kind::Float);
         let weight = lengths.index_select(0, seg).reciprocal().unsqueeze(1);
         let fine_logits = self.classifier.forward(&segment_sum(&(&h * &weight), seg, bags));
         Output {
             coarse_logits: coarse_from_fine(&fine_logits, &self.groups),
             fine_logits,
-            coarse_attention: per_class(&weight, self.dims.n_coarse),
-            fine_attention: per_class(&weight, self.dims.n_fine),
+            attention: None,
             scores: None,
         }
     }

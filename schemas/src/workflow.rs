@@ -444,6 +444,9 @@ pub enum ModelKind {
     Abmil,
     /// Flat MIL on the fine classes: the mean of the bag's embedded instances.
     Meanpool,
+    /// TransMIL (Shao et al. 2021): Nyström self-attention and a convolutional positional
+    /// encoding over the instances, on the fine classes.
+    Transmil,
 }
 
 impl ModelKind {
@@ -453,6 +456,7 @@ impl ModelKind {
             ModelKind::Hmil => "hmil",
             ModelKind::Abmil => "abmil",
             ModelKind::Meanpool => "meanpool",
+            ModelKind::Transmil => "transmil",
         }
     }
 
@@ -460,6 +464,12 @@ impl ModelKind {
     /// probabilities summed per coarse class).
     pub fn is_flat(self) -> bool {
         self != ModelKind::Hmil
+    }
+
+    /// Whether the model weighs instances by attention (what `attention.parquet`,
+    /// `agreement.parquet` and attention heatmaps show).
+    pub fn attends(self) -> bool {
+        matches!(self, ModelKind::Hmil | ModelKind::Abmil)
     }
 }
 

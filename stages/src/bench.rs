@@ -128,7 +128,8 @@ pub struct EpochReport {
     pub dim: i64,
     pub threads: usize,
     pub device: String,
-    /// Training FLOPs per instance (forward and backward of every layer).
+    /// Training FLOPs per instance (forward and backward of every layer): the epoch's FLOPs
+    /// divided by its instances.
     pub flops_per_instance: f64,
     /// fp32 matmul throughput, GFLOP/s, measured before every epoch and after the last: the
     /// lowest and the highest (the floor uses the highest).
@@ -170,6 +171,29 @@ fn macs_per_instance(model: ModelKind, d: f64, n_coarse: f64, n_fine: f64) -> (f
         // Gated attention 512 → 2 × 256 → 1, and the weighted sum.
         ModelKind::Abmil => (d * 512.0, 2.0 * 512.0 * 256.0 + 256.0 + 512.0),
         ModelKind::Meanpool => (d * 512.0, 512.0),
+        // Per token (padded to whole landmarks): two layers of Nyström attention (q, k, v and
+        // out: 4 × 512²; the products with the landmarks: 3 × 256 × 512 and 8 heads × 256²) and
+        // the PPEG's depth-wise 7², 5², 3² convolutions; see `macs_per_bag` for the rest.
+        ModelKind::Transmil => {
+            (d * 512.0, 2.0 * (4.0 * 512.0 * 512.0 + 3.0 * 256.0 * 512.0 + 8.0 * 256.0 * 256.0) + 83.0 * 512.0)
+        }
+    }
+}
+
+/// Multiply–accumulates per bag that do not grow with its instances: TransMIL's pseudo-inverse
+/// of the landmark attention (2 layers × 6 iterations × 4 products of 256² × 256, 8 heads).
+fn macs_per_bag(model: ModelKind) -> f64 {
+    match model {
+        ModelKind::Transmil => 2.0 * 6.0 * 4.0 * 256f64.powi(3) * 8.0,
+        _ => 0.0,
+    }
+}
+
+/// The tokens a bag of `n` instances costs: TransMIL pads its sequence to whole landmarks.
+fn tokens(model: ModelKind, n: i64) -> f64 {
+    match model {
+        ModelKind::Transmil => ((n + 1 + 255) / 256).max(1) as f64 * 256.0,
+        _ => n as f64,
     }
 }
 
@@ -223,7 +247,12 @@ pub fn epoch(
         epoch_s.push(start.elapsed().as_secs_f64());
     }
     let (first, rest) = macs_per_instance(kind, dim as f64, 3.0, 7.0);
-    let flops_per_instance = 2.0 * (2.0 * first + 3.0 * rest);
+    // Training FLOPs: forward and backward (the first layer's input needs no gradient).
+    let flops: f64 = lens
+        .iter()
+        .map(|&n| 2.0 * (2.0 * first * n as f64 + 3.0 * (rest * tokens(kind, n) + macs_per_bag(kind))))
+        .sum();
+    let flops_per_instance = flops / total as f64;
     gflops.push(matmul_throughput(dim, device));
     let matmul_gflops = gflops.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
     Ok(EpochReport {

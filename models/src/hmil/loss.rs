@@ -99,8 +99,8 @@ pub fn supcon(views: &Tensor, labels: &Tensor, temperature: f64) -> Tensor {
 /// 1 − mean cosine, per bag and coarse class, between the coarse attention and the fine
 /// attention summed into coarse groups.
 pub fn attention_alignment(out: &crate::Output, seg: &Tensor, bags: i64, groups: &Tensor) -> Tensor {
-    let a1 = &out.coarse_attention;
-    let a2 = out.fine_attention.matmul(groups);
+    let [a1, a2] = out.attention.as_ref().expect("HMIL attends");
+    let a2 = a2.matmul(groups);
     let dot = segment_sum(&(a1 * &a2), seg, bags);
     let n1 = segment_sum(&(a1 * a1), seg, bags).sqrt();
     let n2 = segment_sum(&(&a2 * &a2), seg, bags).sqrt();

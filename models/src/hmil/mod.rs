@@ -81,8 +81,7 @@ impl Hmil {
         let a2 = segment_softmax(&fine.scores(&a, &b, self.dropout, train), seg, bags);
         let coarse_logits = segment_sum(&(&a1 * &s1), seg, bags) + self.coarse_classifier.bs.as_ref().expect("bias");
         let fine_logits = segment_sum(&(&a2 * &s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
-        let out =
-            Output { coarse_logits, fine_logits, coarse_attention: a1, fine_attention: a2, scores: Some([s1, s2]) };
+        let out = Output { coarse_logits, fine_logits, attention: Some([a1, a2]), scores: Some([s1, s2]) };
         Forward { out, h2 }
     }
 
@@ -120,10 +119,15 @@ impl Hmil {
 }
 
 impl Forward {
+    /// HMIL's fine attention (T × n_f).
+    pub fn fine_attention(&self) -> &Tensor {
+        &self.out.attention.as_ref().expect("HMIL attends")[1]
+    }
+
     /// Fine class-wise bag embeddings `A2·h2` (B × n_f × 256), each row L2-normalised: the
     /// contrastive views. One small product per bag, on views of the batch's rows.
     pub fn fine_views(&self, lengths: &[i64]) -> Tensor {
-        let a2 = self.out.fine_attention.split_with_sizes(lengths, 0);
+        let a2 = self.fine_attention().split_with_sizes(lengths, 0);
         let h2 = self.h2.split_with_sizes(lengths, 0);
         let m2 = Tensor::stack(&a2.iter().zip(&h2).map(|(a, h)| a.tr().matmul(h)).collect::<Vec<_>>(), 0);
         let norm = m2.norm_scalaropt_dim(2, [-1].as_slice(), true).clamp_min(1e-12);

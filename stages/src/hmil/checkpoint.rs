@@ -86,6 +86,7 @@ pub fn load(path: &Path, classes: &Classes, dim: i64, device: Device) -> Result<
         ),
         ModelKind::Abmil => ("attention_net.0.weight", None, "classifiers.weight"),
         ModelKind::Meanpool => ("fc.0.weight", None, "classifier.weight"),
+        ModelKind::Transmil => ("_fc1.0.weight", None, "_fc2.weight"),
     };
     let d = rows(input)?[1];
     if d != dim {
@@ -103,6 +104,8 @@ pub fn load(path: &Path, classes: &Classes, dim: i64, device: Device) -> Result<
     let mut vs = nn::VarStore::new(device);
     let net = models::build(&vs.root(), &model_config(model, classes, dim));
     vs.load(path).map_err(|e| bad(format!("cannot load its parameters: {e}")))?;
+    // Loading takes each parameter's type from the file: a float16 checkpoint runs in float32.
+    vs.float();
     Ok(Loaded { vs, net, model })
 }
 

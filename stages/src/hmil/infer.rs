@@ -64,7 +64,7 @@ pub struct BagOutput<'a> {
     pub coarse_probs: &'a [f64],
     pub fine_probs: &'a [f64],
     /// Per level (0 coarse, 1 fine): one row per instance, one column per class.
-    pub attention: [&'a [Vec<f64>]; 2],
+    pub attention: Option<[&'a [Vec<f64>]; 2]>,
     /// Per level: each instance's classifier score (see [`evidence`]); HMIL's alone.
     pub scores: Option<[&'a [f64]; 2]>,
 }
@@ -73,8 +73,8 @@ impl BagOutput<'_> {
     /// Per level: one row per instance, one column per class; see [`evidence`]. `None` for a
     /// model without per-instance scores.
     pub fn evidence(&self) -> Option<[Vec<Vec<f64>>; 2]> {
-        let scores = self.scores?;
-        Some([0, 1].map(|level| evidence(self.attention[level], scores[level])))
+        let (attention, scores) = (self.attention?, self.scores?);
+        Some([0, 1].map(|level| evidence(attention[level], scores[level])))
     }
 }
 
@@ -122,7 +122,7 @@ pub fn forward_bags(
 pub fn bag_outputs(o: &Output, lengths: &[i64], mut each: impl FnMut(usize, BagOutput)) {
     let coarse = rows(&o.coarse_logits.softmax(-1, Kind::Float));
     let fine = rows(&o.fine_logits.softmax(-1, Kind::Float));
-    let attention = [rows(&o.coarse_attention), rows(&o.fine_attention)];
+    let attention = o.attention.as_ref().map(|a| a.each_ref().map(rows));
     let scores = o.scores.as_ref().map(|s| s.each_ref().map(column));
     let mut start = 0;
     for (i, &len) in lengths.iter().enumerate() {
@@ -132,7 +132,7 @@ pub fn bag_outputs(o: &Output, lengths: &[i64], mut each: impl FnMut(usize, BagO
             BagOutput {
                 coarse_probs: &coarse[i],
                 fine_probs: &fine[i],
-                attention: [&attention[0][range.clone()], &attention[1][range.clone()]],
+                attention: attention.as_ref().map(|a| [&a[0][range.clone()], &a[1][range.clone()]]),
                 scores: scores.as_ref().map(|s| [&s[0][range.clone()], &s[1][range]]),
             },
         );
@@ -165,15 +165,19 @@ pub fn predict(
 ) -> Vec<BagPrediction> {
     let mut out = Vec::with_capacity(bags.len());
     forward_bags(model, store, bags, batch_size, |_, o| {
-        let top_attention = [0, 1].map(|level| {
-            let a = o.attention[level];
-            (0..a.first().map_or(0, Vec::len)).map(|class| ranked(a.iter().map(|r| r[class]), top_k)).collect()
+        // A model without attention has no top instances and no agreement to report.
+        let top_attention = [0, 1].map(|level| match o.attention {
+            Some(a) => {
+                let a = a[level];
+                (0..a.first().map_or(0, Vec::len)).map(|class| ranked(a.iter().map(|r| r[class]), top_k)).collect()
+            }
+            None => Vec::new(),
         });
         out.push(BagPrediction {
             coarse_probs: o.coarse_probs.to_vec(),
             fine_probs: o.fine_probs.to_vec(),
             top_attention,
-            agreement: hierarchy_agreement(o.attention[0], o.attention[1], fine_to_coarse),
+            agreement: o.attention.map_or_else(Vec::new, |a| hierarchy_agreement(a[0], a[1], fine_to_coarse)),
         });
     });
     out
@@ -205,7 +209,7 @@ mod tests {
         // instances, is its logit minus the mean of the bag's logits.
         let (model, batch) = hmil_fixture();
         let out = model.net.forward(&batch, false);
-        let attention = [rows(&out.coarse_attention), rows(&out.fine_attention)];
+        let attention = out.attention.as_ref().expect("HMIL attends").each_ref().map(rows);
         let scores = out.scores.as_ref().expect("HMIL's scores").each_ref().map(column);
         let logits = [rows(&out.coarse_logits), rows(&out.fine_logits)];
         let mut start = 0;

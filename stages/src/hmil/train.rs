@@ -129,8 +129,10 @@ pub fn model_config(model: ModelKind, classes: &Classes, dim: i64) -> models::Co
     }
 }
 
-/// Builds the network with deterministic, seeded Kaiming-normal weights and zero biases
-/// (independent of libtorch's global generator, so folds trained side by side stay reproducible).
+/// Builds the network with deterministic, seeded weights (independent of libtorch's global
+/// generator, so folds trained side by side stay reproducible): Kaiming-normal by fan-in for
+/// layer weights, ones for normalisation weights, zeros for biases, standard normal otherwise
+/// (TransMIL's class token).
 pub fn build_model(vs: &nn::VarStore, config: &models::Config, seed: u64) -> Box<dyn MilModel> {
     let model = models::build(&vs.root(), config);
     let mut rng = Rng::new(seed, 0x1417);
@@ -139,11 +141,15 @@ pub fn build_model(vs: &nn::VarStore, config: &models::Config, seed: u64) -> Box
     let _guard = tch::no_grad_guard();
     for (name, mut t) in vars {
         let size = t.size();
-        let values: Vec<f32> = if name.ends_with(".weight") {
-            let std = (2.0 / size[1] as f64).sqrt();
-            (0..size.iter().product::<i64>()).map(|_| (rng.normal() * std) as f32).collect()
-        } else {
-            vec![0.0; size.iter().product::<i64>() as usize]
+        let n = size.iter().product::<i64>() as usize;
+        let values: Vec<f32> = match (name.rsplit('.').next(), size.len()) {
+            (Some("bias"), _) => vec![0.0; n],
+            (Some("weight"), 1) => vec![1.0; n],
+            (Some("weight"), _) => {
+                let std = (2.0 / size[1..].iter().product::<i64>() as f64).sqrt();
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            }
+            _ => (0..n).map(|_| rng.normal() as f32).collect(),
         };
         t.copy_(&Tensor::from_slice(&values).view(size.as_slice()).to(t.device()));
     }
@@ -259,6 +265,7 @@ impl TrainFold {
             let path = ctx.input("init_from");
             vs.load(path)
                 .map_err(|e| Error::BadFile { path: path.into(), message: format!("cannot load checkpoint: {e}") })?;
+            vs.float();
         }
         let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }
             .build(&vs, cfg.lr)

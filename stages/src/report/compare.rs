@@ -129,7 +129,7 @@ pub fn markdown(rows: &[Row], variants: &[String], reference: &str, seeds: usize
     }
     let _ = writeln!(
         md,
-        "\nA flat model (abmil, meanpool) predicts the fine classes alone: its coarse prediction is its fine \
+        "\nA flat model (abmil, meanpool, transmil) predicts the fine classes alone: its coarse prediction is its fine \
          probabilities summed per coarse class, so its `coarse` and `coarse_from_fine` rows agree."
     );
     let paired: Vec<&Row> = rows.iter().filter(|r| r.against.is_some()).collect();

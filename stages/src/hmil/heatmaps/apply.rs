@@ -79,6 +79,13 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
         let (n, d) = (arrays.features.rows as i64, arrays.features.cols as i64);
         if model.is_none() {
             let loaded = checkpoint::load(req.checkpoint, &classes, d, req.device)?;
+            if !loaded.model.attends() {
+                return Err(Error::Features(format!(
+                    "{} is a {} network, which has no per-instance attention to draw",
+                    req.checkpoint.display(),
+                    loaded.model.name()
+                )));
+            }
             if req.map == MapKind::Evidence && loaded.model.is_flat() {
                 return Err(Error::Features(format!(
                     "{} is a {} network, whose logits do not split into per-instance evidence: \

@@ -77,7 +77,8 @@ impl SlideMaps {
         let mut maps = Vec::new();
         for (level, names, probs) in [(0, &classes.coarse, out.coarse_probs), (1, &classes.fine, out.fine_probs)] {
             for (k, name) in names.iter().enumerate() {
-                let attention: Vec<f64> = out.attention[level].iter().map(|r| r[k]).collect();
+                let attention: Vec<f64> =
+                    out.attention.expect("drawn for models that attend")[level].iter().map(|r| r[k]).collect();
                 // A flat model's logits do not split into evidence: NaN, never drawn (see
                 // `heatmap --map`).
                 let evidence: Vec<f64> = match &evidence {
@@ -202,7 +203,7 @@ mod tests {
         let out = BagOutput {
             coarse_probs: &[0.3, 0.7],
             fine_probs: &[0.2, 0.5, 0.3],
-            attention: [&attention[0], &attention[1]],
+            attention: Some([&attention[0], &attention[1]]),
             scores: Some([&[1.0, -1.0], &[0.5, 0.0]]),
         };
         let maps = SlideMaps::new("s1", &out, &classes, Some((2, 1)));
