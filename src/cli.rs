@@ -319,6 +319,10 @@ pub enum Bench {
         dim: i64,
         #[arg(long, default_value_t = 3)]
         epochs: usize,
+        /// Bags per training step (TransMIL is published with 1: a step holds every bag's
+        /// attention graph).
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
         /// CPU threads for libtorch (default: all cores).
         #[arg(long)]
         threads: Option<usize>,

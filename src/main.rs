@@ -457,12 +457,12 @@ fn bench(what: Bench) -> Result<()> {
             let _ = std::fs::remove_dir_all(&scratch);
             result?;
         }
-        Bench::Epoch { slides, instances, dim, epochs, threads, device, model } => {
+        Bench::Epoch { slides, instances, dim, epochs, batch_size, threads, device, model } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
             }
             let device = stages::hmil::train::device(&device)?;
-            let r = stages::bench::epoch(model, slides, instances, dim, epochs, device)?;
+            let r = stages::bench::epoch(model, slides, instances, dim, epochs, batch_size, device)?;
             println!(
                 "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",
                 r.model.name(),

@@ -198,13 +198,15 @@ fn tokens(model: ModelKind, n: i64) -> f64 {
 }
 
 /// Times `epochs` training epochs of `model` over `slides` synthetic bags of about `instances`
-/// instances (lognormal) of dimension `dim`, all resident on `device`, in batches of 64.
+/// instances (lognormal) of dimension `dim`, all resident on `device`, in batches of
+/// `batch_size` bags.
 pub fn epoch(
     model: ModelKind,
     slides: usize,
     instances: usize,
     dim: i64,
     epochs: usize,
+    batch_size: usize,
     device: Device,
 ) -> Result<EpochReport> {
     let kind = model;
@@ -229,7 +231,7 @@ pub fn epoch(
         let start = Instant::now();
         let mut order: Vec<usize> = (0..slides).collect();
         rng.shuffle(&mut order);
-        for chunk in order.chunks(64) {
+        for chunk in order.chunks(batch_size.max(1)) {
             let rows: Vec<i64> = chunk.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
             let x = x.index_select(0, &Tensor::from_slice(&rows).to(device));
             let batch = Batch::new(x, chunk.iter().map(|&i| lens[i]).collect());

@@ -256,8 +256,13 @@ impl Report {
         let preds: Vec<&RecordBatch> = reference.iter().map(|r| &r.predictions).collect();
         self.plot_roc(&ctx.output("roc.png"), &preds)?;
         self.plot_confusion(&ctx.output("confusion.png"), &test)?;
-        let histories: Vec<&RecordBatch> = reference.iter().map(|r| &r.history).collect();
-        plot_curves(&ctx.output("curves.png"), &histories)
+        // With one variant, a line per fold; with several, a colour per variant.
+        let curves: Vec<(String, &RecordBatch)> = if variants.len() > 1 {
+            runs.iter().map(|r| (r.nodes.variant.clone(), &r.history)).collect()
+        } else {
+            reference.iter().map(|r| (format!("fold {}", r.nodes.fold), &r.history)).collect()
+        };
+        plot_curves(&ctx.output("curves.png"), &curves)
     }
 
     /// Per cohort, each variant's (and seed's) ensemble and fold models on the cohort.
@@ -681,7 +686,9 @@ fn plot_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
     move |e| Error::BadFile { path: path.into(), message: e.to_string() }
 }
 
-fn plot_curves(path: &Path, histories: &[&RecordBatch]) -> Result<()> {
+/// Training loss and validation fine AUC by epoch, one line per history; histories with the same
+/// label share a colour and one legend entry.
+fn plot_curves(path: &Path, histories: &[(String, &RecordBatch)]) -> Result<()> {
     let err = plot_error(path);
     let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -691,7 +698,7 @@ fn plot_curves(path: &Path, histories: &[&RecordBatch]) -> Result<()> {
     {
         let series: Vec<Vec<(f64, f64)>> = histories
             .iter()
-            .map(|h| {
+            .map(|(_, h)| {
                 let epochs = h.column_by_name("epoch").expect("epoch").as_primitive::<Int32Type>().values().to_vec();
                 epochs
                     .iter()
@@ -714,13 +721,20 @@ fn plot_curves(path: &Path, histories: &[&RecordBatch]) -> Result<()> {
             .build_cartesian_2d(0f64..x_max, y_min..y_max)
             .map_err(|e| err(&e))?;
         chart.configure_mesh().x_desc("epoch").draw().map_err(|e| err(&e))?;
-        for (k, s) in series.into_iter().enumerate() {
+        let mut labels: Vec<&str> = Vec::new();
+        for ((label, _), s) in histories.iter().zip(series) {
+            let known = labels.contains(&label.as_str());
+            if !known {
+                labels.push(label);
+            }
+            let k = labels.iter().position(|l| l == label).expect("pushed above");
             let color = Palette99::pick(k).to_rgba();
-            chart
-                .draw_series(LineSeries::new(s, color.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(format!("fold {k}"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            let drawn = chart.draw_series(LineSeries::new(s, color.stroke_width(2))).map_err(|e| err(&e))?;
+            if !known {
+                drawn
+                    .label(label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            }
         }
         chart
             .configure_series_labels()
