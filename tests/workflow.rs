@@ -622,7 +622,9 @@ fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
     assert!(!first.contains_key("heatmaps[variant=abmil,seed=1,fold=0]"));
     assert!(results.join("variants/abmil/seed_2/folds/1/model.safetensors").is_file());
     let report = fs::read_to_string(results.join("report.md")).unwrap();
-    for section in ["## Comparison of variants", "## Against hmil", "not independent", "| abmil | fine | auc_macro |"] {
+    for section in
+        ["## Comparison of variants", "## Against hmil", "not independent", "| abmil | fine | auc_macro |", "## Pooled"]
+    {
         assert!(report.contains(section), "{section}:\n{report}");
     }
     assert!(results.join("comparison.png").is_file());

@@ -11,10 +11,19 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Float64Array, Int64Array};
 use plotters::prelude::*;
 
+use arrow::array::RecordBatch;
+
 use super::plot_error;
 use crate::error::Result;
+use crate::hmil::infer::argmax;
+use crate::hmil::metrics::{self, Scored};
+use crate::hmil::train::Classes;
 use crate::stats::{self, Interval, Paired};
 use crate::table;
+
+/// Bootstrap resamples of the pooled predictions, and their seed.
+const DRAWS: usize = 1000;
+const BOOTSTRAP_SEED: u64 = 0;
 
 /// The levels and metrics compared (the columns of the table).
 pub const LEVELS: [&str; 3] = ["fine", "coarse", "coarse_from_fine"];
@@ -162,6 +171,87 @@ pub fn markdown(rows: &[Row], variants: &[String], reference: &str, seeds: usize
         );
     }
     md
+}
+
+/// One level of a variant's test predictions pooled over its folds and seeds.
+struct PooledLevel {
+    y_true: Vec<usize>,
+    probs: Vec<Vec<f64>>,
+    n_classes: usize,
+}
+
+impl PooledLevel {
+    /// `metric` (a summary of `metrics::all`) over the rows `idx`.
+    fn metric(&self, metric: &str, idx: &[usize]) -> f64 {
+        let y_true: Vec<usize> = idx.iter().map(|&i| self.y_true[i]).collect();
+        let probs: Vec<Vec<f64>> = idx.iter().map(|&i| self.probs[i].clone()).collect();
+        let y_pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+        let scored = Scored { y_true: &y_true, y_pred: &y_pred, probs: &probs, n_classes: self.n_classes };
+        metrics::all(&scored).into_iter().find(|m| m.name == metric && m.class.is_none()).map_or(f64::NAN, |m| m.value)
+    }
+}
+
+/// The section on each variant's test predictions pooled over its folds and seeds: each
+/// summary metric with its 95% percentile bootstrap interval, cases resampled (all the rows of a
+/// case: its slides, in every fold and seed that tested them).
+pub fn pooled_markdown(variants: &[(String, Vec<&RecordBatch>)], classes: &Classes) -> String {
+    let columns = [
+        ("fine", "balanced_accuracy"),
+        ("fine", "auc_macro"),
+        ("coarse", "balanced_accuracy"),
+        ("coarse", "auc_macro"),
+    ];
+    let mut md = format!(
+        "\n## Pooled test predictions\n\nEach variant's test predictions of every fold and seed taken together; in brackets \
+         the 95% percentile bootstrap interval ({DRAWS} resamples of the cases, each with all its rows).\n\n| variant | {} |\n|---|{}\n",
+        columns.iter().map(|(l, m)| format!("{l} {m}")).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(columns.len())
+    );
+    for (variant, predictions) in variants {
+        let (cases, levels) = pooled(predictions, classes);
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, case) in cases.iter().enumerate() {
+            groups.entry(case).or_default().push(i);
+        }
+        let groups: Vec<Vec<usize>> = groups.into_values().collect();
+        let all: Vec<usize> = (0..cases.len()).collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(level, metric)| {
+                let level = &levels[usize::from(*level == "coarse")];
+                let value = level.metric(metric, &all);
+                let (low, high) = stats::bootstrap(&groups, DRAWS, BOOTSTRAP_SEED, |idx| level.metric(metric, idx));
+                format!("{value:.3} [{}, {}]", bound(low), bound(high))
+            })
+            .collect();
+        let _ = writeln!(md, "| {variant} | {} |", cells.join(" | "));
+    }
+    md
+}
+
+/// The cases and (fine, coarse) levels of the test rows of `predictions`.
+fn pooled(predictions: &[&RecordBatch], classes: &Classes) -> (Vec<String>, [PooledLevel; 2]) {
+    let mut cases = Vec::new();
+    let mut levels = [(&classes.fine, "fine"), (&classes.coarse, "coarse")].map(|(names, _)| PooledLevel {
+        y_true: Vec::new(),
+        probs: Vec::new(),
+        n_classes: names.len(),
+    });
+    for p in predictions {
+        let split = table::strings(p, "split");
+        let case = table::strings(p, "case_id");
+        for (level, (names, name)) in levels.iter_mut().zip([(&classes.fine, "fine"), (&classes.coarse, "coarse")]) {
+            let truth = table::strings(p, &format!("{name}_true"));
+            let probs: Vec<Vec<Option<f64>>> =
+                names.iter().map(|c| table::f64s(p, &format!("prob_{name}_{c}"))).collect();
+            for i in (0..p.num_rows()).filter(|&i| split[i] == "test") {
+                level.y_true.push(names.iter().position(|c| *c == truth[i]).unwrap_or(0));
+                level.probs.push(probs.iter().map(|col| col[i].unwrap_or(f64::NAN)).collect());
+            }
+        }
+        cases.extend((0..p.num_rows()).filter(|&i| split[i] == "test").map(|i| case[i].clone()));
+    }
+    (cases, levels)
 }
 
 /// `comparison.parquet`: the rows, for SQL.

@@ -208,6 +208,11 @@ impl Report {
             md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
             compare::plot(&ctx.output("comparison.png"), &rows, &self.compare_to)?;
         }
+        let pooled: Vec<(String, Vec<&RecordBatch>)> = variants
+            .iter()
+            .map(|v| (v.clone(), runs.iter().filter(|r| &r.nodes.variant == v).map(|r| &r.predictions).collect()))
+            .collect();
+        md.push_str(&compare::pooled_markdown(&pooled, &self.classes));
         if !self.externals.is_empty() {
             let tables = (0..self.externals.len())
                 .map(|j| table::read(ctx.input(&format!("external{j}"))))
@@ -845,6 +850,23 @@ mod tests {
         let none =
             heatmap_links(&classes, &[(&folds[0], &preds[0], &blank[0]), (&folds[1], &preds[1], &blank[1])], false);
         assert!(none.contains("No heatmaps were drawn"), "{none}");
+    }
+
+    #[test]
+    fn pooled_predictions_take_every_test_row_of_every_run() {
+        let classes = Classes {
+            coarse: vec!["benign".into(), "malignant".into()],
+            fine: vec!["N".into(), "IC".into()],
+            fine_to_coarse: vec![0, 1],
+        };
+        let a = predictions(&[("test", "s1", "IC", 0.9), ("test", "s2", "N", 0.2), ("val", "s3", "IC", 0.1)]);
+        let b = predictions(&[("test", "s4", "IC", 0.6), ("test", "s5", "N", 0.7), ("test", "s6", "N", 0.1)]);
+        let md = compare::pooled_markdown(&[("hmil".into(), vec![&a, &b])], &classes);
+        // Five test rows (the validation row left out): IC at 0.9 and 0.6, N at 0.2, 0.7 and 0.1.
+        // AUC 5/6; balanced accuracy (1 + 2/3) / 2.
+        assert!(md.contains("| hmil | 0.833 [") && md.contains("| 0.833 ["), "{md}");
+        assert!(md.contains("1000 resamples of the cases"), "{md}");
+        assert!(md.contains("---|\n| hmil |"), "the table's rows start on their own lines: {md}");
     }
 
     #[test]
