@@ -656,6 +656,16 @@ fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
         "csv",
     ]);
     assert_eq!(compared.trim(), "variant\nabmil", "{compared}");
+    // Every node's table names its run's variant and seed too.
+    let per_node = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT variant, seed, count(DISTINCT fold) AS folds FROM history WHERE current GROUP BY variant, seed \
+         ORDER BY variant, seed",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(per_node.trim(), "variant,seed,folds\nabmil,1,2\nabmil,2,2\nhmil,1,2\nhmil,2,2", "{per_node}");
 
     // A third variant trains and evaluates only its own runs; the others' results stay as they were.
     let models_before: Vec<Vec<u8>> = ["hmil", "abmil"]

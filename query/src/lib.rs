@@ -1,15 +1,17 @@
 //! SQL over a workspace: every Parquet output of every published node becomes a row source of
 //! the table named after the file (`metrics.parquet` → `metrics`), with the columns `run_id`
-//! (the run that produced it), `node`, `cache_key`, `workflow` (the name of the workflow whose
-//! run produced it) and `current` (whether it is an output of the workflow being queried, as it
-//! stands now) added; the `runs` table holds every run's per-node record.
+//! (the run that produced it), `node`, `cache_key`, the node's coordinates `cohort`, `variant`
+//! and `seed` (from its id, `evaluate[variant=abmil,seed=2,fold=0]`; null where the id does not
+//! name them, and left to the file where it has such a column), `workflow` (the name of the
+//! workflow whose run produced it) and `current` (whether it is an output of the workflow being
+//! queried, as it stands now) added; the `runs` table holds every run's per-node record.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
+use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::{MemTable, TableType};
@@ -157,6 +159,18 @@ struct LazyTable {
     reference: SchemaRef,
     /// `reference` with the provenance columns appended.
     schema: SchemaRef,
+    /// The node coordinates added as columns (those the files do not have themselves).
+    coordinates: Vec<&'static str>,
+}
+
+/// Node coordinates that become columns: (name in a node id's label, whether an integer).
+const COORDINATES: [(&str, bool); 3] = [("cohort", false), ("variant", false), ("seed", true)];
+
+/// The value of `key` in a node id's label: `train[variant=abmil,seed=2,fold=0]` has variant
+/// `abmil`.
+fn coordinate<'a>(node: &'a str, key: &str) -> Option<&'a str> {
+    let label = node.split_once('[')?.1.strip_suffix(']')?;
+    label.split(',').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
 }
 
 impl LazyTable {
@@ -170,9 +184,17 @@ impl LazyTable {
         for extra in ["run_id", "node", "cache_key"] {
             fields.push(Field::new(extra, DataType::Utf8, false));
         }
+        let mut coordinates = Vec::new();
+        for (key, integer) in COORDINATES {
+            if reference.field_with_name(key).is_err() {
+                fields.push(Field::new(key, if integer { DataType::Int64 } else { DataType::Utf8 }, true));
+                coordinates.push(key);
+            }
+        }
         fields.push(Field::new("workflow", DataType::Utf8, true));
         fields.push(Field::new("current", DataType::Boolean, false));
-        Ok(LazyTable { name: name.to_owned(), sources, reference, schema: Arc::new(Schema::new(fields)) })
+        let schema = Arc::new(Schema::new(fields));
+        Ok(LazyTable { name: name.to_owned(), sources, reference, schema, coordinates })
     }
 
     /// Every source's rows, provenance columns appended. Sources whose columns differ from the
@@ -194,6 +216,14 @@ impl LazyTable {
                 let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
                 for value in [&source.run_id, &source.node, &source.cache_key] {
                     columns.push(Arc::new(StringArray::from(vec![value.as_str(); n])));
+                }
+                for key in &self.coordinates {
+                    let value = coordinate(&source.node, key);
+                    columns.push(if *key == "seed" {
+                        Arc::new(Int64Array::from(vec![value.and_then(|v| v.parse::<i64>().ok()); n]))
+                    } else {
+                        Arc::new(StringArray::from(vec![value; n]))
+                    });
                 }
                 columns.push(Arc::new(StringArray::from(vec![source.workflow.as_deref(); n])));
                 columns.push(Arc::new(BooleanArray::from(vec![source.current; n])));
@@ -379,6 +409,15 @@ mod tests {
         let mut out = Vec::new();
         write(a, format, &mut out, Path::new("-")).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_node_s_coordinates_come_from_its_id() {
+        let node = "evaluate[variant=abmil,seed=2,fold=0]";
+        assert_eq!((coordinate(node, "variant"), coordinate(node, "seed")), (Some("abmil"), Some("2")));
+        assert_eq!(coordinate(node, "cohort"), None);
+        assert_eq!(coordinate("external[cohort=site_b]", "cohort"), Some("site_b"));
+        assert_eq!(coordinate("report", "variant"), None);
     }
 
     #[test]
