@@ -303,11 +303,19 @@ fn interrupted_run_keeps_finished_nodes_and_records_the_rest() {
     let interrupt: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     let interrupter = {
         let staging = dir.path().join(".hmil-flow/staging");
+        let records = dir.path().join(".hmil-flow/nodes");
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
-            // abc has started once its partial output is in staging.
-            while !fs::read_dir(&staging).is_ok_and(|d| d.flatten().any(|e| e.path().join("out.txt").exists())) {
-                assert!(Instant::now() < deadline, "abc never started");
+            // abc has started once its partial output is in staging; bd, which runs beside it,
+            // has finished once its record is published (on a busy machine it may start later).
+            let abc_started =
+                || fs::read_dir(&staging).is_ok_and(|d| d.flatten().any(|e| e.path().join("out.txt").exists()));
+            let bd_done = || {
+                fs::read_dir(&records)
+                    .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("bd-")))
+            };
+            while !(abc_started() && bd_done()) {
+                assert!(Instant::now() < deadline, "abc never started, or bd never finished");
                 std::thread::sleep(Duration::from_millis(10));
             }
             interrupt.store(true, Ordering::SeqCst);
