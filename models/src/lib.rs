@@ -161,6 +161,41 @@ mod tests {
     }
 
     #[test]
+    fn cuda_every_model_matches_cpu() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: needs CUDA, and no GPU is available");
+            return;
+        }
+        for model in [ModelKind::Hmil, ModelKind::Abmil, ModelKind::Meanpool, ModelKind::Transmil] {
+            let config = Config {
+                model,
+                dims: Dims { input: 16, n_coarse: 3, n_fine: 7 },
+                fine_to_coarse: vec![0, 0, 0, 1, 1, 2, 2],
+                dropout: 0.0,
+                loss: Loss::default(),
+                align_weight: 0.0,
+            };
+            tch::manual_seed(3);
+            let cpu = nn::VarStore::new(Device::Cpu);
+            let on_cpu = build(&cpu.root(), &config);
+            let mut gpu = nn::VarStore::new(Device::Cuda(0));
+            let on_gpu = build(&gpu.root(), &config);
+            gpu.copy(&cpu).unwrap();
+            let x = Tensor::randn([300 + 7 + 40, 16], (Kind::Float, Device::Cpu));
+            let lengths = vec![300, 7, 40];
+            let a = on_cpu.forward(&Batch::new(x.shallow_clone(), lengths.clone()), false);
+            let b = on_gpu.forward(&Batch::new(x.to(Device::Cuda(0)), lengths), false);
+            for (name, a, b) in
+                [("fine", &a.fine_logits, &b.fine_logits), ("coarse", &a.coarse_logits, &b.coarse_logits)]
+            {
+                let diff = (a - b.to(Device::Cpu)).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{} {name} logits differ by {diff} between CPU and CUDA", model.name());
+            }
+            eprintln!("{}: CPU and CUDA agree", model.name());
+        }
+    }
+
+    #[test]
     fn abmil_loads_clam_names_and_matches_pytorch() {
         matches_pytorch(ModelKind::Abmil);
     }
