@@ -116,7 +116,8 @@ pub fn nodes(wf: &Workflow, workflow_digest: &str) -> Vec<Node> {
             train_node: train_node.id.clone(),
         };
         let evaluate = Node::new("evaluate", Some(&label), Arc::new(evaluate)).results_in(&results);
-        // A flat model's logits do not split into evidence; its attention is in attention.parquet.
+        // A flat model's logits do not split into evidence; its attention, if any, is in
+        // attention.parquet.
         let heatmaps = (!train.model.is_flat()).then(|| {
             let stage = hmil::heatmaps::HeatmapsFold {
                 fold,
@@ -170,7 +171,6 @@ fn cohort_nodes(
     nodes: &mut Vec<Node>,
 ) -> Vec<report::ExternalNodes> {
     let d = &wf.dataset;
-    let (by_variant, by_seed) = wf.fans_out();
     let mut externals = Vec::new();
     for cohort in &wf.cohorts {
         let label = format!("cohort={}", cohort.name);
@@ -193,43 +193,32 @@ fn cohort_nodes(
         let join =
             labels::JoinLabels { csv: cohort.labels.clone(), labels: wf.labels.clone(), index_node: index.id.clone() };
         let join = Node::new("join_labels", Some(&label), Arc::new(join)).results_in(&results);
-        for variant in wf.variants() {
-            for seed in wf.seeds() {
-                let train_nodes: Vec<String> = folds
-                    .iter()
-                    .filter(|f| f.variant == variant.name && f.seed == seed)
-                    .map(|f| f.train.clone())
-                    .collect();
-                let stage = hmil::external::ExternalCohort {
-                    cohort: cohort.name.clone(),
-                    variant: variant.name.clone(),
-                    seed,
-                    device: variant.train.device.clone(),
-                    batch_size: wf.evaluate.batch_size,
-                    classes: classes.clone(),
-                    pack_node: pack.id.clone(),
-                    labels_node: join.id.clone(),
-                    train_nodes,
-                };
-                let mut label = label.clone();
-                let mut results = results.clone();
-                if by_variant {
-                    label += &format!(",variant={}", variant.name);
-                    results += &format!("/variants/{}", variant.name);
-                }
-                if by_seed {
-                    label += &format!(",seed={seed}");
-                    results += &format!("/seed_{seed}");
-                }
-                let node = Node::new("external", Some(&label), Arc::new(stage)).results_in(&results);
-                externals.push(report::ExternalNodes {
-                    cohort: cohort.name.clone(),
-                    variant: variant.name.clone(),
-                    seed,
-                    node: node.id.clone(),
-                });
-                nodes.push(node);
-            }
+        // One training (variant and seed) per fold-0 coordinate.
+        for run in plan::Coordinates::all(wf, 1) {
+            let (variant, seed) = (&run.variant, run.seed);
+            let train_nodes: Vec<String> =
+                folds.iter().filter(|f| f.variant == variant.name && f.seed == seed).map(|f| f.train.clone()).collect();
+            let stage = hmil::external::ExternalCohort {
+                cohort: cohort.name.clone(),
+                variant: variant.name.clone(),
+                seed,
+                device: variant.train.device.clone(),
+                batch_size: wf.evaluate.batch_size,
+                classes: classes.clone(),
+                pack_node: pack.id.clone(),
+                labels_node: join.id.clone(),
+                train_nodes,
+            };
+            let label = std::iter::once(label.clone()).chain(run.training()).collect::<Vec<_>>().join(",");
+            let folder = format!("{results}/{}", run.training_folder());
+            let node = Node::new("external", Some(&label), Arc::new(stage)).results_in(folder.trim_end_matches('/'));
+            externals.push(report::ExternalNodes {
+                cohort: cohort.name.clone(),
+                variant: variant.name.clone(),
+                seed,
+                node: node.id.clone(),
+            });
+            nodes.push(node);
         }
         nodes.extend([index, pack, join]);
     }

@@ -33,6 +33,19 @@ impl Coordinates {
 
     /// The node label: `variant=…,seed=…,fold=…`, without the dimensions the workflow lacks.
     pub fn label(&self) -> String {
+        let mut parts = self.training();
+        parts.push(format!("fold={}", self.fold));
+        parts.join(",")
+    }
+
+    /// The run's folder in the results: `[variants/<name>/][seed_<s>/]folds/<k>`.
+    pub fn results(&self) -> String {
+        format!("{}folds/{}", self.training_folder(), self.fold)
+    }
+
+    /// The label parts naming the training (variant and seed) of every fold, as the workflow
+    /// shows them: what a node over all of one training's folds is named by.
+    pub fn training(&self) -> Vec<String> {
         let mut parts = Vec::new();
         if self.shown.0 {
             parts.push(format!("variant={}", self.variant.name));
@@ -40,12 +53,11 @@ impl Coordinates {
         if self.shown.1 {
             parts.push(format!("seed={}", self.seed));
         }
-        parts.push(format!("fold={}", self.fold));
-        parts.join(",")
+        parts
     }
 
-    /// The run's folder in the results: `[variants/<name>/][seed_<s>/]folds/<k>`.
-    pub fn results(&self) -> String {
+    /// The folder of [`Coordinates::training`]: `[variants/<name>/][seed_<s>/]`.
+    pub fn training_folder(&self) -> String {
         let mut path = String::new();
         if self.shown.0 {
             path += &format!("variants/{}/", self.variant.name);
@@ -53,7 +65,7 @@ impl Coordinates {
         if self.shown.1 {
             path += &format!("seed_{}/", self.seed);
         }
-        path + &format!("folds/{}", self.fold)
+        path
     }
 }
 
