@@ -32,7 +32,8 @@ pub fn argmax(v: &[f64]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f64>> {
+/// A B × C tensor's rows, as doubles on the CPU.
+pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
     let t = t.to_kind(Kind::Double).to_device(tch::Device::Cpu);
     let size = t.size();
     let flat: Vec<f64> = Vec::try_from(t.contiguous().view([-1])).expect("double tensor");

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
 use super::data::{Bag, FoldBags, Store, fold_bags};
-use super::infer::{argmax, predict};
+use super::infer::{argmax, predict, rows};
 use super::metrics::binary_auc;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -223,10 +223,7 @@ impl History {
 
 /// Per-bag probabilities of a batch's logits, on the CPU.
 fn probs(t: &Tensor) -> Vec<Vec<f64>> {
-    let t = t.detach().softmax(-1, Kind::Double).to_device(Device::Cpu);
-    let cols = t.size()[1] as usize;
-    let flat: Vec<f64> = Vec::try_from(t.contiguous().view([-1])).expect("double tensor");
-    flat.chunks(cols).map(<[f64]>::to_vec).collect()
+    rows(&t.detach().softmax(-1, Kind::Double))
 }
 
 /// What one epoch of training saw: each loss term's mean over bags (`loss` the total), the

@@ -13,7 +13,7 @@ use plotters::prelude::*;
 
 use arrow::array::RecordBatch;
 
-use super::plot_error;
+use super::{distinct, plot_error};
 use crate::error::Result;
 use crate::hmil::infer::argmax;
 use crate::hmil::metrics::{self, Scored};
@@ -286,12 +286,7 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
 /// metric, its 95% interval as a bar around the mean difference, and zero marked.
 pub fn plot(path: &Path, rows: &[Row], reference: &str) -> Result<()> {
     let err = plot_error(path);
-    let mut variants: Vec<&str> = Vec::new();
-    for r in rows.iter().filter(|r| r.against.is_some()) {
-        if !variants.contains(&r.variant.as_str()) {
-            variants.push(&r.variant);
-        }
-    }
+    let variants = distinct(rows.iter().filter(|r| r.against.is_some()).map(|r| r.variant.as_str()));
     let lines: Vec<(String, usize, Interval)> = rows
         .iter()
         .filter_map(|r| {

@@ -142,13 +142,7 @@ struct RunTables<'a> {
 impl Report {
     /// The variants, in the workflow's order.
     fn variants(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for f in &self.folds {
-            if !names.contains(&f.variant) {
-                names.push(f.variant.clone());
-            }
-        }
-        names
+        distinct(self.folds.iter().map(|f| f.variant.clone()))
     }
 
     fn write(&self, ctx: &Context) -> Result<()> {
@@ -175,12 +169,7 @@ impl Report {
             .collect::<Result<Vec<_>>>()?;
         table::write_all(&ctx.output(ALL_PREDICTIONS), &predictions)?;
         let variants = self.variants();
-        let seeds = {
-            let mut s: Vec<u64> = self.folds.iter().map(|f| f.seed).collect();
-            s.sort_unstable();
-            s.dedup();
-            s.len()
-        };
+        let seeds = distinct(self.folds.iter().map(|f| f.seed)).len();
         let values: Vec<(String, compare::Values)> = variants
             .iter()
             .map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v))))
@@ -282,13 +271,7 @@ impl Report {
             ("coarse", "balanced_accuracy"),
             ("coarse", "auc_macro"),
         ];
-        let mut cohorts: Vec<&str> = Vec::new();
-        for e in &self.externals {
-            if !cohorts.contains(&e.cohort.as_str()) {
-                cohorts.push(&e.cohort);
-            }
-        }
-        for cohort in cohorts {
+        for cohort in distinct(self.externals.iter().map(|e| e.cohort.as_str())) {
             let header: Vec<String> = columns.iter().map(|(l, m)| format!("{l} {m}")).collect();
             let _ = writeln!(
                 md,
@@ -501,21 +484,11 @@ pub struct HeadlineLevel {
 /// The headline of the report's [`ALL_METRICS`] table.
 pub fn headline(metrics: &Path) -> Result<Headline> {
     let m = table::read(metrics)?;
-    let distinct = |mut v: Vec<i64>| {
-        v.sort_unstable();
-        v.dedup();
-        v.len()
-    };
-    let folds = distinct(table::i32s(&m, "fold").into_iter().map(i64::from).collect());
-    let seeds = distinct(m.column_by_name("seed").map_or(vec![0], |c| c.as_primitive::<Int64Type>().values().to_vec()));
+    let folds = distinct(table::i32s(&m, "fold")).len();
+    let seeds =
+        distinct(m.column_by_name("seed").map_or(vec![0], |c| c.as_primitive::<Int64Type>().values().to_vec())).len();
     let names = table::strings(&m, "variant");
-    let mut variants: Vec<String> = Vec::new();
-    for name in &names {
-        if !variants.contains(name) {
-            variants.push(name.clone());
-        }
-    }
-    let variants = variants
+    let variants = distinct(names.iter().cloned())
         .into_iter()
         .map(|variant| {
             let mask: arrow::array::BooleanArray = names.iter().map(|n| Some(*n == variant)).collect();
@@ -667,6 +640,17 @@ fn heatmap_links(classes: &Classes, runs: &[(&FoldNodes, &RecordBatch, &RecordBa
         }
     }
     md
+}
+
+/// `items` without repeats, each where it first appears.
+fn distinct<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
 }
 
 /// The test-split values of `runs` (one variant's) that [`compare`] compares.
