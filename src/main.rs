@@ -199,7 +199,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 }
                 _ => bail!("{} has no result yet; run the workflow first", node.id),
             };
-            let rows = stages::splits::read(&l.store.object_dir(key).join("splits.parquet"))?;
+            let rows = stages::splits::read(&l.store.object_dir(key).join(schemas::artifacts::SPLITS.file))?;
             let folds = stages::splits::export_clam(&rows, &out)?;
             println!("wrote {folds} CLAM split file(s) into {}", out.display());
         }
@@ -279,7 +279,7 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
         if !quiet {
             print!("{}", stages::report::headline(&results.join("metrics.parquet"))?);
         }
-        println!("report: {}", results.join("report.md").display());
+        println!("report: {}", results.join(schemas::artifacts::REPORT.file).display());
     } else {
         println!("results so far: {} (not made yet: {})", results.display(), pipeline::some_of(&missing, ", "));
     }

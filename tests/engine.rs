@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pipeline::{Context, Dag, Error, Freshness, Input, Node, RunOptions, Stage, StageError, Status, Store};
+use pipeline::{Context, Dag, Error, Freshness, Input, Node, Output, RunOptions, Stage, StageError, Status, Store};
+use schemas::artifacts::Blob;
+
+/// Each test stage's one output.
+const OUT: Blob = Blob { file: "out.txt" };
 
 /// Concatenates its inputs and a `tag` parameter into `out.txt`; optionally waits for a file first.
 struct Concat {
@@ -30,8 +34,8 @@ impl Stage for Concat {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["out.txt".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&OUT).into()]
     }
     fn run(&self, ctx: &Context) -> Result<(), StageError> {
         let mut text = String::new();
@@ -40,7 +44,7 @@ impl Stage for Concat {
         }
         text.push_str(&self.tag);
         // Write part of the output before waiting, so a kill leaves a partial file behind.
-        fs::write(ctx.output("out.txt"), &text[..text.len() / 2])?;
+        fs::write(ctx.output(OUT.file), &text[..text.len() / 2])?;
         if let Some(flag) = &self.wait_for {
             while !flag.exists() {
                 if ctx.interrupted() {
@@ -49,7 +53,7 @@ impl Stage for Concat {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        fs::write(ctx.output("out.txt"), text)?;
+        fs::write(ctx.output(OUT.file), text)?;
         Ok(())
     }
 }
@@ -65,16 +69,14 @@ fn workflow(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Dag {
 
 /// The nodes of [`workflow`].
 fn nodes(dir: &Path, tag_ab: &str, wait_for: Option<PathBuf>) -> Vec<Node> {
-    vec![
-        node(
-            "ab",
-            vec![Input::external("a", dir.join("a.txt")), Input::external("b", dir.join("b.txt"))],
-            tag_ab,
-            None,
-        ),
-        node("abc", vec![Input::artifact("ab", "ab", "out.txt")], "c", wait_for),
-        node("bd", vec![Input::external("b", dir.join("b.txt"))], "d", None),
-    ]
+    let ab = node(
+        "ab",
+        vec![Input::external("a", dir.join("a.txt")), Input::external("b", dir.join("b.txt"))],
+        tag_ab,
+        None,
+    );
+    let abc = node("abc", vec![Input::artifact("ab", &ab.handle(), &OUT)], "c", wait_for);
+    vec![ab, abc, node("bd", vec![Input::external("b", dir.join("b.txt"))], "d", None)]
 }
 
 const RUN_OF: pipeline::RunOf = pipeline::RunOf { workflow: "test", digest: "digest", settings: "{\"tag\": \"x\"}" };
@@ -297,7 +299,8 @@ fn interrupted_run_keeps_finished_nodes_and_records_the_rest() {
     // `workflow` plus abcd after abc, whose wait only an interruption ends.
     let dag = |wait: Option<PathBuf>| {
         let mut all = nodes(dir.path(), "x", wait);
-        all.push(node("abcd", vec![Input::artifact("abc", "abc", "out.txt")], "d", None));
+        let abc = all[1].handle();
+        all.push(node("abcd", vec![Input::artifact("abc", &abc, &OUT)], "d", None));
         Dag::new(all).unwrap()
     };
     let interrupt: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
@@ -339,4 +342,60 @@ fn interrupted_run_keeps_finished_nodes_and_records_the_rest() {
     let got: Vec<Status> = ["ab", "bd", "abc", "abcd"].iter().map(|id| status_of(&again, id)).collect();
     assert_eq!(got, [Status::Cached, Status::Cached, Status::Executed, Status::Executed]);
     assert_eq!(output(&store, &again, "abcd"), "ABxcd");
+}
+
+/// Declares a table of one Int64 column `n`, and writes `n` as strings.
+struct MisdeclaredTable;
+
+const TABLE: schemas::artifacts::Table = schemas::artifacts::Table { file: "t.parquet", schema: one_int };
+
+fn one_int() -> arrow::datatypes::SchemaRef {
+    Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "n",
+        arrow::datatypes::DataType::Int64,
+        false,
+    )]))
+}
+
+impl Stage for MisdeclaredTable {
+    fn kind(&self) -> &str {
+        "misdeclared"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn inputs(&self) -> Vec<Input> {
+        Vec::new()
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&TABLE).into()]
+    }
+    fn run(&self, ctx: &Context) -> Result<(), StageError> {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Utf8, false)]));
+        let column = Arc::new(arrow::array::StringArray::from(vec!["1"]));
+        let batch = arrow::array::RecordBatch::try_new(schema.clone(), vec![column])?;
+        let mut writer = parquet::arrow::ArrowWriter::try_new(fs::File::create(ctx.output(TABLE.file))?, schema, None)?;
+        writer.write(&batch)?;
+        writer.close()?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_table_unlike_its_declared_schema_fails_its_node_and_is_not_published() {
+    let (dir, store) = setup();
+    let dag = Dag::new(vec![Node::new("m", None, Arc::new(MisdeclaredTable))]).unwrap();
+    for _ in 0..2 {
+        let summary = pipeline::run(&dag, &store, &RunOptions::default()).unwrap();
+        let outcome = &summary.nodes[0];
+        assert_eq!(outcome.status, Status::Failed, "never cached: it fails on every run");
+        let why = outcome.reason.as_deref().unwrap();
+        assert!(why.contains("t.parquet") && why.contains("column 1 is `n` Utf8, not `n` Int64"), "{why}");
+    }
+    let objects = fs::read_dir(dir.path().join(".hmil-flow/objects")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(objects, 0, "nothing published");
 }

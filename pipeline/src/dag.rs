@@ -39,21 +39,22 @@ impl Dag {
                 let Input::Artifact { name, node: from, artifact } = input else {
                     continue;
                 };
-                let &src = by_id.get(&from).ok_or_else(|| Error::DanglingInput {
+                let &src = by_id.get(from.id()).ok_or_else(|| Error::DanglingInput {
                     node: node.id.clone(),
                     input: name.clone(),
-                    from: from.clone(),
+                    from: from.to_string(),
                 })?;
                 let outputs = graph[src].stage.outputs();
-                if !outputs.contains(&artifact) {
+                if !outputs.iter().any(|o| o.name == artifact) {
+                    let available: Vec<&str> = outputs.iter().map(|o| o.name).collect();
                     return Err(Error::UnknownArtifact {
                         node: node.id.clone(),
-                        artifact,
-                        from,
-                        available: outputs.join(", "),
+                        artifact: artifact.to_owned(),
+                        from: from.to_string(),
+                        available: available.join(", "),
                     });
                 }
-                edges.push((src, artifact));
+                edges.push((src, artifact.to_owned()));
             }
             for (src, artifact) in edges {
                 graph.add_edge(src, idx, artifact);
@@ -236,7 +237,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::stage::{Context, Stage, StageError};
+    use crate::stage::{Context, NodeRef, Output, Stage, StageError};
+
+    const OUT: schemas::artifacts::Blob = schemas::artifacts::Blob { file: "out" };
 
     struct Fake {
         inputs: Vec<Input>,
@@ -255,8 +258,8 @@ mod tests {
         fn inputs(&self) -> Vec<Input> {
             self.inputs.clone()
         }
-        fn outputs(&self) -> Vec<String> {
-            vec!["out".into()]
+        fn outputs(&self) -> Vec<Output> {
+            vec![(&OUT).into()]
         }
         fn run(&self, _: &Context) -> Result<(), StageError> {
             Ok(())
@@ -264,7 +267,8 @@ mod tests {
     }
 
     fn node(id: &str, from: &[&str]) -> Node {
-        let inputs = from.iter().map(|f| Input::artifact(f, f, "out")).collect();
+        // A handle by id, as no plan could make one: so that cycles and dangling inputs can be built.
+        let inputs = from.iter().map(|f| Input::artifact(f, &NodeRef(f.to_string()), &OUT)).collect();
         Node::new(id, None, Arc::new(Fake { inputs }))
     }
 
@@ -286,9 +290,14 @@ mod tests {
 
     #[test]
     fn dangling_input_names_both_ends() {
+        use schemas::artifacts::Blob;
         let err = Dag::new(vec![node("a", &["ghost"])]).err().unwrap();
         assert!(err.to_string().contains("node `a` reads input `ghost` from `ghost`"), "{err}");
-        let bad = Node::new("b", None, Arc::new(Fake { inputs: vec![Input::artifact("x", "a", "nope")] }));
+        let bad = Node::new(
+            "b",
+            None,
+            Arc::new(Fake { inputs: vec![Input::artifact("x", &NodeRef("a".into()), &Blob { file: "nope" })] }),
+        );
         let err = Dag::new(vec![node("a", &[]), bad]).err().unwrap();
         assert!(err.to_string().contains("declares no such output (it writes: out)"), "{err}");
     }

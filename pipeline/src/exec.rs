@@ -15,7 +15,7 @@ use crate::dag::Dag;
 use crate::error::{Error, Result};
 use crate::explain::{key_parts, miss_reasons};
 use crate::stage::{Context, Input, Node};
-use crate::store::{Lookup, Manifest, Record, Store, is_directory};
+use crate::store::{Lookup, Manifest, Record, Store};
 
 /// How a node ended in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -305,10 +305,7 @@ fn run_node(
     let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
     let outputs = node.stage.outputs();
     let failure = match result {
-        Ok(Ok(())) => outputs
-            .iter()
-            .find(|o| if is_directory(o) { !staging.join(o).is_dir() } else { !staging.join(o).is_file() })
-            .map(|o| format!("the stage did not write its declared output {o}")),
+        Ok(Ok(())) => crate::declared::mismatch(&staging, &outputs),
         Ok(Err(e)) => Some(error_chain(&*e)),
         Err(panic) => {
             let message = panic
@@ -341,7 +338,8 @@ fn run_node(
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
         warnings: ctx.warnings.into_inner().expect("warnings lock"),
     };
-    let manifest = store.publish(&staging, manifest, &outputs)?;
+    let names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
+    let manifest = store.publish(&staging, manifest, &names)?;
     store.write_record(&node.id, &Record { key, parts })?;
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();
@@ -364,7 +362,7 @@ pub(crate) fn input_paths(
             let path = match &input {
                 Input::External { path, .. } => path.clone(),
                 Input::Artifact { node: up, artifact, .. } => {
-                    let up = dag.index_of(up).expect("validated by Dag::new");
+                    let up = dag.index_of(up.id()).expect("validated by Dag::new");
                     store.object_dir(&upstream[&up].key).join(artifact)
                 }
             };

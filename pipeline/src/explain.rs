@@ -70,12 +70,12 @@ pub(crate) fn key_parts(
                 }
             },
             Input::Artifact { node, artifact, .. } => {
-                let up = dag.index_of(node).expect("validated by Dag::new");
+                let up = dag.index_of(node.id()).expect("validated by Dag::new");
                 match upstream.get(&up).and_then(|m| m.artifact_digest(artifact)) {
                     Some(digest) => digest,
                     None => {
-                        if !rerunning.contains(node) {
-                            rerunning.push(node.clone());
+                        if !rerunning.iter().any(|r| r == node.id()) {
+                            rerunning.push(node.to_string());
                         }
                         continue;
                     }

@@ -7,6 +7,7 @@
 //! without running anything, which nodes would rerun and why.
 
 mod dag;
+mod declared;
 mod digest;
 mod error;
 mod exec;
@@ -28,5 +29,5 @@ pub use gc::{Garbage, collect_garbage};
 pub use items::Item;
 pub use results::refresh_results;
 pub use runlog::{RunOf, recent_keys, write_runs};
-pub use stage::{Context, Input, Node, Pending, Stage, StageError};
+pub use stage::{Context, Input, Node, NodeRef, Output, Pending, Stage, StageError};
 pub use store::{Manifest, Store};

@@ -32,8 +32,9 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
             continue;
         };
         let node = dag.node(dag.index_of(&s.id).expect("a status is of a node of the DAG"));
-        for artifact in node.stage.outputs() {
-            let relative = node.results_path(&artifact);
+        for output in node.stage.outputs() {
+            let artifact = output.name;
+            let relative = node.results_path(artifact);
             if !linked.insert(relative.clone()) {
                 let _ = fs::remove_dir_all(&target);
                 return Err(Error::ResultsFolder {
@@ -44,8 +45,8 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
                     ),
                 });
             }
-            let from = store.object_dir(key).join(&artifact);
-            if is_directory(&artifact) {
+            let from = store.object_dir(key).join(artifact);
+            if is_directory(artifact) {
                 fs::create_dir_all(target.join(&relative)).map_err(io(&target))?;
                 for entry in fs::read_dir(&from).map_err(io(&from))?.flatten() {
                     link(&entry.path(), &target.join(&relative).join(entry.file_name()))?;

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arrow::datatypes::SchemaRef;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use schemas::artifacts::{Artifact, Blob, Table};
 
 use crate::digest::StatCache;
 use crate::items::{Item, ItemCache};
@@ -23,8 +25,8 @@ pub trait Stage: Send + Sync {
     fn params(&self) -> serde_json::Value;
     /// The files this stage reads.
     fn inputs(&self) -> Vec<Input>;
-    /// Names of the files this stage writes (each into [`Context::output`]).
-    fn outputs(&self) -> Vec<String>;
+    /// The files this stage writes (each into [`Context::output`]).
+    fn outputs(&self) -> Vec<Output>;
     /// Does the work.
     fn run(&self, ctx: &Context) -> Result<(), StageError>;
     /// For `status`, when the node would run with inputs it can read: how much of its per-item
@@ -65,7 +67,7 @@ pub enum Input {
     /// mtime); directories by their listing (paths, sizes, mtimes), so no bytes are read.
     External { name: String, path: PathBuf },
     /// An output of another node.
-    Artifact { name: String, node: String, artifact: String },
+    Artifact { name: String, node: NodeRef, artifact: &'static str },
 }
 
 impl Input {
@@ -74,9 +76,9 @@ impl Input {
         Input::External { name: name.into(), path: path.into() }
     }
 
-    /// The output `artifact` of node `node`.
-    pub fn artifact(name: &str, node: &str, artifact: &str) -> Input {
-        Input::Artifact { name: name.into(), node: node.into(), artifact: artifact.into() }
+    /// The output `artifact` of `node`.
+    pub fn artifact(name: &str, node: &NodeRef, artifact: &impl Artifact) -> Input {
+        Input::Artifact { name: name.into(), node: node.clone(), artifact: artifact.file() }
     }
 
     /// The name the stage reads this input by.
@@ -94,6 +96,52 @@ impl Input {
             }
             Input::Artifact { node, artifact, .. } => format!("{artifact} of {node}"),
         }
+    }
+}
+
+/// A declared output: a file name (a directory when it ends in `/`) and, for a Parquet table,
+/// the schema the engine holds the written file to before publishing it.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub name: &'static str,
+    pub schema: Option<SchemaRef>,
+}
+
+impl Output {
+    /// A table whose schema the stage computes (a [`schemas::artifacts::ClassTable`]'s, for
+    /// the workflow's classes).
+    pub fn table(artifact: &impl Artifact, schema: SchemaRef) -> Output {
+        Output { name: artifact.file(), schema: Some(schema) }
+    }
+}
+
+impl From<&Table> for Output {
+    fn from(table: &Table) -> Output {
+        Output::table(table, (table.schema)())
+    }
+}
+
+impl From<&Blob> for Output {
+    fn from(blob: &Blob) -> Output {
+        Output { name: blob.file, schema: None }
+    }
+}
+
+/// A handle on a node of the DAG being built, got from the node itself ([`Node::handle`]), which
+/// a stage that reads the node's outputs keeps instead of spelling the node's id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeRef(pub(crate) String);
+
+impl NodeRef {
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -121,6 +169,11 @@ impl Node {
         Node { id, stage_name: stage_name.to_owned(), stage, results, results_names: Vec::new() }
     }
 
+    /// The handle by which other nodes' stages read this node's outputs.
+    pub fn handle(&self) -> NodeRef {
+        NodeRef(self.id.clone())
+    }
+
     /// The node with its outputs shown in folder `dir` of the results folder (`""`: the top).
     pub fn results_in(mut self, dir: impl Into<String>) -> Node {
         self.results = dir.into();
@@ -128,8 +181,8 @@ impl Node {
     }
 
     /// The node with its output `output` shown as `name` in the results folder.
-    pub fn results_name(mut self, output: &str, name: &str) -> Node {
-        self.results_names.push((output.to_owned(), name.to_owned()));
+    pub fn results_name(mut self, output: &impl Artifact, name: &str) -> Node {
+        self.results_names.push((output.file().to_owned(), name.to_owned()));
         self
     }
 

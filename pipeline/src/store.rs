@@ -213,8 +213,8 @@ impl Store {
     /// Digests the outputs in `staging` (each file of a directory output, see [`is_directory`]),
     /// writes the manifest, and publishes the directory under the manifest's key with one rename
     /// (replacing a damaged entry).
-    pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[String]) -> Result<Manifest> {
-        for name in outputs {
+    pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[&str]) -> Result<Manifest> {
+        for &name in outputs {
             let files = if is_directory(name) {
                 let dir = staging.join(name);
                 let mut files: Vec<String> = fs::read_dir(&dir)
@@ -226,7 +226,7 @@ impl Store {
                 files.sort();
                 files
             } else {
-                vec![name.clone()]
+                vec![name.to_owned()]
             };
             for file in files {
                 let path = staging.join(&file);
@@ -342,7 +342,7 @@ mod tests {
         let stage = store.staging_dir("n").unwrap();
         fs::write(stage.join("out.txt"), b"payload").unwrap();
         let p = parts(serde_json::json!({}));
-        store.publish(&stage, manifest(p.clone()), &["out.txt".into()]).unwrap();
+        store.publish(&stage, manifest(p.clone()), &["out.txt"]).unwrap();
         assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Hit(_)));
         let out = store.object_dir(&p.key()).join("out.txt");
         fs::write(&out, b"tampered").unwrap();
@@ -362,7 +362,7 @@ mod tests {
             for (name, body) in files {
                 fs::write(stage.join("h5").join(name), body).unwrap();
             }
-            store.publish(&stage, manifest(parts(params)), &["h5/".into()]).unwrap()
+            store.publish(&stage, manifest(parts(params)), &["h5/"]).unwrap()
         };
         let a = publish(&[("s1.h5", "one"), ("s2.h5", "two")], serde_json::json!(1));
         assert_eq!(a.outputs.keys().collect::<Vec<_>>(), ["h5/s1.h5", "h5/s2.h5"]);

@@ -1,5 +1,6 @@
 //! Every Arrow schema of hmil-flow's artifacts, and the types of the workflow file.
 
+pub mod artifacts;
 mod error;
 pub mod runs;
 pub mod tables;

@@ -179,6 +179,41 @@ pub fn metrics() -> SchemaRef {
     ])
 }
 
+/// The columns that say which run of a workflow a row comes from: `cohort` (for an external
+/// cohort), `variant` and `seed`.
+pub fn run_columns(cohort: bool) -> Vec<Field> {
+    let mut fields = if cohort { vec![utf8("cohort")] } else { Vec::new() };
+    fields.extend([utf8("variant"), Field::new("seed", DataType::Int64, false)]);
+    fields
+}
+
+fn tagged(table: SchemaRef, cohort: bool) -> SchemaRef {
+    let mut fields = run_columns(cohort);
+    fields.extend(table.fields().iter().map(|f| f.as_ref().clone()));
+    schema(fields)
+}
+
+/// `all_folds_metrics.parquet` (report): every run's [`metrics`], after its [`run_columns`].
+pub fn all_metrics() -> SchemaRef {
+    tagged(metrics(), false)
+}
+
+/// `all_folds_predictions.parquet` (report): every run's [`predictions`], after its [`run_columns`].
+pub fn all_predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {
+    tagged(predictions(fine, coarse), false)
+}
+
+/// `external_metrics.parquet` (external): [`metrics`] of every fold model (split `external`)
+/// and of their ensemble (split `ensemble`, fold −1) on a cohort, after the [`run_columns`].
+pub fn external_metrics() -> SchemaRef {
+    tagged(metrics(), true)
+}
+
+/// `external_predictions.parquet` (external): [`predictions`] as [`external_metrics`] has metrics.
+pub fn external_predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {
+    tagged(predictions(fine, coarse), true)
+}
+
 /// `comparison.parquet` (report): per variant, level and metric on the test split, the mean and
 /// sd over runs (folds × seeds), the 95% t interval over folds, and the paired per-fold difference
 /// from the reference variant with its interval and p-value (null for the reference).

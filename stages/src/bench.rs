@@ -316,11 +316,12 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
         let target = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io(&link, e))?;
     }
-    let dag = pipeline::Dag::new(crate::feature_nodes(
+    let dag = pipeline::Dag::new(Vec::from(crate::feature_nodes(
         &crate::index::FeatureDir::External(feats.clone()),
         Default::default(),
         Default::default(),
-    ))
+        None,
+    )))
     .map_err(|e| Error::Features(e.to_string()))?;
     let store = pipeline::Store::open(&scratch.join("ws")).map_err(|e| Error::Features(e.to_string()))?;
     let run = || -> Result<(f64, std::path::PathBuf)> {
@@ -336,7 +337,8 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
         }
     };
     let (full_s, object) = run()?;
-    let store_bytes = std::fs::metadata(object.join("features.bin")).map_err(|e| Error::io(&object, e))?.len();
+    let store_bytes =
+        std::fs::metadata(object.join(schemas::artifacts::FEATURES_BIN.file)).map_err(|e| Error::io(&object, e))?.len();
     let first = &files[0].1;
     let extension = first.extension().expect("a feature file's extension names its format");
     let added = feats.join(format!("zz-added-slide.{}", extension.to_string_lossy()));

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 
 use arrow::array::Int64Array;
-use pipeline::{Context, Input, Pending, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Pending, Stage, StageError};
+use schemas::artifacts::{EXTRACTED, H5_DIR, SLIDES, TILES};
 use schemas::workflow::{Encoder, EncoderDtype, OnBadFile, Slides};
 use tch::{CModule, Device, Kind, Tensor};
 use wsi::Slide;
@@ -19,12 +20,7 @@ use wsi::Slide;
 use crate::error::{Error, Result};
 use crate::features::h5::{self, PatchAttrs};
 use crate::table;
-use crate::tile::{SLIDES, TILES};
 
-/// The directory output: `<slide>.h5` per slide with tissue.
-pub const H5_DIR: &str = "h5/";
-/// One row per slide encoded: its patch count and feature dimension.
-pub const EXTRACTED: &str = "extracted.parquet";
 /// The feature dimension, as a slide's item records it.
 const DIM_FILE: &str = "dim";
 
@@ -32,14 +28,14 @@ const DIM_FILE: &str = "dim";
 pub struct ExtractFeatures {
     pub encoder: Encoder,
     pub on_bad_slide: OnBadFile,
-    /// Node id of `tile_slides`.
-    pub tile_node: String,
+    /// The `tile_slides` node.
+    pub tiles: NodeRef,
 }
 
 impl ExtractFeatures {
     /// The stage for the workflow's `[slides]` and `[encoder]`.
-    pub fn new(slides: &Slides, encoder: &Encoder, tile_node: &str) -> ExtractFeatures {
-        ExtractFeatures { encoder: encoder.clone(), on_bad_slide: slides.on_bad_slide, tile_node: tile_node.into() }
+    pub fn new(slides: &Slides, encoder: &Encoder, tiles: NodeRef) -> ExtractFeatures {
+        ExtractFeatures { encoder: encoder.clone(), on_bad_slide: slides.on_bad_slide, tiles }
     }
 }
 
@@ -59,12 +55,12 @@ impl Stage for ExtractFeatures {
     fn inputs(&self) -> Vec<Input> {
         vec![
             Input::external("encoder", &self.encoder.model),
-            Input::artifact("slides", &self.tile_node, SLIDES),
-            Input::artifact("tiles", &self.tile_node, TILES),
+            Input::artifact("slides", &self.tiles, &SLIDES),
+            Input::artifact("tiles", &self.tiles, &TILES),
         ]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec![H5_DIR.into(), EXTRACTED.into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&H5_DIR).into(), (&EXTRACTED).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         self.extract(ctx)
@@ -375,7 +371,7 @@ impl ExtractFeatures {
                 pipeline::some_of(&bad, "; ")
             ));
         }
-        let dir = ctx.output(H5_DIR);
+        let dir = ctx.output(H5_DIR.file);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let mut dims = Vec::new();
         for (slide, item) in &encoded {
@@ -389,9 +385,9 @@ impl ExtractFeatures {
                 message: "unreadable; remove its folder to encode the slide again".into(),
             })?);
         }
-        table::write(
-            &ctx.output(EXTRACTED),
-            schemas::tables::extracted(),
+        table::write_output(
+            ctx,
+            &EXTRACTED,
             vec![
                 table::string_col(encoded.iter().map(|(s, _)| s.id.as_str())),
                 Arc::new(encoded.iter().map(|(s, _)| s.coords.len() as i64).collect::<Int64Array>()),

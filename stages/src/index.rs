@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array};
-use pipeline::{Context, Input, Pending, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Pending, Stage, StageError};
+use schemas::artifacts::{Blob, FEATURE_INDEX, SKIPPED};
 use schemas::workflow::OnBadFile;
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +96,7 @@ pub(crate) fn by_slide<T>(mut found: Vec<(PathBuf, T)>) -> std::result::Result<V
 #[derive(Debug, Clone)]
 pub enum FeatureDir {
     External(PathBuf),
-    Made { node: String, artifact: String },
+    Made { node: NodeRef, artifact: Blob },
 }
 
 impl FeatureDir {
@@ -127,8 +128,8 @@ impl Stage for IndexFeatures {
     fn inputs(&self) -> Vec<Input> {
         vec![self.features.input("features")]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["features.parquet".into(), "skipped.parquet".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&FEATURE_INDEX).into(), (&SKIPPED).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.index(ctx)?)
@@ -219,9 +220,9 @@ impl IndexFeatures {
             return Err(Error::Features("every feature file was unreadable".into()));
         }
         let i64col = |f: &dyn Fn(&Row) -> i64| -> ArrayRef { Arc::new(rows.iter().map(f).collect::<Int64Array>()) };
-        table::write(
-            &ctx.output("features.parquet"),
-            schemas::tables::features(),
+        table::write_output(
+            ctx,
+            &FEATURE_INDEX,
             vec![
                 table::string_col(rows.iter().map(|r| r.slide.as_str())),
                 table::string_col(rows.iter().map(|r| r.path.to_string_lossy())),
@@ -234,9 +235,9 @@ impl IndexFeatures {
                 table::string_col(rows.iter().map(|r| r.digest.as_str())),
             ],
         )?;
-        table::write(
-            &ctx.output("skipped.parquet"),
-            schemas::tables::skipped(),
+        table::write_output(
+            ctx,
+            &SKIPPED,
             vec![
                 table::string_col(bad.iter().map(|(p, _)| p.to_string_lossy())),
                 table::string_col(bad.iter().map(|(_, e)| e.as_str())),

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{Int32Array, Int64Array};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{DROPPED, FEATURE_INDEX, LABELS, SKIPPED};
 use schemas::workflow::{Labels, OnMissing};
 use unicode_normalization::UnicodeNormalization;
 
@@ -18,8 +19,8 @@ use crate::table;
 pub struct JoinLabels {
     pub csv: PathBuf,
     pub labels: Labels,
-    /// Node id of `index_features`.
-    pub index_node: String,
+    /// The `index_features` node.
+    pub index: NodeRef,
 }
 
 impl Stage for JoinLabels {
@@ -36,12 +37,12 @@ impl Stage for JoinLabels {
     fn inputs(&self) -> Vec<Input> {
         vec![
             Input::external("labels", &self.csv),
-            Input::artifact("index", &self.index_node, "features.parquet"),
-            Input::artifact("skipped", &self.index_node, "skipped.parquet"),
+            Input::artifact("index", &self.index, &FEATURE_INDEX),
+            Input::artifact("skipped", &self.index, &SKIPPED),
         ]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["labels.parquet".into(), "dropped.parquet".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&LABELS).into(), (&DROPPED).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         let index = table::read(ctx.input("index"))?;
@@ -276,9 +277,9 @@ pub fn join(rows: Vec<CsvRow>, features: &Features, cfg: &Labels) -> Result<Join
 
 fn write(ctx: &Context, j: &Joined) -> Result<()> {
     let s = &j.slides;
-    table::write(
-        &ctx.output("labels.parquet"),
-        schemas::tables::labels(),
+    table::write_output(
+        ctx,
+        &LABELS,
         vec![
             table::string_col(s.iter().map(|x| x.slide_id.as_str())),
             table::string_col(s.iter().map(|x| x.case_id.as_str())),
@@ -292,9 +293,9 @@ fn write(ctx: &Context, j: &Joined) -> Result<()> {
     let opt = |f: &dyn Fn(&CsvRow) -> String| -> arrow::array::ArrayRef {
         Arc::new(d.iter().map(|x| x.row.as_ref().map(f)).collect::<arrow::array::StringArray>())
     };
-    table::write(
-        &ctx.output("dropped.parquet"),
-        schemas::tables::dropped(),
+    table::write_output(
+        ctx,
+        &DROPPED,
         vec![
             table::string_col(d.iter().map(|x| x.slide_id.as_str())),
             opt(&|r| r.case_id.clone()),

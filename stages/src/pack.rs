@@ -14,7 +14,8 @@ use std::sync::Arc;
 use arrow::array::{AsArray, BooleanArray, Float64Array, Int64Array};
 use arrow::datatypes::Float64Type;
 use half::f16;
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{COORDS_BIN, FEATURE_INDEX, FEATURES_BIN, PACKED};
 use schemas::workflow::PackDtype;
 
 use crate::error::{Error, Result};
@@ -26,8 +27,8 @@ pub struct PackFeatures {
     /// The features directory (read again for the bytes; its listing is part of the key).
     pub features: crate::index::FeatureDir,
     pub dtype: PackDtype,
-    /// Node id of `index_features`.
-    pub index_node: String,
+    /// The `index_features` node.
+    pub index: NodeRef,
 }
 
 impl Stage for PackFeatures {
@@ -43,10 +44,10 @@ impl Stage for PackFeatures {
         serde_json::json!({ "dtype": self.dtype })
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![self.features.input("features_dir"), Input::artifact("index", &self.index_node, "features.parquet")]
+        vec![self.features.input("features_dir"), Input::artifact("index", &self.index, &FEATURE_INDEX)]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["features.bin".into(), "coords.bin".into(), "packed.parquet".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&FEATURES_BIN).into(), (&COORDS_BIN).into(), (&PACKED).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.pack(ctx)?)
@@ -74,9 +75,9 @@ impl Previous {
     /// The previous pack, if it exists, has digests (code version 2 on) and the same dtype.
     fn open(ctx: &Context, dtype: &str) -> Option<Previous> {
         let (features, coords, packed) = (
-            ctx.previous_output("features.bin")?,
-            ctx.previous_output("coords.bin")?,
-            ctx.previous_output("packed.parquet")?,
+            ctx.previous_output(FEATURES_BIN.file)?,
+            ctx.previous_output(COORDS_BIN.file)?,
+            ctx.previous_output(PACKED.file)?,
         );
         let t = table::read(&packed).ok()?;
         t.column_by_name("digest")?;
@@ -152,8 +153,8 @@ impl PackFeatures {
         let digests = table::strings(&index, "digest");
         let (dtype, width) = self.dtype();
         let previous = Previous::open(ctx, dtype);
-        let feat_path = ctx.output("features.bin");
-        let coord_path = ctx.output("coords.bin");
+        let feat_path = ctx.output(FEATURES_BIN.file);
+        let coord_path = ctx.output(COORDS_BIN.file);
         let mut feats =
             BufWriter::with_capacity(1 << 22, File::create(&feat_path).map_err(|e| Error::io(&feat_path, e))?);
         let mut coords =
@@ -201,9 +202,9 @@ impl PackFeatures {
             .map_err(|e| Error::io(&coord_path, e.into_error()))?
             .sync_all()
             .map_err(|e| Error::io(&coord_path, e))?;
-        table::write(
-            &ctx.output("packed.parquet"),
-            schemas::tables::packed(),
+        table::write_output(
+            ctx,
+            &PACKED,
             vec![
                 table::string_col(&slides),
                 Arc::new(Int64Array::from(offsets)),

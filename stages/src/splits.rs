@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::Int32Array;
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{LABELS, SPLITS};
 use schemas::workflow::{SplitMethod, Splits};
 
 use crate::error::{Error, Result};
@@ -317,8 +318,8 @@ pub fn export_clam(assignments: &[Assignment], dir: &Path) -> Result<usize> {
 pub struct SplitFolds {
     pub splits: Splits,
     pub seed: u64,
-    /// Node id of `join_labels`.
-    pub labels_node: String,
+    /// The `join_labels` node.
+    pub labels: NodeRef,
 }
 
 impl Stage for SplitFolds {
@@ -343,14 +344,14 @@ impl Stage for SplitFolds {
         }
     }
     fn inputs(&self) -> Vec<Input> {
-        let mut v = vec![Input::artifact("labels", &self.labels_node, "labels.parquet")];
+        let mut v = vec![Input::artifact("labels", &self.labels, &LABELS)];
         if let (SplitMethod::Import, Some(dir)) = (self.splits.method, &self.splits.dir) {
             v.push(Input::external("clam_splits", dir));
         }
         v
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["splits.parquet".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&SPLITS).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         let labels = table::read(ctx.input("labels"))?;
@@ -385,7 +386,7 @@ impl Stage for SplitFolds {
         if let Some(w) = coverage_warning(&rows, &slides, folds) {
             ctx.warn(w);
         }
-        write(&ctx.output("splits.parquet"), &rows)?;
+        write(&ctx.output(SPLITS.file), &rows)?;
         Ok(())
     }
 }
@@ -414,7 +415,7 @@ pub fn read(path: &Path) -> Result<Vec<Assignment>> {
 pub fn write(path: &Path, rows: &[Assignment]) -> Result<()> {
     table::write(
         path,
-        schemas::tables::splits(),
+        (SPLITS.schema)(),
         vec![
             Arc::new(rows.iter().map(|a| a.fold as i32).collect::<Int32Array>()),
             table::string_col(rows.iter().map(|a| a.slide_id.as_str())),

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use pipeline::Context;
+use schemas::artifacts::Table;
 
 use crate::error::{Error, Result};
 
@@ -19,6 +21,11 @@ pub fn write(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<(
     let mut w = Writer::create(path, schema)?;
     w.write(columns)?;
     w.close()
+}
+
+/// Writes `columns` as the stage's declared output `table`, under its schema.
+pub fn write_output(ctx: &Context, table: &Table, columns: Vec<ArrayRef>) -> Result<()> {
+    write(&ctx.output(table.file), (table.schema)(), columns)
 }
 
 /// A Parquet file written a batch of rows at a time, so that a large table never sits whole in
@@ -65,13 +72,8 @@ pub fn write_all(path: &Path, batches: &[RecordBatch]) -> Result<()> {
 /// `cohort` first: which run of a workflow its rows come from.
 pub fn tag_run(batch: &RecordBatch, cohort: Option<&str>, variant: &str, seed: u64) -> Result<RecordBatch> {
     let n = batch.num_rows();
-    let mut fields = Vec::new();
-    let mut columns: Vec<ArrayRef> = Vec::new();
-    if let Some(cohort) = cohort {
-        fields.push(Field::new("cohort", DataType::Utf8, false));
-        columns.push(string_col(std::iter::repeat_n(cohort, n)));
-    }
-    fields.extend([Field::new("variant", DataType::Utf8, false), Field::new("seed", DataType::Int64, false)]);
+    let mut fields = schemas::tables::run_columns(cohort.is_some());
+    let mut columns: Vec<ArrayRef> = cohort.map(|c| string_col(std::iter::repeat_n(c, n))).into_iter().collect();
     columns.extend([
         string_col(std::iter::repeat_n(variant, n)),
         Arc::new(arrow::array::Int64Array::from(vec![seed as i64; n])) as ArrayRef,

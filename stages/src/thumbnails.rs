@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, Int64Array};
 use image::RgbImage;
-use pipeline::{Context, Input, Pending, Stage, StageError};
+use pipeline::{Context, Input, Output, Pending, Stage, StageError};
+use schemas::artifacts::{THUMBNAIL_DIR, THUMBNAILS};
 use serde::{Deserialize, Serialize};
 use wsi::Slide;
 
@@ -18,11 +19,6 @@ use crate::tile::{facts, quickhash, read_record, slide_files};
 
 /// The long side of a thumbnail, in pixels, at most.
 pub const THUMBNAIL_SIDE: f64 = 2048.0;
-
-/// Outputs of `thumbnails`: one row per slide read.
-pub const THUMBNAILS: &str = "thumbnails.parquet";
-/// See [`THUMBNAILS`]: one `<slide>.png` per slide.
-pub const THUMBNAIL_DIR: &str = "thumbnails/";
 
 /// A slide's thumbnail, as its item records it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,8 +48,8 @@ impl Stage for Thumbnails {
     fn inputs(&self) -> Vec<Input> {
         vec![Input::external("slides", &self.dir)]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec![THUMBNAILS.into(), THUMBNAIL_DIR.into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&THUMBNAILS).into(), (&THUMBNAIL_DIR).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.read(ctx)?)
@@ -81,7 +77,7 @@ impl Thumbnails {
         if ctx.interrupted() {
             return Err(Error::Interrupted("reading thumbnails".into()));
         }
-        let dir = ctx.output(THUMBNAIL_DIR);
+        let dir = ctx.output(THUMBNAIL_DIR.file);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let (mut good, mut bad): (Vec<Read>, Vec<String>) = (Vec::new(), Vec::new());
         for ((_, path), outcome) in files.iter().zip(outcomes) {
@@ -101,9 +97,9 @@ impl Thumbnails {
                 pipeline::some_of(&bad, "; ")
             ));
         }
-        table::write(
-            &ctx.output(THUMBNAILS),
-            schemas::tables::thumbnails(),
+        table::write_output(
+            ctx,
+            &THUMBNAILS,
             vec![
                 table::string_col(good.iter().map(|r| r.0)),
                 table::string_col(good.iter().map(|r| r.1.to_string_lossy())),

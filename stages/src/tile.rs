@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array};
-use pipeline::{Context, Input, Pending, Stage, StageError};
+use pipeline::{Context, Input, Output, Pending, Stage, StageError};
+use schemas::artifacts::{QC_DIR, SKIPPED, SLIDES, TILES};
 use schemas::workflow::{OnBadFile, Slides, TissueMethod};
 use serde::{Deserialize, Serialize};
 use wsi::{GridSpec, Slide, Threshold, TissueParams};
@@ -135,8 +136,8 @@ impl Stage for TileSlides {
     fn inputs(&self) -> Vec<Input> {
         vec![Input::external("slides", &self.dir)]
     }
-    fn outputs(&self) -> Vec<String> {
-        vec![SLIDES.into(), TILES.into(), SKIPPED.into(), QC_DIR.into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&SLIDES).into(), (&TILES).into(), (&SKIPPED).into(), (&QC_DIR).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         self.tile(ctx)
@@ -170,15 +171,6 @@ pub(crate) fn facts(quickhash: &str, path: &Path) -> serde_json::Value {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     serde_json::json!({ "quickhash": quickhash, "bytes": bytes })
 }
-
-/// Outputs of `tile_slides`.
-pub const SLIDES: &str = "slides.parquet";
-/// See [`SLIDES`].
-pub const TILES: &str = "tiles.parquet";
-/// See [`SLIDES`].
-pub const SKIPPED: &str = "skipped.parquet";
-/// See [`SLIDES`]: one `<slide>.png` per slide.
-pub const QC_DIR: &str = "qc/";
 
 /// A slide tiled, now or by an earlier run.
 struct Tiled<'a> {
@@ -241,17 +233,17 @@ impl TileSlides {
             ));
         }
         bad.extend(empty.iter().map(|t| (t.path.to_path_buf(), "no tissue found".to_owned())));
-        let qc = ctx.output(QC_DIR);
+        let qc = ctx.output(QC_DIR.file);
         std::fs::create_dir_all(&qc).map_err(|e| Error::io(&qc, e))?;
         for t in &good {
             let to = qc.join(format!("{}.png", t.id));
             std::fs::hard_link(t.item.join("qc.png"), &to).map_err(|e| Error::io(&to, e))?;
         }
-        write_slides(&ctx.output(SLIDES), &good)?;
-        write_tiles(&ctx.output(TILES), &good)?;
-        table::write(
-            &ctx.output(SKIPPED),
-            schemas::tables::skipped(),
+        write_slides(&ctx.output(SLIDES.file), &good)?;
+        write_tiles(&ctx.output(TILES.file), &good)?;
+        table::write_output(
+            ctx,
+            &SKIPPED,
             vec![
                 table::string_col(bad.iter().map(|(p, _)| p.to_string_lossy())),
                 table::string_col(bad.iter().map(|(_, e)| e.as_str())),
@@ -328,7 +320,7 @@ fn write_slides(path: &Path, good: &[Tiled]) -> Result<()> {
     };
     table::write(
         path,
-        schemas::tables::slides(),
+        (SLIDES.schema)(),
         vec![
             table::string_col(good.iter().map(|t| t.id)),
             table::string_col(good.iter().map(|t| t.path.to_string_lossy())),
@@ -349,7 +341,7 @@ fn write_tiles(path: &Path, good: &[Tiled]) -> Result<()> {
     let ids: Vec<&str> = rows().map(|r| r.0).collect();
     table::write(
         path,
-        schemas::tables::tiles(),
+        (TILES.schema)(),
         vec![
             table::string_col(ids),
             Arc::new(rows().map(|r| r.1[0]).collect::<Int64Array>()),

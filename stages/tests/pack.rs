@@ -10,7 +10,7 @@ use stages::synth::write_pt;
 
 fn dag(dir: &Path) -> Dag {
     let features = stages::index::FeatureDir::External(dir.to_path_buf());
-    Dag::new(stages::feature_nodes(&features, OnBadFile::Error, PackDtype::F32)).unwrap()
+    Dag::new(stages::feature_nodes(&features, OnBadFile::Error, PackDtype::F32, None).into()).unwrap()
 }
 
 fn slide(dir: &Path, name: &str, rows: usize, seed: f32) {

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{AGREEMENT, ATTENTION, METRICS, MODEL, PREDICTIONS};
 use schemas::workflow::Evaluate;
 
 use super::checkpoint::{self, Loaded};
@@ -22,8 +23,8 @@ pub struct EvaluateFold {
     pub device: String,
     pub classes: Classes,
     pub sources: Sources,
-    /// Node id of `train[fold=k]`.
-    pub train_node: String,
+    /// The `train` node of this fold.
+    pub train: NodeRef,
 }
 
 impl Stage for EvaluateFold {
@@ -40,15 +41,16 @@ impl Stage for EvaluateFold {
     }
     fn inputs(&self) -> Vec<Input> {
         let mut v = self.sources.inputs();
-        v.push(Input::artifact("checkpoint", &self.train_node, "model.safetensors"));
+        v.push(Input::artifact("checkpoint", &self.train, &MODEL));
         v
     }
-    fn outputs(&self) -> Vec<String> {
+    fn outputs(&self) -> Vec<Output> {
+        let (fine, coarse) = self.classes.names();
         vec![
-            "predictions.parquet".into(),
-            "metrics.parquet".into(),
-            "attention.parquet".into(),
-            "agreement.parquet".into(),
+            Output::table(&PREDICTIONS, (PREDICTIONS.schema)(&fine, &coarse)),
+            (&METRICS).into(),
+            (&ATTENTION).into(),
+            (&AGREEMENT).into(),
         ]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
@@ -104,9 +106,9 @@ impl EvaluateFold {
                 p.agreement.iter().enumerate().map(move |(f, &v)| (split, b.slide_id.as_str(), f, v))
             })
             .collect();
-        table::write(
-            &ctx.output("agreement.parquet"),
-            schemas::tables::agreement(),
+        table::write_output(
+            ctx,
+            &AGREEMENT,
             vec![
                 Arc::new(Int32Array::from(vec![self.fold as i32; rows.len()])),
                 table::string_col(rows.iter().map(|r| r.0)),
@@ -120,15 +122,11 @@ impl EvaluateFold {
 
     fn write_predictions(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {
         let (schema, cols) = prediction_columns(self.fold as i32, &self.classes, splits);
-        table::write(&ctx.output("predictions.parquet"), schema, cols)
+        table::write(&ctx.output(PREDICTIONS.file), schema, cols)
     }
 
     fn write_metrics(&self, ctx: &Context, splits: &[SplitResult]) -> Result<()> {
-        table::write(
-            &ctx.output("metrics.parquet"),
-            schemas::tables::metrics(),
-            metric_columns(self.fold as i32, &self.classes, splits),
-        )
+        table::write_output(ctx, &METRICS, metric_columns(self.fold as i32, &self.classes, splits))
     }
 
     fn write_attention(&self, ctx: &Context, splits: &[SplitResult], store: &super::data::Store) -> Result<()> {
@@ -158,9 +156,9 @@ impl EvaluateFold {
                 }
             }
         }
-        table::write(
-            &ctx.output("attention.parquet"),
-            schemas::tables::attention(),
+        table::write_output(
+            ctx,
+            &ATTENTION,
             vec![
                 Arc::new(Int32Array::from(vec![self.fold as i32; rows.len()])),
                 table::string_col(rows.iter().map(|r| r.0.as_str())),
@@ -204,9 +202,8 @@ pub fn prediction_columns(
     {
         cols.extend((0..n).map(|k| Arc::new(probs.iter().map(|p| p[k]).collect::<Float64Array>()) as ArrayRef));
     }
-    let fine: Vec<&str> = c.fine.iter().map(String::as_str).collect();
-    let coarse: Vec<&str> = c.coarse.iter().map(String::as_str).collect();
-    (schemas::tables::predictions(&fine, &coarse), cols)
+    let (fine, coarse) = c.names();
+    ((PREDICTIONS.schema)(&fine, &coarse), cols)
 }
 
 /// The columns of `metrics.parquet` for `splits`, every metric at every level, as fold `fold`.

@@ -6,20 +6,17 @@
 //! `external` rows are a fold model's, split `ensemble` rows (fold −1) the ensemble's.
 
 use arrow::array::RecordBatch;
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{EXTERNAL_METRICS, EXTERNAL_PREDICTIONS, METRICS, MODEL};
 
 use super::checkpoint;
 use super::data::{Store, labelled_bags};
 use super::evaluate::{SplitResult, metric_columns, prediction_columns};
 use super::infer::{BagPrediction, predict};
-use super::train::{Classes, device};
+use super::train::{Classes, device, store_inputs};
 use crate::error::{Error, Result};
 use crate::table;
 
-/// Every prediction of the cohort's slides.
-pub const PREDICTIONS: &str = "external_predictions.parquet";
-/// Every metric on the cohort.
-pub const METRICS: &str = "external_metrics.parquet";
 /// The fold number of the ensemble's rows.
 pub const ENSEMBLE_FOLD: i32 = -1;
 
@@ -31,11 +28,11 @@ pub struct ExternalCohort {
     pub device: String,
     pub batch_size: usize,
     pub classes: Classes,
-    /// Node ids of the cohort's `pack_features` and `join_labels`.
-    pub pack_node: String,
-    pub labels_node: String,
-    /// Node ids of the variant's and seed's `train`, by fold.
-    pub train_nodes: Vec<String>,
+    /// The cohort's `pack_features` and `join_labels` nodes.
+    pub pack: NodeRef,
+    pub labels: NodeRef,
+    /// The variant's and seed's `train` nodes, by fold.
+    pub trains: Vec<NodeRef>,
 }
 
 impl Stage for ExternalCohort {
@@ -48,26 +45,22 @@ impl Stage for ExternalCohort {
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
             "cohort": self.cohort, "variant": self.variant, "seed": self.seed, "device": self.device,
-            "batch_size": self.batch_size, "classes": self.classes, "folds": self.train_nodes.len(),
+            "batch_size": self.batch_size, "classes": self.classes, "folds": self.trains.len(),
         })
     }
     fn inputs(&self) -> Vec<Input> {
-        let mut v = vec![
-            Input::artifact("features", &self.pack_node, "features.bin"),
-            Input::artifact("coords", &self.pack_node, "coords.bin"),
-            Input::artifact("packed", &self.pack_node, "packed.parquet"),
-            Input::artifact("labels", &self.labels_node, "labels.parquet"),
-        ];
+        let mut v = store_inputs(&self.pack, &self.labels);
         v.extend(
-            self.train_nodes
-                .iter()
-                .enumerate()
-                .map(|(k, node)| Input::artifact(&format!("checkpoint{k}"), node, "model.safetensors")),
+            self.trains.iter().enumerate().map(|(k, node)| Input::artifact(&format!("checkpoint{k}"), node, &MODEL)),
         );
         v
     }
-    fn outputs(&self) -> Vec<String> {
-        vec![PREDICTIONS.into(), METRICS.into()]
+    fn outputs(&self) -> Vec<Output> {
+        let (fine, coarse) = self.classes.names();
+        vec![
+            Output::table(&EXTERNAL_PREDICTIONS, (EXTERNAL_PREDICTIONS.schema)(&fine, &coarse)),
+            (&EXTERNAL_METRICS).into(),
+        ]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.predict(ctx)?)
@@ -86,9 +79,9 @@ impl ExternalCohort {
             )));
         }
         let c = &self.classes;
-        let bar = ctx.progress(self.train_nodes.len() as u64, "fold models");
+        let bar = ctx.progress(self.trains.len() as u64, "fold models");
         let mut per_fold = Vec::new();
-        for k in 0..self.train_nodes.len() {
+        for k in 0..self.trains.len() {
             if ctx.interrupted() {
                 return Err(Error::Interrupted(format!("after {k} fold model(s)")));
             }
@@ -110,11 +103,10 @@ impl ExternalCohort {
         for (fold, split) in &runs {
             let (schema, columns) = prediction_columns(*fold, c, std::slice::from_ref(split));
             predictions.push(tag(batch(schema, columns)?)?);
-            metrics
-                .push(tag(batch(schemas::tables::metrics(), metric_columns(*fold, c, std::slice::from_ref(split)))?)?);
+            metrics.push(tag(batch((METRICS.schema)(), metric_columns(*fold, c, std::slice::from_ref(split)))?)?);
         }
-        table::write_all(&ctx.output(PREDICTIONS), &predictions)?;
-        table::write_all(&ctx.output(METRICS), &metrics)
+        table::write_all(&ctx.output(EXTERNAL_PREDICTIONS.file), &predictions)?;
+        table::write_all(&ctx.output(EXTERNAL_METRICS.file), &metrics)
     }
 }
 

@@ -109,8 +109,7 @@ pub fn predict(
     for k in 0..classes.coarse.len() {
         cols.push(Arc::new(from_fine.iter().map(|p| p[k]).collect::<Float64Array>()));
     }
-    let fine: Vec<&str> = classes.fine.iter().map(String::as_str).collect();
-    let coarse: Vec<&str> = classes.coarse.iter().map(String::as_str).collect();
+    let (fine, coarse) = classes.names();
     table::write(out, schemas::tables::new_predictions(&fine, &coarse), cols)?;
     Ok(rows.len())
 }

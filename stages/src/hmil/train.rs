@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use arrow::array::{Float64Array, Int32Array};
 use models::{Dims, MilModel, Schedule, Targets};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{COORDS_BIN, FEATURES_BIN, HISTORY, LABELS, MODEL, PACKED, SPLITS};
 use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, Train};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -24,21 +25,17 @@ use crate::table;
 /// Where the shared inputs of the per-fold stages come from.
 #[derive(Debug, Clone)]
 pub struct Sources {
-    pub pack_node: String,
-    pub labels_node: String,
-    pub splits_node: String,
+    pub pack: NodeRef,
+    pub labels: NodeRef,
+    pub splits: NodeRef,
 }
 
 impl Sources {
     /// The packed store, labels and splits as declared inputs.
     pub fn inputs(&self) -> Vec<Input> {
-        vec![
-            Input::artifact("features", &self.pack_node, "features.bin"),
-            Input::artifact("coords", &self.pack_node, "coords.bin"),
-            Input::artifact("packed", &self.pack_node, "packed.parquet"),
-            Input::artifact("labels", &self.labels_node, "labels.parquet"),
-            Input::artifact("splits", &self.splits_node, "splits.parquet"),
-        ]
+        let mut v = store_inputs(&self.pack, &self.labels);
+        v.push(Input::artifact("splits", &self.splits, &SPLITS));
+        v
     }
 
     /// Loads the store on `device` and the fold's bags.
@@ -49,12 +46,29 @@ impl Sources {
     }
 }
 
+/// The packed store of `pack` and the labels of `labels`, as declared inputs.
+pub fn store_inputs(pack: &NodeRef, labels: &NodeRef) -> Vec<Input> {
+    vec![
+        Input::artifact("features", pack, &FEATURES_BIN),
+        Input::artifact("coords", pack, &COORDS_BIN),
+        Input::artifact("packed", pack, &PACKED),
+        Input::artifact("labels", labels, &LABELS),
+    ]
+}
+
 /// The class hierarchy as the model needs it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Classes {
     pub coarse: Vec<String>,
     pub fine: Vec<String>,
     pub fine_to_coarse: Vec<usize>,
+}
+
+impl Classes {
+    /// The fine and the coarse class names, as a class table's schema takes them.
+    pub fn names(&self) -> (Vec<&str>, Vec<&str>) {
+        (self.fine.iter().map(String::as_str).collect(), self.coarse.iter().map(String::as_str).collect())
+    }
 }
 
 /// Resolves `auto` / `cpu` / `cuda:N`.
@@ -108,8 +122,8 @@ impl Stage for TrainFold {
         }
         v
     }
-    fn outputs(&self) -> Vec<String> {
-        vec!["model.safetensors".into(), "history.parquet".into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&MODEL).into(), (&HISTORY).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.train(ctx)?)
@@ -210,7 +224,7 @@ impl History {
         let n = self.rows.len();
         table::write(
             path,
-            schemas::tables::history(),
+            (HISTORY.schema)(),
             vec![
                 Arc::new(Int32Array::from(vec![fold as i32; n])),
                 Arc::new(Int32Array::from_iter_values(self.rows.iter().map(|r| r.0))),
@@ -352,8 +366,8 @@ impl TrainFold {
             }
         }
         let info = checkpoint::Info::new(cfg.model, &self.classes, store.dim, cfg.dropout);
-        checkpoint::save(&vs, &info, &ctx.output("model.safetensors"))?;
-        history.write(&ctx.output("history.parquet"), self.fold)?;
+        checkpoint::save(&vs, &info, &ctx.output(MODEL.file))?;
+        history.write(&ctx.output(HISTORY.file), self.fold)?;
         Ok(())
     }
 

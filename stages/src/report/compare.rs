@@ -264,7 +264,7 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
     };
     table::write(
         path,
-        schemas::tables::comparison(),
+        (schemas::artifacts::COMPARISON.schema)(),
         vec![
             table::string_col(rows.iter().map(|r| r.variant.as_str())),
             table::string_col(rows.iter().map(|r| r.level.as_str())),

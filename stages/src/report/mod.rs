@@ -12,23 +12,18 @@ use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, Int64Type};
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+use schemas::artifacts::{
+    ALL_METRICS, ALL_PREDICTIONS, COMPARISON, COMPARISON_PLOT, CONFUSION, CURVES, EXTERNAL_METRICS, HEATMAPS, HISTORY,
+    METRICS, PREDICTIONS, REPORT, ROC,
+};
 
 use crate::error::{Error, Result};
 use crate::hmil::metrics::binary_auc;
 use crate::hmil::train::Classes;
 use crate::{stats, table};
-
-/// Every run's `metrics.parquet` in one table, with `variant` and `seed` columns first: named
-/// apart from them, so that the `metrics` table of `query` holds each row once; the results
-/// folder shows it as `metrics.parquet`.
-pub const ALL_METRICS: &str = "all_folds_metrics.parquet";
-/// Every run's `predictions.parquet` in one table; see [`ALL_METRICS`].
-pub const ALL_PREDICTIONS: &str = "all_folds_predictions.parquet";
-/// The comparison of variants (see [`compare::write`]).
-pub const COMPARISON: &str = "comparison.parquet";
 
 /// The `report` stage.
 pub struct Report {
@@ -49,7 +44,7 @@ pub struct ExternalNodes {
     pub cohort: String,
     pub variant: String,
     pub seed: u64,
-    pub node: String,
+    pub node: NodeRef,
 }
 
 /// The nodes of one run (variant, seed, fold) the report reads, and the folder of the results
@@ -59,10 +54,10 @@ pub struct FoldNodes {
     pub variant: String,
     pub seed: u64,
     pub fold: usize,
-    pub train: String,
-    pub evaluate: String,
+    pub train: NodeRef,
+    pub evaluate: NodeRef,
     /// None for a model without heatmaps (a flat one).
-    pub heatmaps: Option<String>,
+    pub heatmaps: Option<NodeRef>,
     pub results: String,
 }
 
@@ -96,12 +91,10 @@ impl Stage for Report {
             .enumerate()
             .flat_map(|(k, f)| {
                 [
-                    Some(Input::artifact(&format!("history{k}"), &f.train, "history.parquet")),
-                    Some(Input::artifact(&format!("metrics{k}"), &f.evaluate, "metrics.parquet")),
-                    Some(Input::artifact(&format!("predictions{k}"), &f.evaluate, "predictions.parquet")),
-                    f.heatmaps
-                        .as_ref()
-                        .map(|node| Input::artifact(&format!("heatmaps{k}"), node, crate::hmil::heatmaps::DRAWN)),
+                    Some(Input::artifact(&format!("history{k}"), &f.train, &HISTORY)),
+                    Some(Input::artifact(&format!("metrics{k}"), &f.evaluate, &METRICS)),
+                    Some(Input::artifact(&format!("predictions{k}"), &f.evaluate, &PREDICTIONS)),
+                    f.heatmaps.as_ref().map(|node| Input::artifact(&format!("heatmaps{k}"), node, &HEATMAPS)),
                 ]
             })
             .flatten()
@@ -109,16 +102,20 @@ impl Stage for Report {
                 self.externals
                     .iter()
                     .enumerate()
-                    .map(|(j, e)| Input::artifact(&format!("external{j}"), &e.node, crate::hmil::external::METRICS)),
+                    .map(|(j, e)| Input::artifact(&format!("external{j}"), &e.node, &EXTERNAL_METRICS)),
             )
             .collect()
     }
-    fn outputs(&self) -> Vec<String> {
-        let mut v = ["report.md", "roc.png", "confusion.png", "curves.png", ALL_METRICS, ALL_PREDICTIONS, COMPARISON]
-            .map(String::from)
-            .to_vec();
+    fn outputs(&self) -> Vec<Output> {
+        let (fine, coarse) = self.classes.names();
+        let mut v: Vec<Output> = [REPORT, ROC, CONFUSION, CURVES].iter().map(Output::from).collect();
+        v.extend([
+            (&ALL_METRICS).into(),
+            Output::table(&ALL_PREDICTIONS, (ALL_PREDICTIONS.schema)(&fine, &coarse)),
+            (&COMPARISON).into(),
+        ]);
         if self.variants().len() > 1 {
-            v.push("comparison.png".into());
+            v.push((&COMPARISON_PLOT).into());
         }
         v
     }
@@ -162,12 +159,12 @@ impl Report {
             .iter()
             .map(|r| table::tag_run(&r.metrics, None, &r.nodes.variant, r.nodes.seed))
             .collect::<Result<Vec<_>>>()?;
-        table::write_all(&ctx.output(ALL_METRICS), &metrics)?;
+        table::write_all(&ctx.output(ALL_METRICS.file), &metrics)?;
         let predictions = runs
             .iter()
             .map(|r| table::tag_run(&r.predictions, None, &r.nodes.variant, r.nodes.seed))
             .collect::<Result<Vec<_>>>()?;
-        table::write_all(&ctx.output(ALL_PREDICTIONS), &predictions)?;
+        table::write_all(&ctx.output(ALL_PREDICTIONS.file), &predictions)?;
         let variants = self.variants();
         let seeds = distinct(self.folds.iter().map(|f| f.seed)).len();
         let values: Vec<(String, compare::Values)> = variants
@@ -175,7 +172,7 @@ impl Report {
             .map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v))))
             .collect();
         let rows = compare::rows(&values, &self.compare_to);
-        compare::write(&ctx.output(COMPARISON), &rows)?;
+        compare::write(&ctx.output(COMPARISON.file), &rows)?;
         let reference: Vec<&RunTables> = runs.iter().filter(|r| r.nodes.variant == self.compare_to).collect();
         let mut test: Collected = BTreeMap::new();
         for r in &reference {
@@ -195,7 +192,7 @@ impl Report {
         );
         if variants.len() > 1 {
             md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
-            compare::plot(&ctx.output("comparison.png"), &rows, &self.compare_to)?;
+            compare::plot(&ctx.output(COMPARISON_PLOT.file), &rows, &self.compare_to)?;
         }
         let pooled: Vec<(String, Vec<&RecordBatch>)> = variants
             .iter()
@@ -246,17 +243,17 @@ impl Report {
         if !drawn.is_empty() {
             md.push_str(&heatmap_links(&self.classes, &drawn, seeds > 1));
         }
-        std::fs::write(ctx.output("report.md"), md).map_err(|e| Error::io(&ctx.output("report.md"), e))?;
+        std::fs::write(ctx.output(REPORT.file), md).map_err(|e| Error::io(&ctx.output(REPORT.file), e))?;
         let preds: Vec<&RecordBatch> = reference.iter().map(|r| &r.predictions).collect();
-        self.plot_roc(&ctx.output("roc.png"), &preds)?;
-        self.plot_confusion(&ctx.output("confusion.png"), &test)?;
+        self.plot_roc(&ctx.output(ROC.file), &preds)?;
+        self.plot_confusion(&ctx.output(CONFUSION.file), &test)?;
         // With one variant, a line per fold; with several, a colour per variant.
         let curves: Vec<(String, &RecordBatch)> = if variants.len() > 1 {
             runs.iter().map(|r| (r.nodes.variant.clone(), &r.history)).collect()
         } else {
             reference.iter().map(|r| (format!("fold {}", r.nodes.fold), &r.history)).collect()
         };
-        plot_curves(&ctx.output("curves.png"), &curves)
+        plot_curves(&ctx.output(CURVES.file), &curves)
     }
 
     /// Per cohort, each variant's (and seed's) ensemble and fold models on the cohort.
@@ -786,13 +783,15 @@ mod tests {
             fine: vec!["N".into(), "IC".into()],
             fine_to_coarse: vec![0, 1],
         };
+        let stage = crate::thumbnails::Thumbnails { dir: "slides".into() };
+        let node = pipeline::Node::new("any", None, std::sync::Arc::new(stage)).handle();
         let fold = |k: usize| FoldNodes {
             variant: "hmil".into(),
             seed: 1,
             fold: k,
-            train: String::new(),
-            evaluate: String::new(),
-            heatmaps: Some(String::new()),
+            train: node.clone(),
+            evaluate: node.clone(),
+            heatmaps: Some(node.clone()),
             results: format!("folds/{k}"),
         };
         let folds = [fold(0), fold(1)];

@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use models::Batch;
+use schemas::artifacts::{HEATMAP_DIR, HEATMAPS, INSTANCE_ATTENTION, TOP_TILES_DIR};
 use schemas::workflow::MapKind;
 use tch::{Device, Tensor};
 
 use super::maps::SlideMaps;
-use super::{Canvas, Drawing, Drawn, HEATMAP_DIR, TOP_TILES_DIR, draw_slide, full_res, instance_columns, write_drawn};
+use super::{Canvas, Drawing, Drawn, draw_slide, full_res, instance_columns, write_drawn};
 use crate::error::{Error, Result};
 use crate::features;
 use crate::hmil::checkpoint;
@@ -57,13 +58,12 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
     let classes = classes_for(req.checkpoint, req.classes.clone())?;
     let files = feature_inputs(req.features)?;
     let slides = slide_files(req.slides)?;
-    let (heatmaps, top_tiles) = (req.out.join(HEATMAP_DIR), req.out.join(TOP_TILES_DIR));
+    let (heatmaps, top_tiles) = (req.out.join(HEATMAP_DIR.file), req.out.join(TOP_TILES_DIR.file));
     for dir in [&heatmaps, &top_tiles] {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let drawing = Drawing { heatmap_dir: &heatmaps, tiles_dir: &top_tiles, map: req.map, top_tiles: req.top_tiles };
-    let mut values =
-        table::Writer::create(&req.out.join(super::INSTANCE_ATTENTION), schemas::tables::instance_attention())?;
+    let mut values = table::Writer::create(&req.out.join(INSTANCE_ATTENTION.file), (INSTANCE_ATTENTION.schema)())?;
     let mut model = None;
     let mut summary = Summary::default();
     let mut drawn: Vec<Drawn> = Vec::new();
@@ -126,7 +126,7 @@ pub fn heatmaps(req: &Request, progress: &dyn Fn(usize, usize)) -> Result<Summar
         progress(done + 1, files.len());
     }
     values.close()?;
-    write_drawn(&req.out.join(super::DRAWN), None, &drawn)?;
+    write_drawn(&req.out.join(HEATMAPS.file), None, &drawn)?;
     summary.drawn = drawn.len();
     summary.seconds_per_slide = drawn.iter().map(|d| d.seconds).sum::<f64>() / drawn.len().max(1) as f64;
     Ok(summary)

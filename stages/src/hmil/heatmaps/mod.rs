@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
 use image::RgbImage;
-use pipeline::{Context, Input, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use schemas::artifacts::{HEATMAP_DIR, HEATMAPS, INSTANCE_ATTENTION, MODEL, THUMBNAIL_DIR, THUMBNAILS, TOP_TILES_DIR};
 use schemas::workflow::MapKind;
 
 use self::maps::{Placement, SlideMaps};
@@ -31,14 +32,6 @@ use crate::features::{CoordUnit, Geometry};
 use crate::table;
 use crate::thumbnails::{self, Thumbnail};
 
-/// The directory output: `<slide>.png` per test slide with coordinates.
-pub const HEATMAP_DIR: &str = "heatmaps/";
-/// The directory output: `<slide>.png`, the top-tiles mosaic of each slide with a slide file.
-pub const TOP_TILES_DIR: &str = "top_tiles/";
-/// Every instance's attention and evidence on the drawn slides.
-pub const INSTANCE_ATTENTION: &str = "instance_attention.parquet";
-/// One row per slide drawn.
-pub const DRAWN: &str = "heatmaps.parquet";
 /// Slides run through the network, then drawn on every core, at a time.
 const CHUNK: usize = 16;
 
@@ -50,10 +43,10 @@ pub struct HeatmapsFold {
     pub sources: Sources,
     pub map: MapKind,
     pub top_tiles: usize,
-    /// Node id of `train[fold=k]`.
-    pub train_node: String,
-    /// Node id of `thumbnails`, when the workflow has slides to draw on.
-    pub thumbnails_node: Option<String>,
+    /// The `train` node of this fold.
+    pub train: NodeRef,
+    /// The `thumbnails` node, when the workflow has slides to draw on.
+    pub thumbnails: Option<NodeRef>,
 }
 
 impl Stage for HeatmapsFold {
@@ -72,15 +65,15 @@ impl Stage for HeatmapsFold {
     }
     fn inputs(&self) -> Vec<Input> {
         let mut v = self.sources.inputs();
-        v.push(Input::artifact("checkpoint", &self.train_node, "model.safetensors"));
-        if let Some(node) = &self.thumbnails_node {
-            v.push(Input::artifact("thumbnails", node, thumbnails::THUMBNAILS));
-            v.push(Input::artifact("thumbnail_dir", node, thumbnails::THUMBNAIL_DIR));
+        v.push(Input::artifact("checkpoint", &self.train, &MODEL));
+        if let Some(node) = &self.thumbnails {
+            v.push(Input::artifact("thumbnails", node, &THUMBNAILS));
+            v.push(Input::artifact("thumbnail_dir", node, &THUMBNAIL_DIR));
         }
         v
     }
-    fn outputs(&self) -> Vec<String> {
-        vec![HEATMAP_DIR.into(), TOP_TILES_DIR.into(), INSTANCE_ATTENTION.into(), DRAWN.into()]
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&HEATMAP_DIR).into(), (&TOP_TILES_DIR).into(), (&INSTANCE_ATTENTION).into(), (&HEATMAPS).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         Ok(self.draw(ctx)?)
@@ -136,17 +129,17 @@ impl HeatmapsFold {
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let model = load_checkpoint(ctx, &self.classes, store.dim, device)?;
         let geometry = geometry(ctx.input("packed"))?;
-        let thumbs = match &self.thumbnails_node {
+        let thumbs = match &self.thumbnails {
             Some(_) => thumbnails::read(ctx.input("thumbnails"), ctx.input("thumbnail_dir"))?,
             None => HashMap::new(),
         };
-        let (heatmaps, top_tiles) = (ctx.output(HEATMAP_DIR), ctx.output(TOP_TILES_DIR));
+        let (heatmaps, top_tiles) = (ctx.output(HEATMAP_DIR.file), ctx.output(TOP_TILES_DIR.file));
         for dir in [&heatmaps, &top_tiles] {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let drawing =
             Drawing { heatmap_dir: &heatmaps, tiles_dir: &top_tiles, map: self.map, top_tiles: self.top_tiles };
-        let mut values = table::Writer::create(&ctx.output(INSTANCE_ATTENTION), schemas::tables::instance_attention())?;
+        let mut values = table::Writer::create(&ctx.output(INSTANCE_ATTENTION.file), (INSTANCE_ATTENTION.schema)())?;
         let (mut drawn, mut without_coords) = (Vec::new(), Vec::new());
         let bar = ctx.progress(bags.test.len() as u64, "drawing heatmaps");
         for chunk in bags.test.chunks(CHUNK) {
@@ -191,7 +184,7 @@ impl HeatmapsFold {
         if !problems.is_empty() {
             ctx.warn(format!("no top tiles for {} slide(s): {}", problems.len(), pipeline::some_of(&problems, "; ")));
         }
-        write_drawn(&ctx.output(DRAWN), Some(self.fold), &drawn)
+        write_drawn(&ctx.output(HEATMAPS.file), Some(self.fold), &drawn)
     }
 }
 
@@ -285,13 +278,16 @@ pub fn write_drawn(path: &Path, fold: Option<usize>, drawn: &[Drawn]) -> Result<
     let under = |dir: &str, name: &str| format!("{dir}{name}");
     table::write(
         path,
-        schemas::tables::heatmaps(),
+        (HEATMAPS.schema)(),
         vec![
             Arc::new(Int32Array::from(vec![fold.map(|f| f as i32); drawn.len()])),
             table::string_col(drawn.iter().map(|d| d.slide_id.as_str())),
-            table::string_col(drawn.iter().map(|d| under(HEATMAP_DIR, &d.heatmap))),
+            table::string_col(drawn.iter().map(|d| under(HEATMAP_DIR.file, &d.heatmap))),
             Arc::new(
-                drawn.iter().map(|d| d.top_tiles.as_ref().map(|t| under(TOP_TILES_DIR, t))).collect::<StringArray>(),
+                drawn
+                    .iter()
+                    .map(|d| d.top_tiles.as_ref().map(|t| under(TOP_TILES_DIR.file, t)))
+                    .collect::<StringArray>(),
             ),
             table::string_col(drawn.iter().map(|d| d.background)),
             Arc::new(drawn.iter().map(|d| d.seconds).collect::<Float64Array>()),
