@@ -656,6 +656,16 @@ fn variants_and_seeds_share_preprocessing_and_a_new_variant_trains_alone() {
         "csv",
     ]);
     assert_eq!(compared.trim(), "variant\nabmil", "{compared}");
+    // Pooled over folds and seeds, with a bootstrap interval around it, at every level.
+    let pooled = hmil_flow(&[
+        "query",
+        wf_s,
+        "SELECT variant, count(*) AS n FROM comparison WHERE current AND pooled_low <= pooled \
+         AND pooled <= pooled_high AND metric = 'balanced_accuracy' GROUP BY variant ORDER BY variant",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(pooled.trim(), "variant,n\nabmil,3\nhmil,3", "{pooled}");
     // Every node's table names its run's variant and seed too.
     let per_node = hmil_flow(&[
         "query",

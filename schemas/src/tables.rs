@@ -215,8 +215,10 @@ pub fn external_predictions(fine: &[&str], coarse: &[&str]) -> SchemaRef {
 }
 
 /// `comparison.parquet` (report): per variant, level and metric on the test split, the mean and
-/// sd over runs (folds × seeds), the 95% t interval over folds, and the paired per-fold difference
-/// from the reference variant with its interval and p-value (null for the reference).
+/// sd over runs (folds × seeds), the 95% t interval over folds, the paired per-fold difference
+/// from the reference variant with its interval and p-value (null for the reference), and the
+/// metric of the variant's test predictions pooled over folds and seeds with its 95% bootstrap
+/// interval (cases resampled).
 pub fn comparison() -> SchemaRef {
     let f = |name: &str| Field::new(name, DataType::Float64, true);
     schema(vec![
@@ -232,6 +234,9 @@ pub fn comparison() -> SchemaRef {
         f("difference_low"),
         f("difference_high"),
         f("p"),
+        f("pooled"),
+        f("pooled_low"),
+        f("pooled_high"),
     ])
 }
 

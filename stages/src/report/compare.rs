@@ -1,6 +1,7 @@
 //! The comparison of variants: per variant, level and metric, the mean ± sd over folds and seeds
 //! with a 95% t interval over folds; per variant against the reference, the paired per-fold
-//! difference with its interval and a paired t-test; as a table in `report.md`, as
+//! difference with its interval and a paired t-test; and each variant's test predictions pooled
+//! over folds and seeds, with a bootstrap interval over cases; as tables in `report.md`, as
 //! `comparison.parquet`, and as a forest plot of the differences.
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use crate::hmil::infer::argmax;
 use crate::hmil::metrics::{self, Scored};
 use crate::hmil::train::Classes;
 use crate::stats::{self, Interval, Paired};
-use crate::table;
+use crate::{par, table};
 
 /// Bootstrap resamples of the pooled predictions, and their seed.
 const DRAWS: usize = 1000;
@@ -191,10 +192,38 @@ impl PooledLevel {
     }
 }
 
-/// The section on each variant's test predictions pooled over its folds and seeds: each
-/// summary metric with its 95% percentile bootstrap interval, cases resampled (all the rows of a
-/// case: its slides, in every fold and seed that tested them).
-pub fn pooled_markdown(variants: &[(String, Vec<&RecordBatch>)], classes: &Classes) -> String {
+/// One variant's (level, metric) on its test predictions pooled over folds and seeds: the value
+/// and its 95% percentile bootstrap interval, cases resampled (all the rows of a case: its
+/// slides, in every fold and seed that tested them).
+pub type Pooled = BTreeMap<(String, String, String), Interval>;
+
+/// [`Pooled`] for every variant (with its runs' predictions), level and metric.
+pub fn pooled(variants: &[(String, Vec<&RecordBatch>)], classes: &Classes) -> Pooled {
+    let mut out = Pooled::new();
+    for (variant, predictions) in variants {
+        let (cases, levels) = pooled_levels(predictions, classes);
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, case) in cases.iter().enumerate() {
+            groups.entry(case).or_default().push(i);
+        }
+        let groups: Vec<Vec<usize>> = groups.into_values().collect();
+        let all: Vec<usize> = (0..cases.len()).collect();
+        let jobs: Vec<(usize, &str)> = (0..LEVELS.len()).flat_map(|l| METRICS.map(|m| (l, m))).collect();
+        // Each (level, metric) draws its own resamples from the same seed, on its own core.
+        let intervals = par::map(&jobs, |&(l, metric)| {
+            let level = &levels[l];
+            let (low, high) = stats::bootstrap(&groups, DRAWS, BOOTSTRAP_SEED, |idx| level.metric(metric, idx));
+            Interval { mean: level.metric(metric, &all), low, high, n: cases.len() }
+        });
+        for (&(l, metric), interval) in jobs.iter().zip(intervals) {
+            out.insert((variant.clone(), LEVELS[l].to_owned(), metric.to_owned()), interval);
+        }
+    }
+    out
+}
+
+/// The section on each variant's [`pooled`] test predictions.
+pub fn pooled_markdown(variants: &[String], pooled: &Pooled) -> String {
     let columns = [
         ("fine", "balanced_accuracy"),
         ("fine", "auc_macro"),
@@ -203,25 +232,17 @@ pub fn pooled_markdown(variants: &[(String, Vec<&RecordBatch>)], classes: &Class
     ];
     let mut md = format!(
         "\n## Pooled test predictions\n\nEach variant's test predictions of every fold and seed taken together; in brackets \
-         the 95% percentile bootstrap interval ({DRAWS} resamples of the cases, each with all its rows).\n\n| variant | {} |\n|---|{}\n",
+         the 95% percentile bootstrap interval ({DRAWS} resamples of the cases, each with all its rows; every level and \
+         metric in `comparison.parquet`).\n\n| variant | {} |\n|---|{}\n",
         columns.iter().map(|(l, m)| format!("{l} {m}")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(columns.len())
     );
-    for (variant, predictions) in variants {
-        let (cases, levels) = pooled(predictions, classes);
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, case) in cases.iter().enumerate() {
-            groups.entry(case).or_default().push(i);
-        }
-        let groups: Vec<Vec<usize>> = groups.into_values().collect();
-        let all: Vec<usize> = (0..cases.len()).collect();
+    for variant in variants {
         let cells: Vec<String> = columns
             .iter()
-            .map(|(level, metric)| {
-                let level = &levels[usize::from(*level == "coarse")];
-                let value = level.metric(metric, &all);
-                let (low, high) = stats::bootstrap(&groups, DRAWS, BOOTSTRAP_SEED, |idx| level.metric(metric, idx));
-                format!("{value:.3} [{}, {}]", bound(low), bound(high))
+            .map(|&(level, metric)| match pooled.get(&(variant.clone(), level.to_owned(), metric.to_owned())) {
+                Some(i) => format!("{:.3} [{}, {}]", i.mean, bound(i.low), bound(i.high)),
+                None => "–".into(),
             })
             .collect();
         let _ = writeln!(md, "| {variant} | {} |", cells.join(" | "));
@@ -229,38 +250,47 @@ pub fn pooled_markdown(variants: &[(String, Vec<&RecordBatch>)], classes: &Class
     md
 }
 
-/// The cases and (fine, coarse) levels of the test rows of `predictions`.
-fn pooled(predictions: &[&RecordBatch], classes: &Classes) -> (Vec<String>, [PooledLevel; 2]) {
+/// The cases and the [`LEVELS`] (fine, coarse, coarse from fine) of the test rows of
+/// `predictions`.
+fn pooled_levels(predictions: &[&RecordBatch], classes: &Classes) -> (Vec<String>, [PooledLevel; 3]) {
     let mut cases = Vec::new();
-    let mut levels = [(&classes.fine, "fine"), (&classes.coarse, "coarse")].map(|(names, _)| PooledLevel {
-        y_true: Vec::new(),
-        probs: Vec::new(),
-        n_classes: names.len(),
-    });
+    // (class names, truth column, probability prefix) per level.
+    let sources = [
+        (&classes.fine, "fine", "fine"),
+        (&classes.coarse, "coarse", "coarse"),
+        (&classes.coarse, "coarse", "coarse_from_fine"),
+    ];
+    let mut levels =
+        sources.map(|(names, _, _)| PooledLevel { y_true: Vec::new(), probs: Vec::new(), n_classes: names.len() });
     for p in predictions {
         let split = table::strings(p, "split");
         let case = table::strings(p, "case_id");
-        for (level, (names, name)) in levels.iter_mut().zip([(&classes.fine, "fine"), (&classes.coarse, "coarse")]) {
-            let truth = table::strings(p, &format!("{name}_true"));
+        let test: Vec<usize> = (0..p.num_rows()).filter(|&i| split[i] == "test").collect();
+        for (level, (names, truth, prefix)) in levels.iter_mut().zip(sources) {
+            let truth = table::strings(p, &format!("{truth}_true"));
             let probs: Vec<Vec<Option<f64>>> =
-                names.iter().map(|c| table::f64s(p, &format!("prob_{name}_{c}"))).collect();
-            for i in (0..p.num_rows()).filter(|&i| split[i] == "test") {
+                names.iter().map(|c| table::f64s(p, &format!("prob_{prefix}_{c}"))).collect();
+            for &i in &test {
                 level.y_true.push(names.iter().position(|c| *c == truth[i]).unwrap_or(0));
                 level.probs.push(probs.iter().map(|col| col[i].unwrap_or(f64::NAN)).collect());
             }
         }
-        cases.extend((0..p.num_rows()).filter(|&i| split[i] == "test").map(|i| case[i].clone()));
+        cases.extend(test.iter().map(|&i| case[i].clone()));
     }
     (cases, levels)
 }
 
-/// `comparison.parquet`: the rows, for SQL.
-pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
+/// `comparison.parquet`: the rows, with the [`pooled`] values, for SQL.
+pub fn write(path: &Path, rows: &[Row], pooled: &Pooled) -> Result<()> {
     let f = |v: &dyn Fn(&Row) -> f64| -> ArrayRef {
         Arc::new(rows.iter().map(|r| Some(v(r)).filter(|x| !x.is_nan())).collect::<Float64Array>())
     };
     let against = |v: &dyn Fn(&Paired) -> f64| -> ArrayRef {
         Arc::new(rows.iter().map(|r| r.against.as_ref().map(v).filter(|x| !x.is_nan())).collect::<Float64Array>())
+    };
+    let pooled_col = |v: &dyn Fn(&Interval) -> f64| -> ArrayRef {
+        let of = |r: &Row| pooled.get(&(r.variant.clone(), r.level.clone(), r.metric.clone())).map(v);
+        Arc::new(rows.iter().map(|r| of(r).filter(|x| !x.is_nan())).collect::<Float64Array>())
     };
     table::write(
         path,
@@ -278,6 +308,9 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
             against(&|p| p.difference.low),
             against(&|p| p.difference.high),
             against(&|p| p.p),
+            pooled_col(&|i| i.mean),
+            pooled_col(&|i| i.low),
+            pooled_col(&|i| i.high),
         ],
     )
 }

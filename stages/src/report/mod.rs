@@ -70,8 +70,9 @@ impl Stage for Report {
     /// 4: links to the heatmaps of each class's best and worst predicted test slides.
     /// 5: `history.parquet` in long form; variants and seeds: their comparison, and `variant`
     /// and `seed` columns in the combined tables.
+    /// 6: pooled values with bootstrap intervals in `comparison.parquet`, at every level.
     fn code_version(&self) -> &str {
-        "5"
+        "6"
     }
     fn params(&self) -> serde_json::Value {
         let runs: Vec<serde_json::Value> = self
@@ -172,7 +173,12 @@ impl Report {
             .map(|v| (v.clone(), compared_values(runs.iter().filter(|r| &r.nodes.variant == v))))
             .collect();
         let rows = compare::rows(&values, &self.compare_to);
-        compare::write(&ctx.output(COMPARISON.file), &rows)?;
+        let predictions_of: Vec<(String, Vec<&RecordBatch>)> = variants
+            .iter()
+            .map(|v| (v.clone(), runs.iter().filter(|r| &r.nodes.variant == v).map(|r| &r.predictions).collect()))
+            .collect();
+        let pooled = compare::pooled(&predictions_of, &self.classes);
+        compare::write(&ctx.output(COMPARISON.file), &rows, &pooled)?;
         let reference: Vec<&RunTables> = runs.iter().filter(|r| r.nodes.variant == self.compare_to).collect();
         let mut test: Collected = BTreeMap::new();
         for r in &reference {
@@ -194,11 +200,7 @@ impl Report {
             md.push_str(&compare::markdown(&rows, &variants, &self.compare_to, seeds));
             compare::plot(&ctx.output(COMPARISON_PLOT.file), &rows, &self.compare_to)?;
         }
-        let pooled: Vec<(String, Vec<&RecordBatch>)> = variants
-            .iter()
-            .map(|v| (v.clone(), runs.iter().filter(|r| &r.nodes.variant == v).map(|r| &r.predictions).collect()))
-            .collect();
-        md.push_str(&compare::pooled_markdown(&pooled, &self.classes));
+        md.push_str(&compare::pooled_markdown(&variants, &pooled));
         if !self.externals.is_empty() {
             let tables = (0..self.externals.len())
                 .map(|j| table::read(ctx.input(&format!("external{j}"))))
@@ -844,7 +846,11 @@ mod tests {
         };
         let a = predictions(&[("test", "s1", "IC", 0.9), ("test", "s2", "N", 0.2), ("val", "s3", "IC", 0.1)]);
         let b = predictions(&[("test", "s4", "IC", 0.6), ("test", "s5", "N", 0.7), ("test", "s6", "N", 0.1)]);
-        let md = compare::pooled_markdown(&[("hmil".into(), vec![&a, &b])], &classes);
+        let pooled = compare::pooled(&[("hmil".into(), vec![&a, &b])], &classes);
+        let md = compare::pooled_markdown(&["hmil".into()], &pooled);
+        assert_eq!(pooled.len(), 9, "every level and metric: {pooled:?}");
+        let auc = pooled[&("hmil".into(), "fine".into(), "auc_macro".into())];
+        assert!((auc.mean - 5.0 / 6.0).abs() < 1e-12 && auc.n == 5 && auc.low <= auc.mean && auc.mean <= auc.high);
         // Five test rows (the validation row left out): IC at 0.9 and 0.6, N at 0.2, 0.7 and 0.1.
         // AUC 5/6; balanced accuracy (1 + 2/3) / 2.
         assert!(md.contains("| hmil | 0.833 [") && md.contains("| 0.833 ["), "{md}");
