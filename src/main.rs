@@ -130,7 +130,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             interrupt::catch();
-            let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED };
+            let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED, ..Default::default() };
             let summary = pipeline::run(dag, &l.store, &opts)?;
             let settings = serde_json::to_string(&l.workflow)?;
             let of = pipeline::RunOf { workflow: &l.workflow.workflow.name, digest: &l.digest, settings: &settings };

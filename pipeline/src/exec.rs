@@ -1,9 +1,8 @@
 //! Running a DAG: cache lookups, bounded concurrency, atomic publication, a record of the run.
 
 use std::collections::{HashMap, VecDeque};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -13,8 +12,9 @@ use serde::Serialize;
 
 use crate::dag::Dag;
 use crate::error::{Error, Result};
+use crate::executor::{Execution, Executor, InProcess, RunEnv, Work};
 use crate::explain::{key_parts, miss_reasons};
-use crate::stage::{Context, Input, Node};
+use crate::stage::{Input, Node};
 use crate::store::{Lookup, Manifest, Record, Store};
 
 /// How a node ended in a run.
@@ -112,6 +112,8 @@ pub struct RunOptions {
     /// Set (by a signal handler, say) to interrupt the run: no node starts after it is set,
     /// running stages that watch it stop, and finished nodes are published and recorded.
     pub interrupt: &'static AtomicBool,
+    /// Where the stages of nodes that must run are run.
+    pub executor: Arc<dyn Executor>,
 }
 
 /// The interrupt of runs that nothing interrupts.
@@ -119,7 +121,14 @@ static NEVER: AtomicBool = AtomicBool::new(false);
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { jobs: 1, force: Vec::new(), verify: false, wait: false, interrupt: &NEVER }
+        RunOptions {
+            jobs: 1,
+            force: Vec::new(),
+            verify: false,
+            wait: false,
+            interrupt: &NEVER,
+            executor: Arc::new(InProcess),
+        }
     }
 }
 
@@ -144,7 +153,8 @@ pub fn new_run_id() -> String {
     format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &nonce[..6])
 }
 
-/// Runs every node of `dag` that is not cached, holding the workspace lock throughout.
+/// Runs every node of `dag` that is not cached, holding the workspace lock throughout; each on a
+/// thread of its own that hands it to the run's executor.
 pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let _lock = store.lock(opts.wait)?;
     store.clear_staging()?;
@@ -163,6 +173,7 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let mut manifests: HashMap<NodeIndex, Manifest> = HashMap::new();
     let mut outcomes: HashMap<NodeIndex, NodeOutcome> = HashMap::new();
     let jobs = opts.jobs.max(1);
+    let env = RunEnv { store, opts, run_id: &run_id, progress: &multi, executor: &*opts.executor };
 
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = mpsc::channel::<(NodeIndex, Result<(NodeOutcome, Option<Manifest>)>)>();
@@ -184,11 +195,11 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
                 }
                 let upstream: HashMap<NodeIndex, Manifest> =
                     dag.parents(idx).map(|p| (p, manifests[&p].clone())).collect();
-                let (tx, multi, run_id) = (tx.clone(), &multi, run_id.as_str());
+                let (tx, env) = (tx.clone(), &env);
                 let force = forced.contains(&idx);
                 overall.set_message(node.id.clone());
                 scope.spawn(move || {
-                    let result = run_node(dag, idx, store, &upstream, force, opts, multi, run_id);
+                    let result = run_node(dag, idx, &upstream, force, env);
                     let _ = tx.send((idx, result));
                 });
                 running += 1;
@@ -249,98 +260,118 @@ fn finish(
     }
 }
 
-/// Runs or reuses one node. Stage failures become a `Failed` outcome (`Interrupted` when the run
-/// was interrupted); only store errors are `Err`.
-#[allow(clippy::too_many_arguments)]
+/// Runs or reuses one node: [`prepare`], then the executor's [`Executor::execute`], then
+/// [`publish`]. Stage failures become a `Failed` outcome (`Interrupted` when the run was
+/// interrupted); only store errors are `Err`.
 fn run_node(
     dag: &Dag,
+    idx: NodeIndex,
+    upstream: &HashMap<NodeIndex, Manifest>,
+    force: bool,
+    env: &RunEnv,
+) -> Result<(NodeOutcome, Option<Manifest>)> {
+    let start = Instant::now();
+    let prepared = match prepare(dag, idx, env.store, upstream, force, env.opts.verify)? {
+        Prepared::Cached(mut outcome, manifest) => {
+            outcome.seconds = start.elapsed().as_secs_f64();
+            return Ok((outcome, Some(*manifest)));
+        }
+        Prepared::Unreadable(outcome) => return Ok((outcome, None)),
+        Prepared::Run(work) => work,
+    };
+    tracing::info!(node = %prepared.node.id, "running ({})", prepared.why.join("; "));
+    let execution = env.executor.execute(&prepared, env);
+    publish(env, prepared, execution, start)
+}
+
+/// What [`prepare`] found: the node's outputs are cached, its inputs cannot be read, or it must
+/// run.
+enum Prepared<'a> {
+    Cached(NodeOutcome, Box<Manifest>),
+    Unreadable(NodeOutcome),
+    Run(Work<'a>),
+}
+
+/// Looks node `idx` up in the cache (recording what it was found with); when it must run,
+/// resolves its inputs and gives it an empty staging directory.
+fn prepare<'a>(
+    dag: &'a Dag,
     idx: NodeIndex,
     store: &Store,
     upstream: &HashMap<NodeIndex, Manifest>,
     force: bool,
-    opts: &RunOptions,
-    multi: &MultiProgress,
-    run_id: &str,
-) -> Result<(NodeOutcome, Option<Manifest>)> {
+    verify: bool,
+) -> Result<Prepared<'a>> {
     let node = dag.node(idx);
-    let start = Instant::now();
     let mut outcome = NodeOutcome::new(node, Status::Failed, None);
     let parts = match key_parts(dag, idx, store, upstream)? {
         Ok(parts) => parts,
         Err(unreadable) => {
             outcome.reason = Some(unreadable.join("; "));
-            return Ok((outcome, None));
+            return Ok(Prepared::Unreadable(outcome));
         }
     };
     let key = parts.key();
     outcome.key = Some(key.clone());
-    let lookup = store.lookup(&key, opts.verify)?;
-    let why = match lookup {
+    let why = match store.lookup(&key, verify)? {
         Lookup::Hit(manifest) if !force => {
             store.write_record(&node.id, &Record { key, parts })?;
             outcome.status = Status::Cached;
             outcome.warnings = manifest.warnings.clone();
-            outcome.seconds = start.elapsed().as_secs_f64();
-            return Ok((outcome, Some(*manifest)));
+            return Ok(Prepared::Cached(outcome, manifest));
         }
         Lookup::Hit(_) => vec!["forced".to_owned()],
         other => miss_reasons(store, &node.id, &parts, &other)?,
     };
-    outcome.reason = Some(why.join("; "));
-
-    let staging = store.staging_dir(&node.id)?;
-    let ctx = Context {
-        node_id: &node.id,
-        run_id,
+    Ok(Prepared::Run(Work {
+        node,
+        key,
+        parts,
+        why,
         inputs: input_paths(dag, idx, store, upstream),
-        out_dir: &staging,
-        progress: multi,
-        stat_cache: store.stat_cache(),
-        interrupt: opts.interrupt,
-        warnings: Default::default(),
+        staging: store.staging_dir(&node.id)?,
         previous: previous_outputs(store, node)?,
-        items: store.item_cache(&*node.stage, force),
-    };
-    tracing::info!(node = %node.id, "running ({})", why.join("; "));
-    let result = catch_unwind(AssertUnwindSafe(|| node.stage.run(&ctx)));
+        force,
+    }))
+}
+
+/// Holds what the stage wrote to what it declares and, when it holds, publishes it under the
+/// node's key and records the node; a failure leaves nothing behind.
+fn publish(env: &RunEnv, work: Work, execution: Execution, start: Instant) -> Result<(NodeOutcome, Option<Manifest>)> {
+    let node = work.node;
+    let mut outcome = NodeOutcome::new(node, Status::Failed, Some(work.why.join("; ")));
+    outcome.key = Some(work.key.clone());
     let outputs = node.stage.outputs();
-    let failure = match result {
-        Ok(Ok(())) => crate::declared::mismatch(&staging, &outputs),
-        Ok(Err(e)) => Some(error_chain(&*e)),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
-            tracing::debug!(node = %node.id, "panic: {message}");
-            // Native libraries append long backtraces; the first line says what went wrong.
-            Some(format!("the stage panicked: {}", message.lines().next().unwrap_or("")))
+    let result = execution.and_then(|warnings| match crate::declared::mismatch(&work.staging, &outputs) {
+        Some(message) => Err(message),
+        None => Ok(warnings),
+    });
+    outcome.seconds = start.elapsed().as_secs_f64();
+    let warnings = match result {
+        Ok(warnings) => warnings,
+        Err(message) => {
+            let _ = std::fs::remove_dir_all(&work.staging);
+            if env.opts.interrupt.load(Ordering::SeqCst) {
+                outcome.status = Status::Interrupted;
+            }
+            outcome.reason = Some(message);
+            return Ok((outcome, None));
         }
     };
-    outcome.seconds = start.elapsed().as_secs_f64();
-    if let Some(message) = failure {
-        let _ = std::fs::remove_dir_all(&staging);
-        if opts.interrupt.load(Ordering::SeqCst) {
-            outcome.status = Status::Interrupted;
-        }
-        outcome.reason = Some(message);
-        return Ok((outcome, None));
-    }
     let manifest = Manifest {
-        key: key.clone(),
+        key: work.key.clone(),
         node: node.id.clone(),
-        parts: parts.clone(),
+        parts: work.parts.clone(),
         outputs: Default::default(),
-        run_id: run_id.to_owned(),
+        run_id: env.run_id.to_owned(),
         created_at: Utc::now().to_rfc3339(),
         seconds: outcome.seconds,
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
-        warnings: ctx.warnings.into_inner().expect("warnings lock"),
+        warnings,
     };
     let names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
-    let manifest = store.publish(&staging, manifest, &names)?;
-    store.write_record(&node.id, &Record { key, parts })?;
+    let manifest = env.store.publish(&work.staging, manifest, &names)?;
+    env.store.write_record(&node.id, &Record { key: work.key, parts: work.parts })?;
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();
     Ok((outcome, Some(manifest)))

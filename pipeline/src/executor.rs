@@ -1,0 +1,86 @@
+//! Where a node's stage runs once the engine has decided it must: the seam between deciding
+//! (cache lookup, inputs, staging; [`crate::run`]) and doing. [`InProcess`] runs the stage on
+//! the calling thread; an executor that runs it elsewhere (a cluster job) writes the same
+//! outputs into the same staging directory and reports the same way, and the engine publishes
+//! them alike.
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+use indicatif::MultiProgress;
+
+use crate::exec::{RunOptions, error_chain};
+use crate::stage::{Context, Node};
+use crate::store::{KeyParts, Store};
+
+/// A node that must run: its key and why, where its inputs are, and the empty directory its
+/// declared outputs are to be written into.
+pub struct Work<'a> {
+    pub node: &'a Node,
+    pub key: String,
+    pub parts: KeyParts,
+    /// Why it runs, as `status` would say.
+    pub why: Vec<String>,
+    /// Each declared input by name.
+    pub inputs: BTreeMap<String, PathBuf>,
+    pub staging: PathBuf,
+    /// The outputs the node last published, if intact (see [`Context::previous_output`]).
+    pub previous: Option<PathBuf>,
+    /// Run with `--force`: remake its items too.
+    pub force: bool,
+}
+
+/// How an execution ended: the stage's warnings, or why it failed (one message, which the
+/// engine shows and records).
+pub type Execution = std::result::Result<Vec<String>, String>;
+
+/// The run a node executes in.
+pub struct RunEnv<'a> {
+    pub store: &'a Store,
+    pub opts: &'a RunOptions,
+    pub run_id: &'a str,
+    pub progress: &'a MultiProgress,
+    pub executor: &'a dyn Executor,
+}
+
+/// Runs a prepared node's stage to its end.
+pub trait Executor: Send + Sync + std::fmt::Debug {
+    /// Runs `work`'s stage, its outputs written into `work.staging`; blocks until it has ended.
+    fn execute(&self, work: &Work, env: &RunEnv) -> Execution;
+}
+
+/// Runs stages in this process, on the calling thread; a panic is the node's failure.
+#[derive(Debug)]
+pub struct InProcess;
+
+impl Executor for InProcess {
+    fn execute(&self, work: &Work, env: &RunEnv) -> Execution {
+        let ctx = Context {
+            node_id: &work.node.id,
+            run_id: env.run_id,
+            inputs: work.inputs.clone(),
+            out_dir: &work.staging,
+            progress: env.progress,
+            stat_cache: env.store.stat_cache(),
+            interrupt: env.opts.interrupt,
+            warnings: Default::default(),
+            previous: work.previous.clone(),
+            items: env.store.item_cache(&*work.node.stage, work.force),
+        };
+        match catch_unwind(AssertUnwindSafe(|| work.node.stage.run(&ctx))) {
+            Ok(Ok(())) => Ok(ctx.warnings.into_inner().expect("warnings lock")),
+            Ok(Err(e)) => Err(error_chain(&*e)),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                tracing::debug!(node = %work.node.id, "panic: {message}");
+                // Native libraries append long backtraces; the first line says what went wrong.
+                Err(format!("the stage panicked: {}", message.lines().next().unwrap_or("")))
+            }
+        }
+    }
+}
