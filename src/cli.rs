@@ -25,6 +25,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where nodes run.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
 /// Query result formats.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum OutputFormat {
@@ -63,9 +70,12 @@ pub enum Command {
         /// Rerun a stage (by name, e.g. `train`, or node id, e.g. `train[fold=3]`) even if cached.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
-        /// Nodes run at once.
-        #[arg(long, short, default_value_t = 1)]
-        jobs: usize,
+        /// Nodes run at once (default: 1 on this machine; with Slurm, executor.slurm.max_jobs).
+        #[arg(long, short)]
+        jobs: Option<usize>,
+        /// Where nodes run: here, or each as a Slurm job (default: the workflow's executor.kind).
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorArg>,
         /// Write `{"run_id", "nodes": [{"id", "status", "seconds", "reason"}]}` to this file.
         #[arg(long, value_name = "FILE")]
         summary_json: Option<PathBuf>,
@@ -204,6 +214,15 @@ pub enum Command {
         /// Replace the output file if it exists.
         #[arg(long)]
         force: bool,
+    },
+    /// Run one node's attempt (what a Slurm job does; see `--executor slurm`).
+    #[command(hide = true)]
+    ExecNode {
+        #[command(flatten)]
+        wf: WorkflowArgs,
+        /// The attempt's folder, with the driver's request.
+        #[arg(long)]
+        attempt: PathBuf,
     },
     /// Print the workflow's DAG.
     Dag {

@@ -7,12 +7,13 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use cli::{Bench, Cli, Command, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
-use pipeline::{Dag, Freshness, RunOptions, Store};
-use schemas::workflow::{Setting, Workflow};
+use cli::{Bench, Cli, Command, ExecutorArg, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
+use pipeline::{Dag, Freshness, RunOptions, SlurmExecutor, Store};
+use schemas::workflow::{ExecutorKind, Setting, Workflow};
 
 fn main() -> ExitCode {
     stages::hmil::memory::retain_freed_memory();
@@ -110,6 +111,16 @@ fn load(args: &WorkflowArgs) -> Result<Loaded> {
     parse(args)?.load()
 }
 
+/// Checks that every `[executor.slurm.resources.<stage>]` names a stage of the workflow.
+fn check_stages<'a>(dag: &Dag, names: impl Iterator<Item = &'a String>) -> Result<()> {
+    for name in names {
+        if dag.matching(name).is_empty() {
+            bail!("[executor.slurm.resources.{name}] names no stage of this workflow; {}", dag.describe_names(name));
+        }
+    }
+    Ok(())
+}
+
 /// Settings from `HMIL_FLOW_SET` (whitespace-separated, quotes group), then from `--set`.
 fn settings(set: &[String]) -> Result<Vec<Setting>> {
     let mut out = Setting::from_env(&std::env::var("HMIL_FLOW_SET").unwrap_or_default())?;
@@ -119,7 +130,7 @@ fn settings(set: &[String]) -> Result<Vec<Setting>> {
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { wf, targets, dry_run, quiet, force, jobs, summary_json, wait, verify } => {
+        Command::Run { wf, targets, dry_run, quiet, force, jobs, executor, summary_json, wait, verify } => {
             let l = load(&wf)?;
             l.workflow.check_paths()?;
             let part = part_of(&l.dag, &targets)?;
@@ -130,7 +141,23 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             interrupt::catch();
-            let opts = RunOptions { jobs, force, verify, wait, interrupt: &interrupt::REQUESTED, ..Default::default() };
+            let mut opts = RunOptions { force, verify, wait, interrupt: &interrupt::REQUESTED, ..Default::default() };
+            let kind = match executor {
+                Some(ExecutorArg::Local) => ExecutorKind::Local,
+                Some(ExecutorArg::Slurm) => ExecutorKind::Slurm,
+                None => l.workflow.executor.kind,
+            };
+            opts.jobs = jobs.unwrap_or(1);
+            if kind == ExecutorKind::Slurm {
+                let slurm = &l.workflow.executor.slurm;
+                check_stages(&l.dag, slurm.resources.keys())?;
+                let exe = std::env::current_exe().context("finding this program for the jobs to run")?;
+                let workflow = std::fs::canonicalize(&wf.workflow).context("finding the workflow file")?;
+                let mut command = vec![exe.display().to_string(), "exec-node".into(), workflow.display().to_string()];
+                command.extend(wf.set.iter().flat_map(|s| ["--set".to_owned(), s.clone()]));
+                opts.executor = Arc::new(SlurmExecutor::new(slurm.clone(), command, &l.store)?);
+                opts.jobs = jobs.unwrap_or(slurm.max_jobs);
+            }
             let summary = pipeline::run(dag, &l.store, &opts)?;
             let settings = serde_json::to_string(&l.workflow)?;
             let of = pipeline::RunOf { workflow: &l.workflow.workflow.name, digest: &l.digest, settings: &settings };
@@ -140,6 +167,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 std::fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
             }
             return finish_run(&l, &wf, &summary, quiet);
+        }
+        Command::ExecNode { wf, attempt } => {
+            // The job's CPUs, not the node's (a stage's own setting, like train.threads, wins).
+            if let Some(n) = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|n| n.parse::<i32>().ok()) {
+                tch::set_num_threads(n);
+            }
+            let l = load(&wf)?;
+            pipeline::run_attempt(&l.dag, &l.store, &attempt)?;
         }
         Command::Status { wf, targets, verify } => {
             let l = load(&wf)?;

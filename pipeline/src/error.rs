@@ -23,6 +23,10 @@ pub enum Error {
     Table { path: PathBuf, message: String },
     #[error("{flag} `{name}` matches no stage or node of this workflow; {known}")]
     UnknownNode { flag: &'static str, name: String, known: String },
+    #[error("{0}")]
+    Attempt(String),
+    #[error("{0}")]
+    Executor(String),
     #[error("{} {message}; move it away, or set workflow.results to another folder", path.display())]
     ResultsFolder { path: PathBuf, message: String },
 }

@@ -157,6 +157,8 @@ pub fn new_run_id() -> String {
 /// thread of its own that hands it to the run's executor.
 pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let _lock = store.lock(opts.wait)?;
+    // First stop what an earlier driver left running, then clear what it left half-written.
+    opts.executor.begin(store).map_err(Error::Executor)?;
     store.clear_staging()?;
     let forced = resolve(dag, &opts.force, "--force")?;
     let run_id = new_run_id();

@@ -46,6 +46,11 @@ pub struct RunEnv<'a> {
 
 /// Runs a prepared node's stage to its end.
 pub trait Executor: Send + Sync + std::fmt::Debug {
+    /// Called once the run holds the workspace, before any node runs.
+    fn begin(&self, _store: &Store) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     /// Runs `work`'s stage, its outputs written into `work.staging`; blocks until it has ended.
     fn execute(&self, work: &Work, env: &RunEnv) -> Execution;
 }

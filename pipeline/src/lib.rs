@@ -6,6 +6,7 @@
 //! [`Store`] keyed by hash(kind, code version, canonical params, input digests). [`status`] says,
 //! without running anything, which nodes would rerun and why.
 
+mod attempt;
 mod dag;
 mod declared;
 mod digest;
@@ -18,9 +19,11 @@ mod gc;
 mod items;
 mod results;
 mod runlog;
+mod slurm;
 mod stage;
 mod store;
 
+pub use attempt::run_attempt;
 pub use dag::Dag;
 pub use digest::{StatCache, hash_bytes, hash_file};
 pub use error::{Error, Result};
@@ -31,5 +34,6 @@ pub use gc::{Garbage, collect_garbage};
 pub use items::Item;
 pub use results::refresh_results;
 pub use runlog::{RunOf, recent_keys, write_runs};
-pub use stage::{Context, Input, Node, NodeRef, Output, Pending, Stage, StageError};
+pub use slurm::SlurmExecutor;
+pub use stage::{Context, Input, Node, NodeRef, Output, Pending, Resources, Stage, StageError};
 pub use store::{Manifest, Store};

@@ -29,11 +29,24 @@ pub trait Stage: Send + Sync {
     fn outputs(&self) -> Vec<Output>;
     /// Does the work.
     fn run(&self, ctx: &Context) -> Result<(), StageError>;
+    /// What the stage's work needs where it runs; by default a CPU, anywhere.
+    fn resources(&self) -> Resources {
+        Resources::default()
+    }
     /// For `status`, when the node would run with inputs it can read: how much of its per-item
     /// work is done already ("1 of 13 slide(s) to tile"), or nothing to add.
     fn pending(&self, _: &Pending) -> Result<Option<String>, StageError> {
         Ok(None)
     }
+}
+
+/// What a stage's work needs, for an executor that runs it elsewhere (a Slurm job).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// It runs faster on a GPU (one, by default).
+    pub gpu: bool,
+    /// Small bookkeeping that runs in the driver itself: not worth a job's start-up.
+    pub in_driver: bool,
 }
 
 /// What [`Stage::pending`] sees: the node's inputs as they stand and its items.

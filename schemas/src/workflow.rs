@@ -39,6 +39,69 @@ pub struct Workflow {
     /// `[[cohorts]]`: external test sets every fold model predicts, never used for any choice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<Cohort>,
+    /// `[executor]`: where nodes that must run are run (never part of what they compute).
+    #[serde(default)]
+    pub executor: Executor,
+}
+
+/// `[executor]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Executor {
+    pub kind: ExecutorKind,
+    pub slurm: Slurm,
+}
+
+/// Where nodes run: on this machine (threads of this process), or each as a Slurm job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    #[default]
+    Local,
+    Slurm,
+}
+
+/// `[executor.slurm]`: how jobs are submitted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Slurm {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// Jobs submitted at once, at most.
+    pub max_jobs: usize,
+    /// Seconds between two looks at the queue.
+    pub poll_seconds: f64,
+    /// sbatch options passed through verbatim, e.g. `--constraint=a100`.
+    pub extra: Vec<String>,
+    /// `[executor.slurm.resources.<stage>]`: a stage's jobs' resources, over the defaults.
+    pub resources: std::collections::BTreeMap<String, JobResources>,
+}
+
+impl Default for Slurm {
+    fn default() -> Self {
+        Slurm {
+            partition: None,
+            account: None,
+            qos: None,
+            max_jobs: 50,
+            poll_seconds: 10.0,
+            extra: Vec::new(),
+            resources: Default::default(),
+        }
+    }
+}
+
+/// What one job asks Slurm for; unset keys take the stage's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobResources {
+    pub cpus: Option<u32>,
+    /// Slurm's `--mem`, e.g. `"64G"`.
+    pub mem: Option<String>,
+    /// Slurm's `--time`, e.g. `"04:00:00"`.
+    pub time: Option<String>,
+    pub gpus: Option<u32>,
 }
 
 /// One external cohort: its feature files and labels (the same columns and classes as the
@@ -889,6 +952,21 @@ impl Workflow {
             }
             if self.cohorts[..i].iter().any(|o| o.name == c.name) {
                 return bad(&key, format!("`{}` names two cohorts", c.name));
+            }
+        }
+        let sl = &self.executor.slurm;
+        if sl.max_jobs == 0 {
+            return bad("executor.slurm.max_jobs", "must be at least 1".into());
+        }
+        if !(sl.poll_seconds.is_finite() && sl.poll_seconds > 0.0) {
+            return bad(
+                "executor.slurm.poll_seconds",
+                format!("{} is not a positive number of seconds", sl.poll_seconds),
+            );
+        }
+        for (stage, r) in &sl.resources {
+            if r.cpus == Some(0) {
+                return bad(&format!("executor.slurm.resources.{stage}.cpus"), "must be at least 1".into());
             }
         }
         let mut seeds = self.repeats.seeds.clone();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 
 use arrow::array::Int64Array;
-use pipeline::{Context, Input, NodeRef, Output, Pending, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Pending, Resources, Stage, StageError};
 use schemas::artifacts::{EXTRACTED, H5_DIR, SLIDES, TILES};
 use schemas::workflow::{Encoder, EncoderDtype, OnBadFile, Slides};
 use tch::{CModule, Device, Kind, Tensor};
@@ -42,6 +42,10 @@ impl ExtractFeatures {
 impl Stage for ExtractFeatures {
     fn kind(&self) -> &str {
         "extract_features"
+    }
+    /// Faster on a GPU unless set to run on the CPU.
+    fn resources(&self) -> Resources {
+        Resources { gpu: self.encoder.device != "cpu", in_driver: false }
     }
     fn code_version(&self) -> &str {
         "1"

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array};
-use pipeline::{Context, Input, NodeRef, Output, Pending, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Pending, Resources, Stage, StageError};
 use schemas::artifacts::{Blob, FEATURE_INDEX, SKIPPED};
 use schemas::workflow::OnBadFile;
 use serde::{Deserialize, Serialize};
@@ -118,6 +118,10 @@ pub struct IndexFeatures {
 impl Stage for IndexFeatures {
     fn kind(&self) -> &str {
         "index_features"
+    }
+    /// Small: runs in the driver.
+    fn resources(&self) -> Resources {
+        Resources { gpu: false, in_driver: true }
     }
     fn code_version(&self) -> &str {
         "1"

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{Int32Array, Int64Array};
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{DROPPED, FEATURE_INDEX, LABELS, SKIPPED};
 use schemas::workflow::{Labels, OnMissing};
 use unicode_normalization::UnicodeNormalization;
@@ -26,6 +26,10 @@ pub struct JoinLabels {
 impl Stage for JoinLabels {
     fn kind(&self) -> &str {
         "join_labels"
+    }
+    /// Small: runs in the driver.
+    fn resources(&self) -> Resources {
+        Resources { gpu: false, in_driver: true }
     }
     /// 2: names the feature files indexing skipped, hints at near-miss ids, warns of empty classes.
     fn code_version(&self) -> &str {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::Int32Array;
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{LABELS, SPLITS};
 use schemas::workflow::{SplitMethod, Splits};
 
@@ -325,6 +325,10 @@ pub struct SplitFolds {
 impl Stage for SplitFolds {
     fn kind(&self) -> &str {
         "split_folds"
+    }
+    /// Small: runs in the driver.
+    fn resources(&self) -> Resources {
+        Resources { gpu: false, in_driver: true }
     }
     /// 2: refuses folds that cannot test every class, and records what it warns about.
     fn code_version(&self) -> &str {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{AGREEMENT, ATTENTION, METRICS, MODEL, PREDICTIONS};
 use schemas::workflow::Evaluate;
 
@@ -30,6 +30,10 @@ pub struct EvaluateFold {
 impl Stage for EvaluateFold {
     fn kind(&self) -> &str {
         "evaluate"
+    }
+    /// Faster on a GPU unless set to run on the CPU.
+    fn resources(&self) -> Resources {
+        Resources { gpu: self.device != "cpu", in_driver: false }
     }
     /// 2: one joint product per shared input (same model, different float summation order).
     /// 3: `agreement.parquet`.

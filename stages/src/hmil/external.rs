@@ -6,7 +6,7 @@
 //! `external` rows are a fold model's, split `ensemble` rows (fold −1) the ensemble's.
 
 use arrow::array::RecordBatch;
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{EXTERNAL_METRICS, EXTERNAL_PREDICTIONS, METRICS, MODEL};
 
 use super::checkpoint;
@@ -38,6 +38,10 @@ pub struct ExternalCohort {
 impl Stage for ExternalCohort {
     fn kind(&self) -> &str {
         "external"
+    }
+    /// Faster on a GPU unless set to run on the CPU.
+    fn resources(&self) -> Resources {
+        Resources { gpu: self.device != "cpu", in_driver: false }
     }
     fn code_version(&self) -> &str {
         "1"

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use arrow::array::{Float64Array, Int32Array};
 use models::{Dims, MilModel, Schedule, Targets};
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{COORDS_BIN, FEATURES_BIN, HISTORY, LABELS, MODEL, PACKED, SPLITS};
 use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, Train};
 use tch::nn::{self, OptimizerConfig};
@@ -101,6 +101,10 @@ pub struct TrainFold {
 impl Stage for TrainFold {
     fn kind(&self) -> &str {
         "train"
+    }
+    /// Faster on a GPU unless set to run on the CPU.
+    fn resources(&self) -> Resources {
+        Resources { gpu: self.config.device != "cpu", in_driver: false }
     }
     /// 2: one joint product per shared input (same model, different float summation order).
     /// 3: the checkpoint carries its classes, hierarchy and configuration.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, Int64Type};
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use schemas::artifacts::{
@@ -64,6 +64,10 @@ pub struct FoldNodes {
 impl Stage for Report {
     fn kind(&self) -> &str {
         "report"
+    }
+    /// Small: runs in the driver.
+    fn resources(&self) -> Resources {
+        Resources { gpu: false, in_driver: true }
     }
     /// 2: the confusion plot drawn rows-true from the top with centred labels; support as totals.
     /// 3: all folds' metrics and predictions as tables.

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
 use image::RgbImage;
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
+use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{HEATMAP_DIR, HEATMAPS, INSTANCE_ATTENTION, MODEL, THUMBNAIL_DIR, THUMBNAILS, TOP_TILES_DIR};
 use schemas::workflow::MapKind;
 
@@ -52,6 +52,10 @@ pub struct HeatmapsFold {
 impl Stage for HeatmapsFold {
     fn kind(&self) -> &str {
         "heatmaps"
+    }
+    /// Faster on a GPU unless set to run on the CPU.
+    fn resources(&self) -> Resources {
+        Resources { gpu: self.device != "cpu", in_driver: false }
     }
     /// 2: evidence, mosaics, thumbnails, panels cut to the patches' box.
     fn code_version(&self) -> &str {
