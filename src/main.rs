@@ -278,7 +278,10 @@ fn finish_run(l: &Loaded, wf: &WorkflowArgs, summary: &pipeline::RunSummary, qui
     let missing = pipeline::refresh_results(results, &l.dag, &l.store, &status)?;
     if !quiet {
         for n in &summary.nodes {
-            let reason = pipeline::first_line(n.reason.as_deref().unwrap_or(""));
+            let mut reason = pipeline::first_line(n.reason.as_deref().unwrap_or("")).to_owned();
+            if let Some(job) = &n.job {
+                reason += &format!(" [Slurm job {} {}]", job.id, job.state);
+            }
             let line = format!("{:<9} {:>8.2}s  {:<28} {reason}", n.status.as_str(), n.seconds, n.id);
             println!("{}", line.trim_end());
         }
@@ -343,6 +346,9 @@ fn print_status(status: &[pipeline::NodeStatus]) {
         match &s.freshness {
             Freshness::Fresh => println!("fresh  {}", s.id),
             Freshness::Stale(why) => println!("stale  {}: {}", s.id, why.join("; ")),
+        }
+        if let Some((status, job)) = &s.last_job {
+            println!("       last run: {status} as Slurm job {} ({})", job.id, job.state);
         }
         for w in &s.warnings {
             println!("       warning: {w}");

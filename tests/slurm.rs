@@ -156,6 +156,14 @@ fn slurm_gives_the_local_results_and_a_second_run_submits_nothing() {
     assert_eq!(attempts(&wf, "slurm"), 7);
     let metrics = |name: &str| read(&dir.path().join(name).join("results/metrics.parquet"));
     assert_eq!(metrics("slurm"), metrics("local"), "the same metrics, bit for bit");
+    // Each job is in the runs table and in `status`.
+    let workspace = format!("workflow.workspace={}", dir.path().join("slurm/ws").display());
+    let wf_s = wf.to_str().unwrap();
+    let sql = "SELECT job_state, count(*) AS n FROM runs WHERE job_id IS NOT NULL GROUP BY job_state";
+    let jobs = hmil_flow(&["query", wf_s, sql, "--set", &workspace, "--format", "csv"]);
+    assert_eq!(jobs.trim(), "job_state,n\nCOMPLETED,7", "{jobs}");
+    let status = hmil_flow(&["status", wf_s, "--set", &workspace]);
+    assert_eq!(status.matches("last run: executed as Slurm job ").count(), 7, "{status}");
     let (ok, again) = run(&wf, "slurm", &["--executor", "slurm"]);
     assert!(ok && again.iter().all(|n| n.1 == "cached"), "{again:?}");
     assert_eq!(attempts(&wf, "slurm"), 7, "no job for a cached node");
@@ -163,7 +171,7 @@ fn slurm_gives_the_local_results_and_a_second_run_submits_nothing() {
 
 #[test]
 fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants() {
-    let Some((_one, _dir, wf)) = cluster() else { return };
+    let Some((_one, dir, wf)) = cluster() else { return };
     // The stage fails in the job: its message comes back with the job and its log. (A GPU
     // stage asks for a GPU by default, which this cluster has not: sbatch would refuse it.)
     let no_gpu = "executor.slurm.resources.train.gpus=0";
@@ -186,6 +194,9 @@ fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants(
     let failed: Vec<_> = nodes.iter().filter(|n| n.1 == "failed").collect();
     assert_eq!(failed.len(), 1, "{nodes:?}");
     assert!(failed[0].2.contains(&format!("Slurm job {victim} ended CANCELLED")), "{}", failed[0].2);
+    let workspace = format!("workflow.workspace={}", dir.path().join("cancelled/ws").display());
+    let status = hmil_flow(&["status", wf.to_str().unwrap(), "--set", &workspace]);
+    assert!(status.contains(&format!("last run: failed as Slurm job {victim} (CANCELLED)")), "{status}");
     assert!(nodes.iter().any(|n| n.0 == "report" && n.1 == "skipped"), "{nodes:?}");
 }
 

@@ -112,5 +112,5 @@ fn execute(dag: &Dag, store: &Store, request: &Request) -> std::result::Result<V
     let progress = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
     let opts = RunOptions::default();
     let env = RunEnv { store, opts: &opts, run_id: &request.run_id, progress: &progress, executor: &InProcess };
-    InProcess.execute(&work, &env)
+    InProcess.execute(&work, &env).result
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::dag::Dag;
 use crate::error::{Error, Result};
-use crate::executor::{Execution, Executor, InProcess, RunEnv, Work};
+use crate::executor::{Execution, Executor, InProcess, Job, RunEnv, Work};
 use crate::explain::{key_parts, miss_reasons};
 use crate::stage::{Input, Node};
 use crate::store::{Lookup, Manifest, Record, Store};
@@ -58,6 +58,9 @@ pub struct NodeOutcome {
     /// What the stage warned about when it made the outputs used (executed now or cached).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The scheduler job the node ran as in this run, if it ran as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
 }
 
 impl NodeOutcome {
@@ -71,6 +74,7 @@ impl NodeOutcome {
             reason,
             key: None,
             warnings: Vec::new(),
+            job: None,
         }
     }
 }
@@ -343,8 +347,9 @@ fn publish(env: &RunEnv, work: Work, execution: Execution, start: Instant) -> Re
     let node = work.node;
     let mut outcome = NodeOutcome::new(node, Status::Failed, Some(work.why.join("; ")));
     outcome.key = Some(work.key.clone());
+    outcome.job = execution.job;
     let outputs = node.stage.outputs();
-    let result = execution.and_then(|warnings| match crate::declared::mismatch(&work.staging, &outputs) {
+    let result = execution.result.and_then(|warnings| match crate::declared::mismatch(&work.staging, &outputs) {
         Some(message) => Err(message),
         None => Ok(warnings),
     });

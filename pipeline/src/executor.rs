@@ -31,9 +31,30 @@ pub struct Work<'a> {
     pub force: bool,
 }
 
-/// How an execution ended: the stage's warnings, or why it failed (one message, which the
-/// engine shows and records).
-pub type Execution = std::result::Result<Vec<String>, String>;
+/// How an execution ended.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    /// The stage's warnings, or why it failed (one message, which the engine shows and records).
+    pub result: std::result::Result<Vec<String>, String>,
+    /// The scheduler job it ran as, if any.
+    pub job: Option<Job>,
+}
+
+/// A scheduler job a node ran as.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Job {
+    /// The scheduler's id for it (a Slurm job id).
+    pub id: String,
+    /// The state it ended in, as the scheduler names it (`COMPLETED`, `FAILED`, `TIMEOUT`, …).
+    pub state: String,
+}
+
+impl Execution {
+    /// An execution in this process.
+    pub fn here(result: std::result::Result<Vec<String>, String>) -> Execution {
+        Execution { result, job: None }
+    }
+}
 
 /// The run a node executes in.
 pub struct RunEnv<'a> {
@@ -73,7 +94,7 @@ impl Executor for InProcess {
             previous: work.previous.clone(),
             items: env.store.item_cache(&*work.node.stage, work.force),
         };
-        match catch_unwind(AssertUnwindSafe(|| work.node.stage.run(&ctx))) {
+        Execution::here(match catch_unwind(AssertUnwindSafe(|| work.node.stage.run(&ctx))) {
             Ok(Ok(())) => Ok(ctx.warnings.into_inner().expect("warnings lock")),
             Ok(Err(e)) => Err(error_chain(&*e)),
             Err(panic) => {
@@ -86,6 +107,6 @@ impl Executor for InProcess {
                 // Native libraries append long backtraces; the first line says what went wrong.
                 Err(format!("the stage panicked: {}", message.lines().next().unwrap_or("")))
             }
-        }
+        })
     }
 }

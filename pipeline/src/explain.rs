@@ -30,6 +30,9 @@ pub struct NodeStatus {
     pub key: Option<String>,
     /// Warnings recorded with the published outputs, when fresh.
     pub warnings: Vec<String>,
+    /// How the newest run ran the node, when it ran it as a scheduler job: the node's status
+    /// there, and the job.
+    pub last_job: Option<(String, crate::executor::Job)>,
 }
 
 /// How many items a message names before it counts the rest.
@@ -180,6 +183,7 @@ pub(crate) fn miss_reasons(store: &Store, id: &str, parts: &KeyParts, lookup: &L
 pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> Result<Vec<NodeStatus>> {
     let mut manifests = HashMap::new();
     let mut out = Vec::with_capacity(dag.len());
+    let mut last_jobs = crate::runlog::last_jobs(store)?;
     for &idx in dag.order() {
         let node = dag.node(idx);
         let mut warnings = Vec::new();
@@ -221,7 +225,15 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                 (Freshness::Stale(why), None)
             }
         };
-        out.push(NodeStatus { id: node.id.clone(), stage: node.stage_name.clone(), freshness, key, warnings });
+        let last_job = last_jobs.remove(&node.id);
+        out.push(NodeStatus {
+            id: node.id.clone(),
+            stage: node.stage_name.clone(),
+            freshness,
+            key,
+            warnings,
+            last_job,
+        });
     }
     Ok(out)
 }

@@ -28,7 +28,7 @@ pub use dag::Dag;
 pub use digest::{StatCache, hash_bytes, hash_file};
 pub use error::{Error, Result};
 pub use exec::{NodeOutcome, RunOptions, RunSummary, Status, error_chain, first_line, resolve, run};
-pub use executor::{Execution, Executor, InProcess, RunEnv, Work};
+pub use executor::{Execution, Executor, InProcess, Job, RunEnv, Work};
 pub use explain::{Freshness, NodeStatus, some_of, status};
 pub use gc::{Garbage, collect_garbage};
 pub use items::Item;

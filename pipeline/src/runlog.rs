@@ -1,17 +1,18 @@
 //! The `runs` table: every run appends one Parquet file under the workspace's `runs/`; `gc` reads
 //! back what recent runs used.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result, io};
 use crate::exec::RunSummary;
+use crate::executor::Job;
 use crate::store::Store;
 
 /// Which workflow a run ran, and with what.
@@ -47,6 +48,8 @@ pub fn write_runs(store: &Store, summary: &RunSummary, of: RunOf) -> Result<()> 
         strings(&|i| nodes[i].reason.clone()),
         strings(&|i| nodes[i].key.clone()),
         Arc::new(nodes.iter().map(|n| n.seconds).collect::<Float64Array>()),
+        strings(&|i| nodes[i].job.as_ref().map(|j| j.id.clone())),
+        strings(&|i| nodes[i].job.as_ref().map(|j| j.state.clone())),
     ];
     let path = store.runs_dir().join(format!("{}.parquet", summary.run_id));
     let table_err = |message: String| Error::Table { path: path.clone(), message };
@@ -57,6 +60,41 @@ pub fn write_runs(store: &Store, summary: &RunSummary, of: RunOf) -> Result<()> 
     writer.write(&batch).map_err(|e| table_err(e.to_string()))?;
     writer.close().map_err(|e| table_err(e.to_string()))?;
     fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Per node, how the newest run ran it as a scheduler job (its status there, and the job), for
+/// the nodes it ran as one.
+pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(store.runs_dir())
+        .map_err(io(store.runs_dir()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    let mut jobs = HashMap::new();
+    let Some(path) = files.last() else { return Ok(jobs) };
+    let table_err = |e: &dyn std::fmt::Display| Error::Table { path: path.clone(), message: e.to_string() };
+    let file = fs::File::open(path).map_err(io(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| table_err(&e))?
+        .build()
+        .map_err(|e| table_err(&e))?;
+    for batch in reader {
+        let batch = batch.map_err(|e| table_err(&e))?;
+        let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_string_opt::<i32>().cloned());
+        // Runs recorded before jobs were kept have no job columns.
+        let (Some(node), Some(status), Some(id), Some(state)) =
+            (text("node_id"), text("status"), text("job_id"), text("job_state"))
+        else {
+            continue;
+        };
+        for i in (0..batch.num_rows()).filter(|&i| !id.is_null(i)) {
+            let job = Job { id: id.value(i).to_owned(), state: state.value(i).to_owned() };
+            jobs.insert(node.value(i).to_owned(), (status.value(i).to_owned(), job));
+        }
+    }
+    Ok(jobs)
 }
 
 /// The cache keys that the newest `runs` runs of the workspace executed or found cached.

@@ -16,7 +16,7 @@ use schemas::workflow::{JobResources, Slurm};
 
 use crate::attempt::{Done, LOG, Request};
 use crate::error::{Error, Result, io};
-use crate::executor::{Execution, Executor, InProcess, RunEnv, Work};
+use crate::executor::{Execution, Executor, InProcess, Job, RunEnv, Work};
 use crate::store::Store;
 
 /// How long a finished job's `done.json` may take to appear (a shared file system's delay).
@@ -144,22 +144,30 @@ impl SlurmExecutor {
 
     /// Waits for job `id` of the attempt in `dir` to end.
     fn wait(&self, id: &str, dir: &Path, submitted: Instant, env: &RunEnv) -> Execution {
+        let ended_as =
+            |state: &str, result| Execution { result, job: Some(Job { id: id.to_owned(), state: state.into() }) };
         let mut ended: Option<Instant> = None;
         loop {
+            // The job writes done.json last and exits: its state is Slurm's for that exit.
             if let Some(done) = Done::read(dir) {
                 return match done.failure {
-                    None => Ok(done.warnings),
-                    Some(f) => Err(format!("{f} (Slurm job {id}; log {})", dir.join(LOG).display())),
+                    None => ended_as("COMPLETED", Ok(done.warnings)),
+                    Some(f) => {
+                        ended_as("FAILED", Err(format!("{f} (Slurm job {id}; log {})", dir.join(LOG).display())))
+                    }
                 };
             }
             if env.opts.interrupt.load(Ordering::SeqCst) {
                 cancel(&[id]);
-                return Err(format!("the run was interrupted; Slurm job {id} was cancelled"));
+                return ended_as("CANCELLED", Err(format!("the run was interrupted; Slurm job {id} was cancelled")));
             }
             match (ended, self.state(id, submitted)) {
                 (_, Some(_)) => ended = None,
                 (None, None) => ended = Some(Instant::now()),
-                (Some(t), None) if t.elapsed() > GRACE => return Err(why_ended(id, dir)),
+                (Some(t), None) if t.elapsed() > GRACE => {
+                    let (state, why) = why_ended(id, dir);
+                    return ended_as(&state, Err(why));
+                }
                 (Some(_), None) => {}
             }
             std::thread::sleep(TICK);
@@ -207,6 +215,16 @@ impl Executor for SlurmExecutor {
             return InProcess.execute(work, env);
         }
         let _slot = self.slot();
+        match self.submit_attempt(work, env) {
+            Ok((id, dir, submitted)) => self.wait(&id, &dir, submitted, env),
+            Err(why) => Execution::here(Err(why)),
+        }
+    }
+}
+
+impl SlurmExecutor {
+    /// Writes the attempt's request and submits it: the job id, the attempt's folder, and when.
+    fn submit_attempt(&self, work: &Work, env: &RunEnv) -> std::result::Result<(String, PathBuf, Instant), String> {
         let dir = attempt_dir(env.store, &work.node.id).map_err(|e| e.to_string())?;
         let request = Request {
             node: work.node.id.clone(),
@@ -220,7 +238,7 @@ impl Executor for SlurmExecutor {
         let submitted = Instant::now();
         let id = self.submit(work, &dir)?;
         tracing::info!(node = %work.node.id, "submitted as Slurm job {id} ({})", dir.display());
-        self.wait(&id, &dir, submitted, env)
+        Ok((id, dir, submitted))
     }
 }
 
@@ -240,9 +258,10 @@ fn cancel(ids: &[&str]) {
     }
 }
 
-/// Why job `id` ended without saying it was done: Slurm's state, exit code and reason (from
-/// `scontrol`, or `sacct` once the controller has forgotten the job), and the end of its log.
-fn why_ended(id: &str, dir: &Path) -> String {
+/// How job `id` ended without saying it was done: Slurm's state, and a message with the state,
+/// exit code and reason (from `scontrol`, or `sacct` once the controller has forgotten the job)
+/// and the end of its log.
+fn why_ended(id: &str, dir: &Path) -> (String, String) {
     let field = |text: &str, key: &str| {
         text.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))).map(str::to_owned)
     };
@@ -257,7 +276,7 @@ fn why_ended(id: &str, dir: &Path) -> String {
             (parts.next().map(str::to_owned), parts.next().map(str::to_owned), None)
         }
     };
-    let state = state.filter(|s| !s.is_empty()).unwrap_or_else(|| "unknown to Slurm".into());
+    let state = state.filter(|s| !s.is_empty()).unwrap_or_else(|| "UNKNOWN".into());
     let mut why = format!("Slurm job {id} ended {state}");
     if let Some(code) = exit {
         let (code, signal) = code.split_once(':').unwrap_or((&code, "0"));
@@ -274,11 +293,12 @@ fn why_ended(id: &str, dir: &Path) -> String {
     let tail: Vec<String> = std::fs::read_to_string(&log)
         .map(|t| t.lines().rev().take(8).map(str::to_owned).collect::<Vec<_>>().into_iter().rev().collect())
         .unwrap_or_default();
-    if tail.is_empty() {
-        why + &format!(" before the node was done; its log {} is empty", log.display())
+    why += &if tail.is_empty() {
+        format!(" before the node was done; its log {} is empty", log.display())
     } else {
-        why + &format!(" before the node was done; its log {} ends:\n{}", log.display(), tail.join("\n"))
-    }
+        format!(" before the node was done; its log {} ends:\n{}", log.display(), tail.join("\n"))
+    };
+    (state, why)
 }
 
 /// `arg` quoted for a POSIX shell.

@@ -21,5 +21,9 @@ pub fn schema() -> SchemaRef {
         Field::new("reason", DataType::Utf8, true),
         Field::new("cache_key", DataType::Utf8, true),
         Field::new("seconds", DataType::Float64, false),
+        // The scheduler job that ran the node (a Slurm job id) and the state it ended in; none
+        // for a node run in the driver, and in runs recorded before they were kept.
+        Field::new("job_id", DataType::Utf8, true),
+        Field::new("job_state", DataType::Utf8, true),
     ]))
 }
