@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use cli::{Bench, Cli, Command, ExecutorArg, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
-use pipeline::{Dag, Freshness, RunOptions, SlurmExecutor, Store};
+use pipeline::{Dag, Freshness, InProcess, RunOptions, SlurmExecutor, Store};
 use schemas::workflow::{ExecutorKind, Setting, Workflow};
 
 fn main() -> ExitCode {
@@ -148,6 +148,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 None => l.workflow.executor.kind,
             };
             opts.jobs = jobs.unwrap_or(1);
+            // Nodes that run at once get a GPU each.
+            opts.executor = Arc::new(InProcess::with_gpus(tch::Cuda::device_count().max(0) as usize));
             if kind == ExecutorKind::Slurm {
                 let slurm = &l.workflow.executor.slurm;
                 check_stages(&l.dag, slurm.resources.keys())?;
@@ -197,7 +199,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 Some(path) => Some(stages::classes(&Workflow::load(&path, &settings(&[])?)?)),
                 None => None,
             };
-            let device = stages::hmil::train::device(&device)?;
+            let device = stages::hmil::train::device(&device, None)?;
             let n = stages::hmil::predict::predict(&checkpoint, &features, classes, &out, device)?;
             println!("predicted {n} slide(s) into {}", out.display());
         }
@@ -215,7 +217,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     None => None,
                 },
                 out: &out,
-                device: stages::hmil::train::device(&device)?,
+                device: stages::hmil::train::device(&device, None)?,
                 map,
                 top_tiles,
                 full_res: full_res.map(|level| (level, classes)),
@@ -502,7 +504,7 @@ fn bench(what: Bench) -> Result<()> {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
             }
-            let device = stages::hmil::train::device(&device)?;
+            let device = stages::hmil::train::device(&device, None)?;
             let r = stages::bench::epoch(model, slides, instances, dim, epochs, batch_size, device)?;
             println!(
                 "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",

@@ -399,3 +399,64 @@ fn a_table_unlike_its_declared_schema_fails_its_node_and_is_not_published() {
     let objects = fs::read_dir(dir.path().join(".hmil-flow/objects")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(objects, 0, "nothing published");
 }
+
+/// Which GPU a node was given, and when it started and ended.
+type GpuLog = Arc<std::sync::Mutex<Vec<(Option<usize>, Instant, Instant)>>>;
+
+/// Records which GPU it was given and when it ran. Every one has the same key, so runs of
+/// several at once also show that the first to finish publishes and the others reuse it.
+struct OnGpu {
+    wants_gpu: bool,
+    log: GpuLog,
+}
+
+impl Stage for OnGpu {
+    fn kind(&self) -> &str {
+        "on_gpu"
+    }
+    fn code_version(&self) -> &str {
+        "1"
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn inputs(&self) -> Vec<Input> {
+        Vec::new()
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![(&OUT).into()]
+    }
+    fn resources(&self) -> pipeline::Resources {
+        pipeline::Resources { gpu: self.wants_gpu, in_driver: false }
+    }
+    fn run(&self, ctx: &Context) -> Result<(), StageError> {
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(150));
+        fs::write(ctx.output(OUT.file), ctx.node_id())?;
+        self.log.lock().unwrap().push((ctx.gpu(), start, Instant::now()));
+        Ok(())
+    }
+}
+
+#[test]
+fn nodes_run_at_once_get_a_gpu_each_and_never_share_one() {
+    let (_dir, store) = setup();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let node = |id: &str, wants_gpu: bool| Node::new(id, None, Arc::new(OnGpu { wants_gpu, log: log.clone() }));
+    let mut nodes: Vec<Node> = (0..5).map(|k| node(&format!("train{k}"), true)).collect();
+    nodes.push(node("cpu", false));
+    let opts = RunOptions { jobs: 6, executor: Arc::new(pipeline::InProcess::with_gpus(2)), ..Default::default() };
+    let summary = pipeline::run(&Dag::new(nodes).unwrap(), &store, &opts).unwrap();
+    assert!(!summary.failed());
+    let log = log.lock().unwrap();
+    assert_eq!(log.iter().filter(|r| r.0.is_none()).count(), 1, "the CPU node gets no GPU: {log:?}");
+    let on_gpu: Vec<_> = log.iter().filter_map(|r| r.0.map(|g| (g, r.1, r.2))).collect();
+    assert_eq!(on_gpu.len(), 5);
+    assert!(on_gpu.iter().all(|r| r.0 < 2));
+    for (i, a) in on_gpu.iter().enumerate() {
+        for b in &on_gpu[i + 1..] {
+            assert!(a.0 != b.0 || a.2 <= b.1 || b.2 <= a.1, "two nodes on GPU {} at once", a.0);
+        }
+    }
+    assert!(on_gpu.iter().any(|r| r.0 == 0) && on_gpu.iter().any(|r| r.0 == 1), "both GPUs used");
+}

@@ -131,7 +131,7 @@ impl Default for RunOptions {
             verify: false,
             wait: false,
             interrupt: &NEVER,
-            executor: Arc::new(InProcess),
+            executor: Arc::new(InProcess::default()),
         }
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
 
 use indicatif::MultiProgress;
 
@@ -76,13 +77,54 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
     fn execute(&self, work: &Work, env: &RunEnv) -> Execution;
 }
 
-/// Runs stages in this process, on the calling thread; a panic is the node's failure.
-#[derive(Debug)]
-pub struct InProcess;
+/// Runs stages in this process, on the calling thread; a panic is the node's failure. A stage
+/// that wants a GPU gets one of the machine's to itself (see [`Context::gpu`]) while it runs,
+/// waiting for one to be free, so that nodes run at once never share a GPU by accident.
+#[derive(Debug, Default)]
+pub struct InProcess {
+    /// The GPUs not in use, and a signal when one is given back.
+    free: Mutex<Vec<usize>>,
+    returned: Condvar,
+    /// Whether the machine has any.
+    gpus: bool,
+}
+
+impl InProcess {
+    /// For a machine with `gpus` GPUs, numbered from 0.
+    pub fn with_gpus(gpus: usize) -> InProcess {
+        InProcess { free: Mutex::new((0..gpus).rev().collect()), returned: Condvar::new(), gpus: gpus > 0 }
+    }
+
+    /// A free GPU, once there is one; given back when the guard drops.
+    fn take_gpu(&self) -> GpuGuard<'_> {
+        let mut free = self.free.lock().expect("gpu lock");
+        loop {
+            if let Some(gpu) = free.pop() {
+                return GpuGuard { pool: self, gpu };
+            }
+            free = self.returned.wait(free).expect("gpu lock");
+        }
+    }
+}
+
+/// A GPU held by a running node.
+struct GpuGuard<'a> {
+    pool: &'a InProcess,
+    gpu: usize,
+}
+
+impl Drop for GpuGuard<'_> {
+    fn drop(&mut self) {
+        self.pool.free.lock().expect("gpu lock").push(self.gpu);
+        self.pool.returned.notify_one();
+    }
+}
 
 impl Executor for InProcess {
     fn execute(&self, work: &Work, env: &RunEnv) -> Execution {
+        let held = (self.gpus && work.node.stage.resources().gpu).then(|| self.take_gpu());
         let ctx = Context {
+            gpu: held.as_ref().map(|g| g.gpu),
             node_id: &work.node.id,
             run_id: env.run_id,
             inputs: work.inputs.clone(),

@@ -212,7 +212,7 @@ impl Executor for SlurmExecutor {
 
     fn execute(&self, work: &Work, env: &RunEnv) -> Execution {
         if work.node.stage.resources().in_driver {
-            return InProcess.execute(work, env);
+            return InProcess::default().execute(work, env);
         }
         let _slot = self.slot();
         match self.submit_attempt(work, env) {

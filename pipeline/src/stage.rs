@@ -219,9 +219,16 @@ pub struct Context<'a> {
     /// The outputs this node published last (with other inputs), when still intact in the store.
     pub(crate) previous: Option<PathBuf>,
     pub(crate) items: ItemCache,
+    pub(crate) gpu: Option<usize>,
 }
 
 impl Context<'_> {
+    /// The GPU this node has to itself while it runs (a stage that wants one, run by an
+    /// executor that hands them out); a stage set to run on "auto" uses it.
+    pub fn gpu(&self) -> Option<usize> {
+        self.gpu
+    }
+
     /// The id of the node being run.
     pub fn node_id(&self) -> &str {
         self.node_id

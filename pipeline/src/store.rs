@@ -238,11 +238,24 @@ impl Store {
         write_atomic(&staging.join("manifest.json"), &json)?;
         let target = self.object_dir(&manifest.key);
         if target.exists() {
+            // Two nodes with one key (the same work) may finish together: the first one's
+            // intact outputs stand.
+            if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
+                let _ = fs::remove_dir_all(staging);
+                return Ok(*published);
+            }
             let trash = self.root.join("staging").join(format!("damaged-{}", &manifest.key[..16]));
             fs::rename(&target, &trash).map_err(io(&target))?;
             let _ = fs::remove_dir_all(&trash);
         }
-        fs::rename(staging, &target).map_err(io(&target))?;
+        if let Err(e) = fs::rename(staging, &target) {
+            // Published meanwhile by a node of the same key (see above).
+            if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
+                let _ = fs::remove_dir_all(staging);
+                return Ok(*published);
+            }
+            return Err(Error::Io { path: target, source: e });
+        }
         // Renaming the directory keeps the files' mtimes, so the recorded stats still hold.
         Ok(manifest)
     }

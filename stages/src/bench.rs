@@ -391,7 +391,7 @@ pub fn extract(
     if patches == 0 {
         return Err(Error::Features(format!("{}: no patches on tissue to read", dir.display())));
     }
-    let encoder = LoadedEncoder::load(config)?;
+    let encoder = LoadedEncoder::load(config, None)?;
     let side = config.input_size as usize;
     let batch = config.batch_size.min(patches).max(1);
     let pixels = vec![0.1f32; batch * 3 * side * side];

@@ -137,8 +137,9 @@ pub struct LoadedEncoder {
 
 impl LoadedEncoder {
     /// Loads `config.model` on its device; a file libtorch cannot load is an error naming it.
-    pub fn load(config: &Encoder) -> Result<LoadedEncoder> {
-        let device = crate::hmil::train::device(&config.device)?;
+    /// `gpu`: the GPU the node was given, which `device = "auto"` takes.
+    pub fn load(config: &Encoder, gpu: Option<usize>) -> Result<LoadedEncoder> {
+        let device = crate::hmil::train::device(&config.device, gpu)?;
         let bad = |message: String| Error::BadFile { path: config.model.clone(), message };
         let mut module = CModule::load_on_device(&config.model, device).map_err(|e| {
             bad(format!(
@@ -331,7 +332,7 @@ impl ExtractFeatures {
         for slide in &slides {
             let item = ctx.item(&facts(slide, &encoder_digest), |dir| {
                 if encoder.is_none() {
-                    encoder = Some(LoadedEncoder::load(&self.encoder)?);
+                    encoder = Some(LoadedEncoder::load(&self.encoder, ctx.gpu())?);
                 }
                 let encoder = encoder.as_ref().expect("loaded above");
                 let (features, dim) = encode_slide(slide, encoder, &|k| bar.inc(k as u64), &|| ctx.interrupted())?;

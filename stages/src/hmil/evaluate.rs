@@ -80,7 +80,7 @@ pub struct SplitResult<'a> {
 
 impl EvaluateFold {
     fn evaluate(&self, ctx: &Context) -> Result<()> {
-        let device = device(&self.device)?;
+        let device = device(&self.device, ctx.gpu())?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let c = &self.classes;
         let model = load_checkpoint(ctx, c, store.dim, device)?;

@@ -73,7 +73,7 @@ impl Stage for ExternalCohort {
 
 impl ExternalCohort {
     fn predict(&self, ctx: &Context) -> Result<()> {
-        let device = device(&self.device)?;
+        let device = device(&self.device, ctx.gpu())?;
         let store = Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device)?;
         let bags = labelled_bags(ctx.input("labels"), &store)?;
         if bags.is_empty() {

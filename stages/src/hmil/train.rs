@@ -71,10 +71,11 @@ impl Classes {
     }
 }
 
-/// Resolves `auto` / `cpu` / `cuda:N`.
-pub fn device(spec: &str) -> Result<Device> {
+/// Resolves `auto` / `cpu` / `cuda:N`; `auto` is `gpu` when the node was given one (see
+/// [`pipeline::Context::gpu`]), else the first GPU if there is one, else the CPU.
+pub fn device(spec: &str, gpu: Option<usize>) -> Result<Device> {
     match spec {
-        "auto" => Ok(Device::cuda_if_available()),
+        "auto" => Ok(gpu.map_or_else(Device::cuda_if_available, Device::Cuda)),
         "cpu" => Ok(Device::Cpu),
         other => {
             let n: usize = other
@@ -266,7 +267,7 @@ impl TrainFold {
         if let Some(t) = cfg.threads {
             tch::set_num_threads(t as i32);
         }
-        let device = device(&cfg.device)?;
+        let device = device(&cfg.device, ctx.gpu())?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let config = models::Config {
             dropout: cfg.dropout,

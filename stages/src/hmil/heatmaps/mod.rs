@@ -129,7 +129,7 @@ pub struct Drawn {
 
 impl HeatmapsFold {
     fn draw(&self, ctx: &Context) -> Result<()> {
-        let device = device(&self.device)?;
+        let device = device(&self.device, ctx.gpu())?;
         let (store, bags) = Sources::load(ctx, self.fold, device)?;
         let model = load_checkpoint(ctx, &self.classes, store.dim, device)?;
         let geometry = geometry(ctx.input("packed"))?;
