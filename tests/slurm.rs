@@ -184,6 +184,14 @@ fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants(
     assert!(Path::new(log).is_file(), "the job's log stays: {log}");
     assert!(nodes.iter().any(|n| n.0 == "evaluate[fold=0]" && n.1 == "skipped"), "{nodes:?}");
 
+    // A job whose program exits non-zero before it can say why (here: a setting only the jobs
+    // see): Slurm's state and exit code, and the end of its log.
+    let bad_env = r#"executor.slurm.extra=["--export=ALL,HMIL_FLOW_SET=train.bogus=1"]"#;
+    let (ok, nodes) = run(&wf, "crashed", &["--executor", "slurm", "--set", bad_env]);
+    assert!(!ok);
+    let pack = nodes.iter().find(|n| n.0 == "pack_features").unwrap();
+    assert!(pack.2.contains("ended FAILED with exit code 1") && pack.2.contains("bogus"), "{}", pack.2);
+
     // A job cancelled while it runs: the node says so, and what needs it is skipped.
     let mut driver = spawn(&wf, "cancelled");
     wait_for("a running job", || !jobs("RUNNING").is_empty());

@@ -1,7 +1,7 @@
 //! An attempt: one execution of a node away from the driver (in a Slurm job). The driver writes
 //! `request.json` into the attempt's folder; the job rebuilds the DAG from the same workflow,
 //! checks that the node's cache key is still the one requested, runs the stage into the
-//! requested staging folder, and writes `done.json` last (write, fsync, rename). That file is
+//! attempt's `outputs/` folder, and writes `done.json` last (write, fsync, rename). That file is
 //! the truth about the attempt; the scheduler only says whether the job is alive and why it died.
 //! The job never writes the store: the driver publishes what it made.
 
@@ -58,7 +58,7 @@ impl Done {
     }
 }
 
-/// Runs the attempt in `dir` (in the job): the node's stage into the requested staging folder,
+/// Runs the attempt in `dir` (in the job): the node's stage into the requested outputs folder,
 /// then `done.json`. A failure is recorded there too, and returned.
 pub fn run_attempt(dag: &Dag, store: &Store, dir: &Path) -> Result<()> {
     let start = Instant::now();
@@ -98,6 +98,7 @@ fn execute(dag: &Dag, store: &Store, request: &Request) -> std::result::Result<V
             &request.key[..12.min(request.key.len())]
         ));
     }
+    std::fs::create_dir_all(&request.staging).map_err(|e| format!("{}: {e}", request.staging.display()))?;
     let work = Work {
         node: dag.node(idx),
         key: request.key.clone(),

@@ -1,7 +1,7 @@
 //! Nodes as Slurm jobs. The driver submits each node that must run (and is no driver-side
-//! bookkeeping) with `sbatch` as one job that runs an attempt (see [`crate::run_attempt`]),
-//! watches all of the workspace's jobs with one `squeue` per interval, and publishes what the job
-//! made once the job says it is done. A job that ends without saying so failed, and the node's
+//! bookkeeping) with `sbatch` as one job that runs an attempt (see [`crate::run_attempt`]) and
+//! writes only into the attempt's folder, watches all of the workspace's jobs with one `squeue`
+//! per interval, and publishes what the job made once the job says it is done. A job that ends without saying so failed, and the node's
 //! reason says how Slurm saw it end (exit code, TIMEOUT, OUT_OF_MEMORY, CANCELLED, NODE_FAIL)
 //! with the end of its log, which stays in the attempt's folder.
 
@@ -18,6 +18,10 @@ use crate::attempt::{Done, LOG, Request};
 use crate::error::{Error, Result, io};
 use crate::executor::{Execution, Executor, InProcess, Job, RunEnv, Work};
 use crate::store::Store;
+
+/// The folder of an attempt the job writes the node's outputs into: a job writes only into its
+/// attempt's folder, so one left running by a killed driver cannot touch a later run's staging.
+const OUTPUTS: &str = "outputs";
 
 /// How long a finished job's `done.json` may take to appear (a shared file system's delay).
 const GRACE: Duration = Duration::from_secs(20);
@@ -216,7 +220,21 @@ impl Executor for SlurmExecutor {
         }
         let _slot = self.slot();
         match self.submit_attempt(work, env) {
-            Ok((id, dir, submitted)) => self.wait(&id, &dir, submitted, env),
+            Ok((id, dir, submitted)) => {
+                let mut execution = self.wait(&id, &dir, submitted, env);
+                // The outputs move into the node's staging folder for the driver to publish; a
+                // failed attempt's are removed (its log and request stay).
+                let made = dir.join(OUTPUTS);
+                if execution.result.is_ok() {
+                    let moved = std::fs::remove_dir(&work.staging).and_then(|_| std::fs::rename(&made, &work.staging));
+                    if let Err(e) = moved {
+                        execution.result = Err(format!("moving {} to {}: {e}", made.display(), work.staging.display()));
+                    }
+                } else {
+                    let _ = std::fs::remove_dir_all(&made);
+                }
+                execution
+            }
             Err(why) => Execution::here(Err(why)),
         }
     }
@@ -229,7 +247,7 @@ impl SlurmExecutor {
         let request = Request {
             node: work.node.id.clone(),
             key: work.key.clone(),
-            staging: work.staging.clone(),
+            staging: dir.join(OUTPUTS),
             previous: work.previous.clone(),
             force: work.force,
             run_id: env.run_id.to_owned(),
