@@ -17,6 +17,7 @@ mod explain;
 mod fsutil;
 mod gc;
 mod items;
+mod lock;
 mod results;
 mod runlog;
 mod slurm;

@@ -5,11 +5,13 @@
 //! - `items/<key>/` — per-slide work of a stage, kept across runs (see [`crate::items`]);
 //! - `nodes/<node id>.json` — what each node last ran with, to explain why it would rerun;
 //! - `staging/` — where running stages write; anything left here by a killed run is discarded;
-//! - `runs/<run id>.parquet` — the `runs` table; `stat-cache.json` — file digests; `lock`.
+//! - `attempts/<node>-<time>/` — nodes run as cluster jobs (see [`crate::SlurmExecutor`]);
+//! - `runs/<run id>.parquet` — the `runs` table; `stat-cache.json` — file digests;
+//! - `run.lock` — the workspace lock (see [`crate::lock`]).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Seek, Write};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::{Stat, StatCache, hash_bytes, hash_file};
 use crate::error::{Error, Result, io};
 use crate::fsutil::write_atomic;
+use crate::lock::WorkspaceLock;
 
 /// Everything a cache key is made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,18 +241,13 @@ impl Store {
         write_atomic(&staging.join("manifest.json"), &json)?;
         let target = self.object_dir(&manifest.key);
         if target.exists() {
-            // Two nodes with one key (the same work) may finish together: the first one's
-            // intact outputs stand.
-            if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
-                let _ = fs::remove_dir_all(staging);
-                return Ok(*published);
-            }
             let trash = self.root.join("staging").join(format!("damaged-{}", &manifest.key[..16]));
             fs::rename(&target, &trash).map_err(io(&target))?;
             let _ = fs::remove_dir_all(&trash);
         }
         if let Err(e) = fs::rename(staging, &target) {
-            // Published meanwhile by a node of the same key (see above).
+            // Two nodes of one key (the same work) finished together, and the other published
+            // first: its intact outputs stand.
             if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
                 let _ = fs::remove_dir_all(staging);
                 return Ok(*published);
@@ -280,41 +278,10 @@ impl Store {
         write_atomic(&self.record_path(node_id), &serde_json::to_vec_pretty(record).expect("serialises"))
     }
 
-    /// Takes the workspace lock, or waits for it with `wait`.
+    /// Takes the workspace's lock for a run (see [`crate::lock`]), waiting for it when `wait`.
     pub fn lock(&self, wait: bool) -> Result<WorkspaceLock> {
-        let path = self.root.join("lock");
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        if wait {
-            file.lock().map_err(io(&path))?;
-        } else if let Err(e) = file.try_lock() {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            return match e {
-                fs::TryLockError::WouldBlock => {
-                    Err(Error::Locked { path: self.root.clone(), holder: holder.trim().into() })
-                }
-                fs::TryLockError::Error(e) => Err(Error::Io { path, source: e }),
-            };
-        }
-        let holder = format!("pid {} since {}", std::process::id(), chrono::Utc::now().to_rfc3339());
-        file.set_len(0)
-            .and_then(|_| file.rewind())
-            .and_then(|_| file.write_all(holder.as_bytes()))
-            .map_err(io(&path))?;
-        Ok(WorkspaceLock { _file: file })
+        crate::lock::acquire(&self.root.join("run.lock"), &self.root, wait)
     }
-}
-
-/// Held while a run uses the workspace; released on drop (or when the process dies).
-#[derive(Debug)]
-pub struct WorkspaceLock {
-    _file: fs::File,
 }
 
 #[cfg(test)]
