@@ -15,7 +15,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 mod common;
 use common::{BIN, hmil_flow};
 
-/// One Slurm test at a time: the cluster has one small node.
+/// One Slurm test of this process at a time: the cluster has one small node.
 static CLUSTER: Mutex<()> = Mutex::new(());
 
 /// Whether a local Slurm answers (started by `scripts/slurm-up` if need be).
@@ -122,10 +122,19 @@ fn read(path: &Path) -> RecordBatch {
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
-/// Ids of the cluster's jobs in `state` (all of them: the tests run one at a time).
-fn jobs(state: &str) -> Vec<String> {
+/// Ids of the jobs of workspace `name` in `state` (read from its attempts' `job_id`: other
+/// processes may use the cluster too).
+fn jobs(wf: &Path, name: &str, state: &str) -> Vec<String> {
+    let attempts = wf.parent().unwrap().join(name).join("ws/attempts");
+    let ours: Vec<String> = fs::read_dir(attempts)
+        .map(|d| d.flatten().filter_map(|e| fs::read_to_string(e.path().join("job_id")).ok()).collect())
+        .unwrap_or_default();
     let out = Command::new("squeue").args(["--noheader", "--format=%i", "--states", state]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|id| ours.iter().any(|o| o == id))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
@@ -194,8 +203,8 @@ fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants(
 
     // A job cancelled while it runs: the node says so, and what needs it is skipped.
     let mut driver = spawn(&wf, "cancelled");
-    wait_for("a running job", || !jobs("RUNNING").is_empty());
-    let victim = jobs("RUNNING")[0].clone();
+    wait_for("a running job", || !jobs(&wf, "cancelled", "RUNNING").is_empty());
+    let victim = jobs(&wf, "cancelled", "RUNNING")[0].clone();
     Command::new("scancel").arg(&victim).status().unwrap();
     assert!(!driver.wait().unwrap().success());
     let nodes = summary(&wf, "cancelled");
@@ -213,23 +222,23 @@ fn an_interrupted_or_killed_driver_resumes_without_duplicating_a_node() {
     let Some((_one, dir, wf)) = cluster() else { return };
     // Ctrl-C: the run's jobs are cancelled and its nodes recorded as interrupted.
     let mut driver = spawn(&wf, "ws");
-    wait_for("a running job", || !jobs("RUNNING").is_empty());
+    wait_for("a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
     Command::new("kill").args(["-INT", &driver.id().to_string()]).status().unwrap();
     assert!(!driver.wait().unwrap().success());
     assert!(summary(&wf, "ws").iter().any(|n| n.1 == "interrupted"));
-    wait_for("the jobs to be cancelled", || jobs("PENDING,RUNNING").is_empty());
+    wait_for("the jobs to be cancelled", || jobs(&wf, "ws", "PENDING,RUNNING").is_empty());
 
     // SIGKILL: the jobs outlive the driver; the next run cancels them and submits their nodes again.
     let mut driver = spawn(&wf, "ws");
-    wait_for("a running job", || !jobs("RUNNING").is_empty());
+    wait_for("a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
     Command::new("kill").args(["-KILL", &driver.id().to_string()]).status().unwrap();
     driver.wait().unwrap();
-    let orphans = jobs("PENDING,RUNNING");
+    let orphans = jobs(&wf, "ws", "PENDING,RUNNING");
     assert!(!orphans.is_empty(), "the killed driver's jobs are still there");
     let (ok, nodes) = run(&wf, "ws", &["--executor", "slurm"]);
     assert!(ok, "{nodes:?}");
     assert!(nodes.iter().all(|n| n.1 == "executed" || n.1 == "cached"), "{nodes:?}");
-    assert!(jobs("PENDING,RUNNING").is_empty());
+    assert!(jobs(&wf, "ws", "PENDING,RUNNING").is_empty());
     let (ok, local) = run(&wf, "local", &[]);
     assert!(ok);
     let metrics = |name: &str| read(&dir.path().join(name).join("results/metrics.parquet"));

@@ -62,9 +62,8 @@ pub fn write_runs(store: &Store, summary: &RunSummary, of: RunOf) -> Result<()> 
     fs::rename(&tmp, &path).map_err(io(&path))
 }
 
-/// Per node, how the newest run ran it as a scheduler job (its status there, and the job), for
-/// the nodes it ran as one.
-pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>> {
+/// The workspace's run files, oldest first (run ids begin with their UTC start time).
+fn run_files(store: &Store) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(store.runs_dir())
         .map_err(io(store.runs_dir()))?
         .flatten()
@@ -72,16 +71,26 @@ pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>>
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .collect();
     files.sort();
-    let mut jobs = HashMap::new();
-    let Some(path) = files.last() else { return Ok(jobs) };
+    Ok(files)
+}
+
+/// Every batch of the run file at `path`.
+fn batches(path: &PathBuf) -> Result<Vec<RecordBatch>> {
     let table_err = |e: &dyn std::fmt::Display| Error::Table { path: path.clone(), message: e.to_string() };
     let file = fs::File::open(path).map_err(io(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| table_err(&e))?
         .build()
         .map_err(|e| table_err(&e))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| table_err(&e))?;
+    reader.map(|b| b.map_err(|e| table_err(&e))).collect()
+}
+
+/// Per node, how the newest run ran it as a scheduler job (its status there, and the job), for
+/// the nodes it ran as one.
+pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>> {
+    let mut jobs = HashMap::new();
+    let Some(path) = run_files(store)?.pop() else { return Ok(jobs) };
+    for batch in batches(&path)? {
         let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_string_opt::<i32>().cloned());
         // Runs recorded before jobs were kept have no job columns.
         let (Some(node), Some(status), Some(id), Some(state)) =
@@ -99,26 +108,13 @@ pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>>
 
 /// The cache keys that the newest `runs` runs of the workspace executed or found cached.
 pub fn recent_keys(store: &Store, runs: usize) -> Result<HashSet<String>> {
-    let mut files: Vec<PathBuf> = fs::read_dir(store.runs_dir())
-        .map_err(io(store.runs_dir()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .collect();
-    // Run ids begin with their UTC start time, so names sort by age.
-    files.sort();
     let mut keys = HashSet::new();
-    for path in files.iter().rev().take(runs) {
-        let table_err = |e: &dyn std::fmt::Display| Error::Table { path: path.clone(), message: e.to_string() };
-        let file = fs::File::open(path).map_err(io(path))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| table_err(&e))?
-            .build()
-            .map_err(|e| table_err(&e))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| table_err(&e))?;
+    for path in run_files(store)?.iter().rev().take(runs) {
+        for batch in batches(path)? {
             let Some(column) = batch.column_by_name("cache_key") else { continue };
-            let column = column.as_string_opt::<i32>().ok_or_else(|| table_err(&"cache_key is not text"))?;
+            let column = column
+                .as_string_opt::<i32>()
+                .ok_or_else(|| Error::Table { path: path.clone(), message: "cache_key is not text".into() })?;
             keys.extend(column.iter().flatten().map(str::to_owned));
         }
     }

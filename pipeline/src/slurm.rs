@@ -23,6 +23,9 @@ use crate::store::Store;
 /// attempt's folder, so one left running by a killed driver cannot touch a later run's staging.
 const OUTPUTS: &str = "outputs";
 
+/// The file of an attempt's folder that holds its Slurm job id.
+const JOB: &str = "job_id";
+
 /// How long a finished job's `done.json` may take to appear (a shared file system's delay).
 const GRACE: Duration = Duration::from_secs(20);
 /// How often a waiting node looks for its job's `done.json`.
@@ -255,6 +258,8 @@ impl SlurmExecutor {
         request.write(&dir).map_err(|e| e.to_string())?;
         let submitted = Instant::now();
         let id = self.submit(work, &dir)?;
+        // Which job ran the attempt, for whoever reads its folder.
+        let _ = std::fs::write(dir.join(JOB), &id);
         tracing::info!(node = %work.node.id, "submitted as Slurm job {id} ({})", dir.display());
         Ok((id, dir, submitted))
     }
