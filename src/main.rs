@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use cli::{Bench, Cli, Command, ExecutorArg, FeatureFormat, LogFormat, OutputFormat, WorkflowArgs};
-use pipeline::{Dag, Freshness, InProcess, RunOptions, SlurmExecutor, Store};
+use pipeline::{Dag, Freshness, GarbageKind, InProcess, RunOptions, SlurmExecutor, Store};
 use schemas::workflow::{ExecutorKind, Setting, Workflow};
 
 fn main() -> ExitCode {
@@ -668,21 +668,23 @@ fn gc(wf: &WorkflowArgs, keep_runs: usize, dry_run: bool) -> Result<()> {
     let mut keep = current_keys(&l)?;
     let current = keep.len();
     keep.extend(pipeline::recent_keys(&l.store, keep_runs)?);
-    let garbage = pipeline::collect_garbage(&l.store, &keep, dry_run)?;
+    let jobs = pipeline::recent_jobs(&l.store, keep_runs)?;
+    let garbage = pipeline::collect_garbage(&l.store, &keep, &jobs, dry_run)?;
     for g in &garbage {
-        println!(
-            "{:>10}  {}  {}",
-            human_bytes(g.bytes),
-            &g.key[..16.min(g.key.len())],
-            if g.item { "(per-slide item)" } else { g.node.as_deref().unwrap_or("?") }
-        );
+        let (key, what) = match g.kind {
+            GarbageKind::Object => (&g.key[..16.min(g.key.len())], g.node.as_deref().unwrap_or("?")),
+            GarbageKind::Item => (&g.key[..16.min(g.key.len())], "(per-slide item)"),
+            GarbageKind::Attempt => (g.key.as_str(), "(cluster job's folder)"),
+        };
+        println!("{:>10}  {key}  {what}", human_bytes(g.bytes));
     }
     let total = human_bytes(garbage.iter().map(|g| g.bytes).sum());
-    let items = garbage.iter().filter(|g| g.item).count();
+    let count = |kind| garbage.iter().filter(|g| g.kind == kind).count();
+    let (objects, items, attempts) =
+        (count(GarbageKind::Object), count(GarbageKind::Item), count(GarbageKind::Attempt));
     let (verb, root) = (if dry_run { "would remove" } else { "removed" }, l.store.root());
     println!(
-        "{verb} {} object(s) and {items} per-slide item(s), {total}, from {}; kept {current} current and what the last {keep_runs} run(s) used",
-        garbage.len() - items,
+        "{verb} {objects} object(s), {items} per-slide item(s) and {attempts} cluster job folder(s), {total}, from {}; kept {current} current and what the last {keep_runs} run(s) used",
         root.display()
     );
     Ok(())

@@ -176,6 +176,11 @@ fn slurm_gives_the_local_results_and_a_second_run_submits_nothing() {
     let (ok, again) = run(&wf, "slurm", &["--executor", "slurm"]);
     assert!(ok && again.iter().all(|n| n.1 == "cached"), "{again:?}");
     assert_eq!(attempts(&wf, "slurm"), 7, "no job for a cached node");
+    // gc keeps the folders (logs) of the jobs a kept run ran, and removes the others.
+    let kept = hmil_flow(&["gc", wf_s, "--set", &workspace, "--keep-runs", "2"]);
+    assert!(kept.contains(" 0 cluster job folder(s)") && attempts(&wf, "slurm") == 7, "{kept}");
+    let removed = hmil_flow(&["gc", wf_s, "--set", &workspace, "--keep-runs", "1"]);
+    assert!(removed.contains(" 7 cluster job folder(s)") && attempts(&wf, "slurm") == 0, "{removed}");
 }
 
 #[test]

@@ -17,15 +17,30 @@ pub struct Garbage {
     pub node: Option<String>,
     /// Bytes of its files.
     pub bytes: u64,
-    /// A per-slide item (see `Context::item`) rather than a node's outputs.
-    pub item: bool,
+    pub kind: GarbageKind,
+}
+
+/// What a [`Garbage`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GarbageKind {
+    /// A node's published outputs.
+    Object,
+    /// A per-slide item (see `Context::item`).
+    Item,
+    /// The folder of a node's run as a cluster job (its log, request and job id).
+    Attempt,
 }
 
 /// The objects of `store` whose keys are not in `keep`, largest first, then the per-slide items
 /// nothing links any more; removed unless `dry_run`.
 /// Holds the workspace lock, so no run publishes meanwhile. Each object is first renamed into
 /// staging, so an interrupted collection leaves no half-removed object behind.
-pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> Result<Vec<Garbage>> {
+pub fn collect_garbage(
+    store: &Store,
+    keep: &HashSet<String>,
+    keep_jobs: &HashSet<String>,
+    dry_run: bool,
+) -> Result<Vec<Garbage>> {
     let _lock = store.lock(false)?;
     let objects = store.root().join("objects");
     let mut garbage = Vec::new();
@@ -39,7 +54,7 @@ pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> 
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok())
             .map(|m| m.node);
-        garbage.push(Garbage { bytes: size(&dir), key, node, item: false });
+        garbage.push(Garbage { bytes: size(&dir), key, node, kind: GarbageKind::Object });
     }
     garbage.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
     if !dry_run {
@@ -51,9 +66,22 @@ pub fn collect_garbage(store: &Store, keep: &HashSet<String>, dry_run: bool) -> 
     // only those unlinked already).
     for dir in unlinked(&store.root().join("items")) {
         let key = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        garbage.push(Garbage { bytes: size(&dir), node: None, key: key.clone(), item: true });
+        garbage.push(Garbage { bytes: size(&dir), node: None, key: key.clone(), kind: GarbageKind::Item });
         if !dry_run {
             remove(store, &dir, &key)?;
+        }
+    }
+    // Cluster jobs' folders, but those of the jobs in `keep_jobs` (whose logs may be wanted).
+    let attempts = store.root().join("attempts");
+    for entry in fs::read_dir(&attempts).into_iter().flatten().flatten() {
+        let job = fs::read_to_string(entry.path().join("job_id")).unwrap_or_default();
+        if keep_jobs.contains(job.trim()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        garbage.push(Garbage { bytes: size(&entry.path()), node: None, key: name.clone(), kind: GarbageKind::Attempt });
+        if !dry_run {
+            remove(store, &entry.path(), &name)?;
         }
     }
     Ok(garbage)
@@ -89,11 +117,11 @@ mod tests {
             fs::write(object.join("out.bin"), vec![0u8; bytes]).unwrap();
         }
         let keep: HashSet<String> = ["kept".to_owned()].into();
-        let planned = collect_garbage(&store, &keep, true).unwrap();
+        let planned = collect_garbage(&store, &keep, &HashSet::new(), true).unwrap();
         let named: Vec<(&str, u64)> = planned.iter().map(|g| (g.key.as_str(), g.bytes)).collect();
         assert_eq!(named, [("large", 50), ("small", 5)]);
         assert!(store.object_dir("large").is_dir(), "a dry run removes nothing");
-        assert_eq!(collect_garbage(&store, &keep, false).unwrap(), planned);
+        assert_eq!(collect_garbage(&store, &keep, &HashSet::new(), false).unwrap(), planned);
         assert!(!store.object_dir("large").exists() && !store.object_dir("small").exists());
         assert!(store.object_dir("kept").join("out.bin").is_file());
     }
@@ -113,11 +141,30 @@ mod tests {
         fs::hard_link(items.join("linked/slide.h5"), store.object_dir("old").join("slide.h5")).unwrap();
         let only_old: HashSet<String> = ["kept".to_owned()].into();
         let planned: Vec<String> =
-            collect_garbage(&store, &only_old, true).unwrap().into_iter().map(|g| g.key).collect();
+            collect_garbage(&store, &only_old, &HashSet::new(), true).unwrap().into_iter().map(|g| g.key).collect();
         assert_eq!(planned, ["old", "loose"], "a dry run lists the items unlinked already");
         let removed: Vec<String> =
-            collect_garbage(&store, &only_old, false).unwrap().into_iter().map(|g| g.key).collect();
+            collect_garbage(&store, &only_old, &HashSet::new(), false).unwrap().into_iter().map(|g| g.key).collect();
         assert_eq!(removed, ["old", "linked", "loose"], "removing `old` leaves `linked` unlinked");
         assert_eq!(fs::read_dir(&items).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_folders_of_jobs_no_kept_run_ran_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let attempts = store.root().join("attempts");
+        for (name, job) in [("train-1", Some("41")), ("train-2", Some("42")), ("pack-1", None)] {
+            fs::create_dir_all(attempts.join(name)).unwrap();
+            if let Some(job) = job {
+                fs::write(attempts.join(name).join("job_id"), job).unwrap();
+            }
+        }
+        let jobs: HashSet<String> = ["42".to_owned()].into();
+        let removed = collect_garbage(&store, &HashSet::new(), &jobs, false).unwrap();
+        let mut names: Vec<(&str, GarbageKind)> = removed.iter().map(|g| (g.key.as_str(), g.kind)).collect();
+        names.sort();
+        assert_eq!(names, [("pack-1", GarbageKind::Attempt), ("train-1", GarbageKind::Attempt)]);
+        assert!(attempts.join("train-2").is_dir(), "a kept run's job keeps its log");
     }
 }

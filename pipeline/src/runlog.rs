@@ -108,15 +108,25 @@ pub(crate) fn last_jobs(store: &Store) -> Result<HashMap<String, (String, Job)>>
 
 /// The cache keys that the newest `runs` runs of the workspace executed or found cached.
 pub fn recent_keys(store: &Store, runs: usize) -> Result<HashSet<String>> {
-    let mut keys = HashSet::new();
+    recent_values(store, runs, "cache_key")
+}
+
+/// The cluster jobs that the newest `runs` runs of the workspace ran nodes as.
+pub fn recent_jobs(store: &Store, runs: usize) -> Result<HashSet<String>> {
+    recent_values(store, runs, "job_id")
+}
+
+/// The values of text column `name` in the newest `runs` runs (none in runs without it).
+fn recent_values(store: &Store, runs: usize, name: &str) -> Result<HashSet<String>> {
+    let mut values = HashSet::new();
     for path in run_files(store)?.iter().rev().take(runs) {
         for batch in batches(path)? {
-            let Some(column) = batch.column_by_name("cache_key") else { continue };
+            let Some(column) = batch.column_by_name(name) else { continue };
             let column = column
                 .as_string_opt::<i32>()
-                .ok_or_else(|| Error::Table { path: path.clone(), message: "cache_key is not text".into() })?;
-            keys.extend(column.iter().flatten().map(str::to_owned));
+                .ok_or_else(|| Error::Table { path: path.clone(), message: format!("{name} is not text") })?;
+            values.extend(column.iter().flatten().map(str::to_owned));
         }
     }
-    Ok(keys)
+    Ok(values)
 }
