@@ -149,7 +149,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             };
             opts.jobs = jobs.unwrap_or(1);
             // Nodes that run at once get a GPU each.
-            opts.executor = Arc::new(InProcess::with_gpus(tch::Cuda::device_count().max(0) as usize));
+            opts.executor = Arc::new(InProcess::with_gpus(|| tch::Cuda::device_count().max(0) as usize));
             if kind == ExecutorKind::Slurm {
                 let slurm = &l.workflow.executor.slurm;
                 check_stages(&l.dag, slurm.resources.keys())?;

@@ -442,10 +442,11 @@ impl Stage for OnGpu {
 fn nodes_run_at_once_get_a_gpu_each_and_never_share_one() {
     let (_dir, store) = setup();
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log_b: GpuLog = Arc::new(std::sync::Mutex::new(Vec::new()));
     let node = |id: &str, wants_gpu: bool| Node::new(id, None, Arc::new(OnGpu { wants_gpu, log: log.clone() }));
     let mut nodes: Vec<Node> = (0..5).map(|k| node(&format!("train{k}"), true)).collect();
     nodes.push(node("cpu", false));
-    let opts = RunOptions { jobs: 6, executor: Arc::new(pipeline::InProcess::with_gpus(2)), ..Default::default() };
+    let opts = RunOptions { jobs: 6, executor: Arc::new(pipeline::InProcess::with_gpus(|| 2)), ..Default::default() };
     let summary = pipeline::run(&Dag::new(nodes).unwrap(), &store, &opts).unwrap();
     assert!(!summary.failed());
     let log = log.lock().unwrap();
@@ -459,4 +460,16 @@ fn nodes_run_at_once_get_a_gpu_each_and_never_share_one() {
         }
     }
     assert!(on_gpu.iter().any(|r| r.0 == 0) && on_gpu.iter().any(|r| r.0 == 1), "both GPUs used");
+    drop(log);
+
+    // Without GPUs, a node that would like one runs all the same.
+    let (_dir, store) = setup();
+    let none = RunOptions { jobs: 2, executor: Arc::new(pipeline::InProcess::with_gpus(|| 0)), ..Default::default() };
+    let ids = ["gpu_a", "gpu_b"];
+    let dag = Dag::new(
+        ids.iter().map(|id| Node::new(id, None, Arc::new(OnGpu { wants_gpu: true, log: log_b.clone() }))).collect(),
+    )
+    .unwrap();
+    assert!(!pipeline::run(&dag, &store, &none).unwrap().failed());
+    assert!(log_b.lock().unwrap().iter().all(|r| r.0.is_none()));
 }

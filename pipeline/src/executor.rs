@@ -80,29 +80,46 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
 /// Runs stages in this process, on the calling thread; a panic is the node's failure. A stage
 /// that wants a GPU gets one of the machine's to itself (see [`Context::gpu`]) while it runs,
 /// waiting for one to be free, so that nodes run at once never share a GPU by accident.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct InProcess {
-    /// The GPUs not in use, and a signal when one is given back.
-    free: Mutex<Vec<usize>>,
+    /// How many GPUs the machine has, asked when a node first wants one (asking starts the GPU
+    /// driver, which a run with nothing to do on a GPU should not pay for).
+    count: Option<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// Once counted: how many GPUs there are, and those not in use; and a signal when one is
+    /// given back.
+    free: Mutex<Option<(usize, Vec<usize>)>>,
     returned: Condvar,
-    /// Whether the machine has any.
-    gpus: bool,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess").field("free", &self.free).finish_non_exhaustive()
+    }
 }
 
 impl InProcess {
-    /// For a machine with `gpus` GPUs, numbered from 0.
-    pub fn with_gpus(gpus: usize) -> InProcess {
-        InProcess { free: Mutex::new((0..gpus).rev().collect()), returned: Condvar::new(), gpus: gpus > 0 }
+    /// For a machine whose GPUs (numbered from 0) `count` counts.
+    pub fn with_gpus(count: impl Fn() -> usize + Send + Sync + 'static) -> InProcess {
+        InProcess { count: Some(Box::new(count)), ..Default::default() }
     }
 
-    /// A free GPU, once there is one; given back when the guard drops.
-    fn take_gpu(&self) -> GpuGuard<'_> {
-        let mut free = self.free.lock().expect("gpu lock");
+    /// A free GPU, once there is one (given back when the guard drops); none on a machine
+    /// without GPUs.
+    fn take_gpu(&self) -> Option<GpuGuard<'_>> {
+        let count = self.count.as_ref()?;
+        let mut pool = self.free.lock().expect("gpu lock");
         loop {
-            if let Some(gpu) = free.pop() {
-                return GpuGuard { pool: self, gpu };
+            let (total, free) = pool.get_or_insert_with(|| {
+                let n = count();
+                (n, (0..n).rev().collect())
+            });
+            if *total == 0 {
+                return None;
             }
-            free = self.returned.wait(free).expect("gpu lock");
+            if let Some(gpu) = free.pop() {
+                return Some(GpuGuard { pool: self, gpu });
+            }
+            pool = self.returned.wait(pool).expect("gpu lock");
         }
     }
 }
@@ -115,14 +132,16 @@ struct GpuGuard<'a> {
 
 impl Drop for GpuGuard<'_> {
     fn drop(&mut self) {
-        self.pool.free.lock().expect("gpu lock").push(self.gpu);
+        if let Some((_, free)) = self.pool.free.lock().expect("gpu lock").as_mut() {
+            free.push(self.gpu);
+        }
         self.pool.returned.notify_one();
     }
 }
 
 impl Executor for InProcess {
     fn execute(&self, work: &Work, env: &RunEnv) -> Execution {
-        let held = (self.gpus && work.node.stage.resources().gpu).then(|| self.take_gpu());
+        let held = if work.node.stage.resources().gpu { self.take_gpu() } else { None };
         let ctx = Context {
             gpu: held.as_ref().map(|g| g.gpu),
             node_id: &work.node.id,
