@@ -112,8 +112,7 @@ fn execute(dag: &Dag, store: &Store, request: &Request) -> std::result::Result<V
     // The job's log is a file: progress bars would only fill it.
     let progress = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
     let opts = RunOptions::default();
+    let env = RunEnv { store, opts: &opts, run_id: &request.run_id, progress: &progress };
     // Slurm gives the job its GPUs (CUDA_VISIBLE_DEVICES): a stage on "auto" takes the first.
-    let here = InProcess::default();
-    let env = RunEnv { store, opts: &opts, run_id: &request.run_id, progress: &progress, executor: &here };
-    here.execute(&work, &env).result
+    InProcess::default().execute(&work, &env).result
 }

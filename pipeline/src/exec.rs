@@ -179,7 +179,7 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
     let mut manifests: HashMap<NodeIndex, Manifest> = HashMap::new();
     let mut outcomes: HashMap<NodeIndex, NodeOutcome> = HashMap::new();
     let jobs = opts.jobs.max(1);
-    let env = RunEnv { store, opts, run_id: &run_id, progress: &multi, executor: &*opts.executor };
+    let env = RunEnv { store, opts, run_id: &run_id, progress: &multi };
 
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = mpsc::channel::<(NodeIndex, Result<(NodeOutcome, Option<Manifest>)>)>();
@@ -286,7 +286,7 @@ fn run_node(
         Prepared::Run(work) => work,
     };
     tracing::info!(node = %prepared.node.id, "running ({})", prepared.why.join("; "));
-    let execution = env.executor.execute(&prepared, env);
+    let execution = env.opts.executor.execute(&prepared, env);
     publish(env, prepared, execution, start)
 }
 

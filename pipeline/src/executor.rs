@@ -63,7 +63,6 @@ pub struct RunEnv<'a> {
     pub opts: &'a RunOptions,
     pub run_id: &'a str,
     pub progress: &'a MultiProgress,
-    pub executor: &'a dyn Executor,
 }
 
 /// Runs a prepared node's stage to its end.
