@@ -66,11 +66,6 @@ impl SlurmExecutor {
         Ok(SlurmExecutor { config, command, job_name, slots: Default::default(), queue: Default::default() })
     }
 
-    /// The name every job of this workspace carries.
-    pub fn job_name(&self) -> &str {
-        &self.job_name
-    }
-
     fn slot(&self) -> Slot<'_> {
         let (count, freed) = &self.slots;
         let mut n = count.lock().expect("slots lock");
