@@ -66,6 +66,26 @@ impl SlurmExecutor {
         Ok(SlurmExecutor { config, command, job_name, slots: Default::default(), queue: Default::default() })
     }
 
+    /// Writes the attempt's request and submits it: the job id, the attempt's folder, and when.
+    fn submit_attempt(&self, work: &Work, env: &RunEnv) -> std::result::Result<(String, PathBuf, Instant), String> {
+        let dir = attempt_dir(env.store, &work.node.id).map_err(|e| e.to_string())?;
+        let request = Request {
+            node: work.node.id.clone(),
+            key: work.key.clone(),
+            staging: dir.join(OUTPUTS),
+            previous: work.previous.clone(),
+            force: work.force,
+            run_id: env.run_id.to_owned(),
+        };
+        request.write(&dir).map_err(|e| e.to_string())?;
+        let submitted = Instant::now();
+        let id = self.submit(work, &dir)?;
+        // Which job ran the attempt, for whoever reads its folder.
+        let _ = std::fs::write(dir.join(JOB), &id);
+        tracing::info!(node = %work.node.id, "submitted as Slurm job {id} ({})", dir.display());
+        Ok((id, dir, submitted))
+    }
+
     fn slot(&self) -> Slot<'_> {
         let (count, freed) = &self.slots;
         let mut n = count.lock().expect("slots lock");
@@ -238,32 +258,9 @@ impl Executor for SlurmExecutor {
     }
 }
 
-impl SlurmExecutor {
-    /// Writes the attempt's request and submits it: the job id, the attempt's folder, and when.
-    fn submit_attempt(&self, work: &Work, env: &RunEnv) -> std::result::Result<(String, PathBuf, Instant), String> {
-        let dir = attempt_dir(env.store, &work.node.id).map_err(|e| e.to_string())?;
-        let request = Request {
-            node: work.node.id.clone(),
-            key: work.key.clone(),
-            staging: dir.join(OUTPUTS),
-            previous: work.previous.clone(),
-            force: work.force,
-            run_id: env.run_id.to_owned(),
-        };
-        request.write(&dir).map_err(|e| e.to_string())?;
-        let submitted = Instant::now();
-        let id = self.submit(work, &dir)?;
-        // Which job ran the attempt, for whoever reads its folder.
-        let _ = std::fs::write(dir.join(JOB), &id);
-        tracing::info!(node = %work.node.id, "submitted as Slurm job {id} ({})", dir.display());
-        Ok((id, dir, submitted))
-    }
-}
-
 /// A new folder for an attempt of `node`, under the workspace's `attempts/`, kept after the run.
 fn attempt_dir(store: &Store, node: &str) -> Result<PathBuf> {
-    let safe: String =
-        node.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=,".contains(c) { c } else { '_' }).collect();
+    let safe = crate::store::file_name_of(node);
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let dir = store.root().join("attempts").join(format!("{safe}-{stamp}"));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;

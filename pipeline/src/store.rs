@@ -99,6 +99,11 @@ impl Manifest {
     }
 }
 
+/// `node_id` as part of a file name: letters, digits and `-_=.,` kept, anything else `_`.
+pub(crate) fn file_name_of(node_id: &str) -> String {
+    node_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=.,".contains(c) { c } else { '_' }).collect()
+}
+
 /// Whether a declared output is a directory of files (its name ends in `/`), such as one
 /// feature file per slide; each of its files is digested and checked on its own.
 pub fn is_directory(output: &str) -> bool {
@@ -259,8 +264,7 @@ impl Store {
     }
 
     fn record_path(&self, node_id: &str) -> PathBuf {
-        let safe: String =
-            node_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=.,".contains(c) { c } else { '_' }).collect();
+        let safe = file_name_of(node_id);
         self.root.join("nodes").join(format!("{safe}-{}.json", &hash_bytes(node_id.as_bytes())[..8]))
     }
 
