@@ -58,10 +58,22 @@ pub fn paired(a: &[f64], b: &[f64]) -> Paired {
 /// each taking all of its groups' samples, drawn from `seed`. `statistic` gets a resample's sample
 /// indices; resamples where it is NaN (a class missing) are left out.
 pub fn bootstrap(groups: &[Vec<usize>], draws: usize, seed: u64, statistic: impl Fn(&[usize]) -> f64) -> (f64, f64) {
+    bootstrap_each(groups, draws, seed, |samples| vec![statistic(samples)])[0]
+}
+
+/// [`bootstrap`] of several statistics that `statistics` computes together (as many values on
+/// every resample): each interval is the one [`bootstrap`] gives for that statistic alone, from
+/// the same resamples, at the cost of one pass.
+pub fn bootstrap_each(
+    groups: &[Vec<usize>],
+    draws: usize,
+    seed: u64,
+    statistics: impl Fn(&[usize]) -> Vec<f64>,
+) -> Vec<(f64, f64)> {
     let mut rng = Rng::new(seed, 0xb007);
     let n = groups.len();
     let resamples = (0..draws).map(|_| (0..n).map(|_| ((rng.uniform() * n as f64) as usize).min(n - 1)).collect());
-    bootstrap_over(groups, resamples, statistic)
+    bootstrap_over_each(groups, resamples, statistics)
 }
 
 /// [`bootstrap`] over given resamples (each a list of group indices).
@@ -70,15 +82,33 @@ pub fn bootstrap_over(
     resamples: impl Iterator<Item = Vec<usize>>,
     statistic: impl Fn(&[usize]) -> f64,
 ) -> (f64, f64) {
-    let mut values: Vec<f64> = resamples
-        .map(|picked| {
-            let samples: Vec<usize> = picked.iter().flat_map(|&g| groups[g].iter().copied()).collect();
-            statistic(&samples)
+    bootstrap_over_each(groups, resamples, |samples| vec![statistic(samples)])[0]
+}
+
+fn bootstrap_over_each(
+    groups: &[Vec<usize>],
+    resamples: impl Iterator<Item = Vec<usize>>,
+    statistics: impl Fn(&[usize]) -> Vec<f64>,
+) -> Vec<(f64, f64)> {
+    let mut values: Vec<Vec<f64>> = Vec::new();
+    for picked in resamples {
+        let samples: Vec<usize> = picked.iter().flat_map(|&g| groups[g].iter().copied()).collect();
+        for (k, v) in statistics(&samples).into_iter().enumerate() {
+            if values.len() <= k {
+                values.push(Vec::new());
+            }
+            if !v.is_nan() {
+                values[k].push(v);
+            }
+        }
+    }
+    values
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            (percentile(&v, 2.5), percentile(&v, 97.5))
         })
-        .filter(|v| !v.is_nan())
-        .collect();
-    values.sort_by(f64::total_cmp);
-    (percentile(&values, 2.5), percentile(&values, 97.5))
+        .collect()
 }
 
 /// The `q`th percentile of sorted `v` by linear interpolation (numpy's default); NaN for none.

@@ -182,13 +182,15 @@ struct PooledLevel {
 }
 
 impl PooledLevel {
-    /// `metric` (a summary of `metrics::all`) over the rows `idx`.
-    fn metric(&self, metric: &str, idx: &[usize]) -> f64 {
+    /// The [`METRICS`] (summaries of `metrics::all`) over the rows `idx`.
+    fn metrics(&self, idx: &[usize]) -> Vec<f64> {
         let y_true: Vec<usize> = idx.iter().map(|&i| self.y_true[i]).collect();
         let probs: Vec<Vec<f64>> = idx.iter().map(|&i| self.probs[i].clone()).collect();
         let y_pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
         let scored = Scored { y_true: &y_true, y_pred: &y_pred, probs: &probs, n_classes: self.n_classes };
-        metrics::all(&scored).into_iter().find(|m| m.name == metric && m.class.is_none()).map_or(f64::NAN, |m| m.value)
+        let all = metrics::all(&scored);
+        let value = |name: &str| all.iter().find(|m| m.name == name && m.class.is_none()).map_or(f64::NAN, |m| m.value);
+        METRICS.iter().map(|m| value(m)).collect()
     }
 }
 
@@ -208,15 +210,20 @@ pub fn pooled(variants: &[(String, Vec<&RecordBatch>)], classes: &Classes) -> Po
         }
         let groups: Vec<Vec<usize>> = groups.into_values().collect();
         let all: Vec<usize> = (0..cases.len()).collect();
-        let jobs: Vec<(usize, &str)> = (0..LEVELS.len()).flat_map(|l| METRICS.map(|m| (l, m))).collect();
-        // Each (level, metric) draws its own resamples from the same seed, on its own core.
-        let intervals = par::map(&jobs, |&(l, metric)| {
-            let level = &levels[l];
-            let (low, high) = stats::bootstrap(&groups, DRAWS, BOOTSTRAP_SEED, |idx| level.metric(metric, idx));
-            Interval { mean: level.metric(metric, &all), low, high, n: cases.len() }
+        // Each level on its own core: every metric from one pass over the same resamples.
+        let per_level = par::map(&levels, |level| {
+            let bounds = stats::bootstrap_each(&groups, DRAWS, BOOTSTRAP_SEED, |idx| level.metrics(idx));
+            let means = level.metrics(&all);
+            means
+                .into_iter()
+                .zip(bounds)
+                .map(|(mean, (low, high))| Interval { mean, low, high, n: cases.len() })
+                .collect::<Vec<_>>()
         });
-        for (&(l, metric), interval) in jobs.iter().zip(intervals) {
-            out.insert((variant.clone(), LEVELS[l].to_owned(), metric.to_owned()), interval);
+        for (name, intervals) in LEVELS.iter().zip(per_level) {
+            for (metric, interval) in METRICS.iter().zip(intervals) {
+                out.insert((variant.clone(), (*name).to_owned(), (*metric).to_owned()), interval);
+            }
         }
     }
     out
