@@ -44,6 +44,8 @@ pub(crate) const REQUEST: &str = "request.json";
 pub(crate) const DONE: &str = "done.json";
 /// The job's standard output and error.
 pub(crate) const LOG: &str = "log.txt";
+/// The id of the job that ran the attempt, as the driver got it from the scheduler.
+pub(crate) const JOB_ID: &str = "job_id";
 
 impl Request {
     pub(crate) fn write(&self, dir: &Path) -> Result<()> {

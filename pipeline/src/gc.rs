@@ -72,9 +72,8 @@ pub fn collect_garbage(
         }
     }
     // Cluster jobs' folders, but those of the jobs in `keep_jobs` (whose logs may be wanted).
-    let attempts = store.root().join("attempts");
-    for entry in fs::read_dir(&attempts).into_iter().flatten().flatten() {
-        let job = fs::read_to_string(entry.path().join("job_id")).unwrap_or_default();
+    for entry in fs::read_dir(store.attempts_dir()).into_iter().flatten().flatten() {
+        let job = fs::read_to_string(entry.path().join(crate::attempt::JOB_ID)).unwrap_or_default();
         if keep_jobs.contains(job.trim()) {
             continue;
         }
@@ -153,11 +152,11 @@ mod tests {
     fn the_folders_of_jobs_no_kept_run_ran_go() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let attempts = store.root().join("attempts");
+        let attempts = store.attempts_dir();
         for (name, job) in [("train-1", Some("41")), ("train-2", Some("42")), ("pack-1", None)] {
             fs::create_dir_all(attempts.join(name)).unwrap();
             if let Some(job) = job {
-                fs::write(attempts.join(name).join("job_id"), job).unwrap();
+                fs::write(attempts.join(name).join(crate::attempt::JOB_ID), job).unwrap();
             }
         }
         let jobs: HashSet<String> = ["42".to_owned()].into();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use schemas::workflow::{JobResources, Slurm};
 
-use crate::attempt::{Done, LOG, Request};
+use crate::attempt::{Done, JOB_ID, LOG, Request};
 use crate::error::{Error, Result, io};
 use crate::executor::{Execution, Executor, InProcess, Job, RunEnv, Work};
 use crate::store::Store;
@@ -22,9 +22,6 @@ use crate::store::Store;
 /// The folder of an attempt the job writes the node's outputs into: a job writes only into its
 /// attempt's folder, so one left running by a killed driver cannot touch a later run's staging.
 const OUTPUTS: &str = "outputs";
-
-/// The file of an attempt's folder that holds its Slurm job id.
-const JOB: &str = "job_id";
 
 /// How long a finished job's `done.json` may take to appear (a shared file system's delay).
 const GRACE: Duration = Duration::from_secs(20);
@@ -81,7 +78,7 @@ impl SlurmExecutor {
         let submitted = Instant::now();
         let id = self.submit(work, &dir)?;
         // Which job ran the attempt, for whoever reads its folder.
-        let _ = std::fs::write(dir.join(JOB), &id);
+        let _ = std::fs::write(dir.join(JOB_ID), &id);
         tracing::info!(node = %work.node.id, "submitted as Slurm job {id} ({})", dir.display());
         Ok((id, dir, submitted))
     }
@@ -139,6 +136,20 @@ impl SlurmExecutor {
         r
     }
 
+    /// The workspace's jobs in the queue, with their states, in one `squeue`; none when squeue
+    /// answers with an error.
+    fn list(&self) -> std::io::Result<Option<HashMap<String, String>>> {
+        let out = Command::new("squeue")
+            .args(["--noheader", "--format=%i %T", &format!("--name={}", self.job_name)])
+            .output()?;
+        Ok(out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_once(' ').map(|(i, s)| (i.to_owned(), s.trim().to_owned())))
+                .collect()
+        }))
+    }
+
     /// Slurm's state of job `id`, or none once it has left the queue. The queue is listed once
     /// per poll interval for every node waiting, and again when `id` was submitted after the
     /// last listing.
@@ -146,15 +157,9 @@ impl SlurmExecutor {
         let mut q = self.queue.lock().expect("queue lock");
         let stale = q.listed.is_none_or(|t| t < submitted || t.elapsed().as_secs_f64() >= self.config.poll_seconds);
         if stale {
-            let out = Command::new("squeue")
-                .args(["--noheader", "--format=%i %T", &format!("--name={}", self.job_name)])
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {
-                    q.states = String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter_map(|l| l.split_once(' ').map(|(i, s)| (i.to_owned(), s.trim().to_owned())))
-                        .collect();
+            match self.list() {
+                Ok(Some(states)) => {
+                    q.states = states;
                     q.listed = Some(Instant::now());
                 }
                 // A busy controller: keep what was last seen, and try again next time.
@@ -216,11 +221,9 @@ impl Executor for SlurmExecutor {
     /// Cancels jobs an earlier driver of this workspace left behind (killed before it could):
     /// their nodes are submitted again, never run twice at once.
     fn begin(&self, _: &Store) -> std::result::Result<(), String> {
-        let out = Command::new("squeue")
-            .args(["--noheader", "--format=%i", &format!("--name={}", self.job_name)])
-            .output()
-            .map_err(|e| format!("squeue: {e}"))?;
-        let stale: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+        let listed = self.list().map_err(|e| format!("squeue: {e}"))?;
+        let mut stale: Vec<String> = listed.unwrap_or_default().into_keys().collect();
+        stale.sort();
         if !stale.is_empty() {
             tracing::warn!(
                 "cancelling {} Slurm job(s) an earlier run of this workspace left: {}",
@@ -262,7 +265,7 @@ impl Executor for SlurmExecutor {
 fn attempt_dir(store: &Store, node: &str) -> Result<PathBuf> {
     let safe = crate::store::file_name_of(node);
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-    let dir = store.root().join("attempts").join(format!("{safe}-{stamp}"));
+    let dir = store.attempts_dir().join(format!("{safe}-{stamp}"));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     Ok(dir)
 }

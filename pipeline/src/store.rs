@@ -175,6 +175,11 @@ impl Store {
         }
     }
 
+    /// Where the folders of nodes run as cluster jobs are (see [`crate::SlurmExecutor`]).
+    pub fn attempts_dir(&self) -> PathBuf {
+        self.root.join("attempts")
+    }
+
     /// Directory of the `runs` table.
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
