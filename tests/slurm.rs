@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -18,17 +18,30 @@ use common::{BIN, hmil_flow};
 /// One Slurm test of this process at a time: the cluster has one small node.
 static CLUSTER: Mutex<()> = Mutex::new(());
 
-/// Whether a local Slurm answers (started by `scripts/slurm-up` if need be).
+/// Whether a local Slurm answers, started by `scripts/slurm-up` if need be (once per process).
+/// Where it cannot be started (not root, no apt) the tests skip, saying so; where it was tried
+/// and failed they fail, with the daemons' logs.
 fn slurm() -> bool {
-    let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-up");
-    let out = Command::new(&up).output().unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIPPED: no local Slurm ({}); run the tests as root on Debian, or start Slurm and put sbatch on PATH",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    static UP: OnceLock<Result<bool, String>> = OnceLock::new();
+    let up = UP.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-up");
+        let out = Command::new(&script).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(2) => {
+                eprintln!(
+                    "SKIPPED: no local Slurm ({said}); run the tests as root on Debian, or start Slurm and put sbatch on PATH"
+                );
+                Ok(false)
+            }
+            _ => Err(said),
+        }
+    });
+    match up {
+        Ok(up) => *up,
+        Err(said) => panic!("scripts/slurm-up could not start a local Slurm:\n{said}"),
     }
-    out.status.success()
 }
 
 /// The cluster to oneself, and a small synthetic workflow in a new folder; none (and a message)
@@ -101,8 +114,47 @@ fn args<'a>(wf: &'a Path, name: &str, extra: &[&'a str]) -> Vec<String> {
 
 /// Runs the workflow; (success, node id → (status, reason)).
 fn run(wf: &Path, name: &str, extra: &[&str]) -> (bool, Vec<(String, String, String)>) {
-    let out = Command::new(BIN).args(args(wf, name, extra)).output().unwrap();
-    (out.status.success(), summary(wf, name))
+    let driver =
+        Command::new(BIN).args(args(wf, name, extra)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    (finish(driver, wf, name), summary(wf, name))
+}
+
+/// Waits for a driver to end, at most [`PATIENCE`]: a run that takes longer is killed and the
+/// test fails with what the cluster says (a job that never starts would otherwise hang the suite).
+fn finish(mut driver: Child, wf: &Path, name: &str) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = driver.try_wait().unwrap() {
+            return status.success();
+        }
+        if Instant::now() > deadline {
+            let _ = driver.kill();
+            let _ = driver.wait();
+            panic!("the run `{name}` did not end within {PATIENCE:?}\n{}", cluster_report(wf, name));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Longest a test waits for a run or a job.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+/// What the cluster and the workspace's job logs say, for a test that timed out.
+fn cluster_report(wf: &Path, name: &str) -> String {
+    let sh = |line: &str| {
+        let out = Command::new("sh").args(["-c", line]).output().unwrap();
+        format!("$ {line}\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let attempts = wf.parent().unwrap().join(name).join("ws/attempts");
+    [
+        sh("squeue -a -o '%i %j %T %r %M %l'"),
+        sh("sinfo -N -o '%N %T %c %m %E'"),
+        sh("scontrol show node"),
+        sh("tail -n 40 /var/log/slurm/slurmctld.log"),
+        sh("tail -n 40 /var/log/slurm/slurmd.log"),
+        sh(&format!("for f in {}/*/log.txt; do echo \"== $f\"; tail -n 15 \"$f\"; done", attempts.display())),
+    ]
+    .join("\n")
 }
 
 fn summary(wf: &Path, name: &str) -> Vec<(String, String, String)> {
@@ -137,10 +189,10 @@ fn jobs(wf: &Path, name: &str, state: &str) -> Vec<String> {
         .collect()
 }
 
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+fn wait_for(wf: &Path, name: &str, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
     while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", cluster_report(wf, name));
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -207,11 +259,11 @@ fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants(
     assert!(pack.2.contains("ended FAILED with exit code 1") && pack.2.contains("bogus"), "{}", pack.2);
 
     // A job cancelled while it runs: the node says so, and what needs it is skipped.
-    let mut driver = spawn(&wf, "cancelled");
-    wait_for("a running job", || !jobs(&wf, "cancelled", "RUNNING").is_empty());
+    let driver = spawn(&wf, "cancelled");
+    wait_for(&wf, "cancelled", "a running job", || !jobs(&wf, "cancelled", "RUNNING").is_empty());
     let victim = jobs(&wf, "cancelled", "RUNNING")[0].clone();
     Command::new("scancel").arg(&victim).status().unwrap();
-    assert!(!driver.wait().unwrap().success());
+    assert!(!finish(driver, &wf, "cancelled"));
     let nodes = summary(&wf, "cancelled");
     let failed: Vec<_> = nodes.iter().filter(|n| n.1 == "failed").collect();
     assert_eq!(failed.len(), 1, "{nodes:?}");
@@ -226,16 +278,16 @@ fn a_failed_or_cancelled_job_fails_its_node_saying_why_and_skips_its_dependants(
 fn an_interrupted_or_killed_driver_resumes_without_duplicating_a_node() {
     let Some((_one, dir, wf)) = cluster() else { return };
     // Ctrl-C: the run's jobs are cancelled and its nodes recorded as interrupted.
-    let mut driver = spawn(&wf, "ws");
-    wait_for("a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
+    let driver = spawn(&wf, "ws");
+    wait_for(&wf, "ws", "a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
     Command::new("kill").args(["-INT", &driver.id().to_string()]).status().unwrap();
-    assert!(!driver.wait().unwrap().success());
+    assert!(!finish(driver, &wf, "ws"));
     assert!(summary(&wf, "ws").iter().any(|n| n.1 == "interrupted"));
-    wait_for("the jobs to be cancelled", || jobs(&wf, "ws", "PENDING,RUNNING").is_empty());
+    wait_for(&wf, "ws", "the jobs to be cancelled", || jobs(&wf, "ws", "PENDING,RUNNING").is_empty());
 
     // SIGKILL: the jobs outlive the driver; the next run cancels them and submits their nodes again.
     let mut driver = spawn(&wf, "ws");
-    wait_for("a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
+    wait_for(&wf, "ws", "a running job", || !jobs(&wf, "ws", "RUNNING").is_empty());
     Command::new("kill").args(["-KILL", &driver.id().to_string()]).status().unwrap();
     driver.wait().unwrap();
     let orphans = jobs(&wf, "ws", "PENDING,RUNNING");

@@ -42,12 +42,15 @@ pub struct SlurmExecutor {
     queue: Mutex<Queue>,
 }
 
-/// The workspace's jobs as `squeue` last listed them.
+/// The workspace's jobs as `squeue` last listed them: id → (state, reason).
 #[derive(Debug, Default)]
 struct Queue {
     listed: Option<Instant>,
-    states: HashMap<String, String>,
+    states: HashMap<String, (String, String)>,
 }
+
+/// How long a job may wait in the queue before the log says why it waits.
+const PENDING_NOTE: Duration = Duration::from_secs(60);
 
 impl SlurmExecutor {
     /// An executor for the workspace `store` whose jobs run `command --attempt <folder>`.
@@ -136,24 +139,28 @@ impl SlurmExecutor {
         r
     }
 
-    /// The workspace's jobs in the queue, with their states, in one `squeue`; none when squeue
-    /// answers with an error.
-    fn list(&self) -> std::io::Result<Option<HashMap<String, String>>> {
+    /// The workspace's jobs in the queue, with their states and reasons, in one `squeue`; none
+    /// when squeue answers with an error.
+    fn list(&self) -> std::io::Result<Option<HashMap<String, (String, String)>>> {
         let out = Command::new("squeue")
-            .args(["--noheader", "--format=%i %T", &format!("--name={}", self.job_name)])
+            .args(["--noheader", "--format=%i %T %r", &format!("--name={}", self.job_name)])
             .output()?;
         Ok(out.status.success().then(|| {
             String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter_map(|l| l.split_once(' ').map(|(i, s)| (i.to_owned(), s.trim().to_owned())))
+                .filter_map(|l| {
+                    let mut fields = l.splitn(3, ' ');
+                    let (id, state) = (fields.next()?, fields.next()?);
+                    Some((id.to_owned(), (state.to_owned(), fields.next().unwrap_or("").trim().to_owned())))
+                })
                 .collect()
         }))
     }
 
-    /// Slurm's state of job `id`, or none once it has left the queue. The queue is listed once
-    /// per poll interval for every node waiting, and again when `id` was submitted after the
-    /// last listing.
-    fn state(&self, id: &str, submitted: Instant) -> Option<String> {
+    /// Slurm's state of job `id` and the reason it is in it, or none once it has left the
+    /// queue. The queue is listed once per poll interval for every node waiting, and again when
+    /// `id` was submitted after the last listing.
+    fn state(&self, id: &str, submitted: Instant) -> Option<(String, String)> {
         let mut q = self.queue.lock().expect("queue lock");
         let stale = q.listed.is_none_or(|t| t < submitted || t.elapsed().as_secs_f64() >= self.config.poll_seconds);
         if stale {
@@ -166,7 +173,7 @@ impl SlurmExecutor {
                 _ => tracing::warn!("squeue failed; the jobs are looked at again shortly"),
             }
         }
-        q.states.get(id).filter(|s| !ENDED.contains(&s.as_str())).cloned()
+        q.states.get(id).filter(|s| !ENDED.contains(&s.0.as_str())).cloned()
     }
 
     /// Waits for job `id` of the attempt in `dir` to end.
@@ -174,6 +181,8 @@ impl SlurmExecutor {
         let ended_as =
             |state: &str, result| Execution { result, job: Some(Job { id: id.to_owned(), state: state.into() }) };
         let mut ended: Option<Instant> = None;
+        // Said once per reason: why the job has waited in the queue so long.
+        let mut told = String::new();
         loop {
             // The job writes done.json last and exits: its state is Slurm's for that exit.
             if let Some(done) = Done::read(dir) {
@@ -189,7 +198,17 @@ impl SlurmExecutor {
                 return ended_as("CANCELLED", Err(format!("the run was interrupted; Slurm job {id} was cancelled")));
             }
             match (ended, self.state(id, submitted)) {
-                (_, Some(_)) => ended = None,
+                (_, Some((state, reason))) => {
+                    ended = None;
+                    if state == "PENDING" && submitted.elapsed() > PENDING_NOTE && reason != told {
+                        tracing::warn!(
+                            "Slurm job {id} ({}) has waited {:.0} s in the queue: {reason} (see squeue -j {id}; sinfo)",
+                            dir.file_name().unwrap_or_default().to_string_lossy(),
+                            submitted.elapsed().as_secs_f64()
+                        );
+                        told = reason;
+                    }
+                }
                 (None, None) => ended = Some(Instant::now()),
                 (Some(t), None) if t.elapsed() > GRACE => {
                     let (state, why) = why_ended(id, dir);
