@@ -351,6 +351,13 @@ pub enum Bench {
         /// The network: hmil, abmil, meanpool or transmil.
         #[arg(long, default_value = "hmil", value_parser = model_kind)]
         model: schemas::workflow::ModelKind,
+        /// Instances a step runs at once, as `train.max_instances_per_chunk` (default: as
+        /// training chooses it from free memory).
+        #[arg(long)]
+        max_instances_per_chunk: Option<u64>,
+        /// How the resident features are held: f32, or f16 as a packed f16 store holds them.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+        store_dtype: String,
     },
 }
 

@@ -500,12 +500,34 @@ fn bench(what: Bench) -> Result<()> {
             let _ = std::fs::remove_dir_all(&scratch);
             result?;
         }
-        Bench::Epoch { slides, instances, dim, epochs, batch_size, threads, device, model } => {
+        Bench::Epoch {
+            slides,
+            instances,
+            dim,
+            epochs,
+            batch_size,
+            threads,
+            device,
+            model,
+            max_instances_per_chunk,
+            store_dtype,
+        } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
             }
             let device = stages::hmil::train::device(&device, None)?;
-            let r = stages::bench::epoch(model, slides, instances, dim, epochs, batch_size, device)?;
+            let setup = stages::bench::EpochSetup {
+                model,
+                slides,
+                instances,
+                dim,
+                epochs,
+                batch_size,
+                device,
+                max_instances_per_chunk,
+                half: store_dtype == "f16",
+            };
+            let r = stages::bench::epoch(&setup)?;
             println!(
                 "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",
                 r.model.name(),
@@ -525,7 +547,8 @@ fn bench(what: Bench) -> Result<()> {
             for (i, s) in r.epoch_s.iter().enumerate() {
                 println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
             }
-            let features = format!("the {:.2} GB of resident f32 features", gb(r.features_bytes));
+            println!("step memory       {}", r.step_budget);
+            let features = format!("the {:.2} GB of resident {store_dtype} features", gb(r.features_bytes));
             print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
         }
     }

@@ -762,3 +762,35 @@ fn an_external_cohort_is_predicted_by_every_fold_model_and_their_ensemble() {
     let again = run(&wf, &[]);
     assert_eq!(executed(&again), ["external[cohort=site_b]", "join_labels[cohort=site_b]", "report"], "{again:?}");
 }
+
+#[test]
+fn a_step_memory_budget_runs_batches_in_chunks_with_the_results_of_whole_batches() {
+    // The same data and workflow twice: whole mini-batches, and steps of at most 100 instances
+    // (each batch of 16 bags of ~48 instances runs in about eight chunks).
+    let (whole, chunked) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut logs = Vec::new();
+    for (dir, extra) in [(whole.path(), vec![]), (chunked.path(), vec!["--set", "train.max_instances_per_chunk=100"])] {
+        let wf = setup(dir, 3);
+        let mut args = vec!["run", wf.to_str().unwrap(), "--jobs", "2", "evaluate[fold=1]"];
+        args.extend(extra);
+        logs.push(hmil_flow(&args));
+    }
+    assert!(!logs[0].contains("run in chunks"), "{}", logs[0]);
+    assert!(logs[1].contains("run in chunks of bags of at most train.max_instances_per_chunk = 100"), "{}", logs[1]);
+    // Three epochs of Adam from the same start: the probabilities agree to float rounding.
+    let probs = |dir: &Path| {
+        let p = read(&artifact(dir, "evaluate[fold=1]", "predictions.parquet"));
+        let schema = p.schema();
+        let columns: Vec<usize> =
+            (0..p.num_columns()).filter(|&i| schema.field(i).name().starts_with("prob_")).collect();
+        columns.iter().flat_map(|&i| p.column(i).as_primitive::<Float64Type>().values().to_vec()).collect::<Vec<f64>>()
+    };
+    let (a, b) = (probs(whole.path()), probs(chunked.path()));
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-4, "chunked training moved a test probability by {worst}");
+    // How memory is used is not part of the cache key: the chunked workspace unchunked is cached.
+    let wf = chunked.path().join("flow.toml");
+    let again = run(&wf, &["evaluate[fold=1]"]);
+    assert!(executed(&again).is_empty(), "{again:?}");
+}

@@ -5,6 +5,7 @@
 //! summed per coarse class. What is shared (batches, segment operations) is in [`ops`].
 
 pub mod abmil;
+pub mod chunked;
 pub mod hmil;
 pub mod meanpool;
 pub mod ops;
@@ -56,6 +57,33 @@ pub struct Output {
     pub scores: Option<[Tensor; 2]>,
 }
 
+/// A training forward pass reduced to what its loss reads, bag by bag: every tensor's first
+/// dimension is the batch's bags, so a batch can run in chunks of bags whose rows are joined
+/// (see [`chunked`]).
+pub struct PerBag {
+    /// B × n_c and B × n_f, as in [`Output`].
+    pub coarse_logits: Tensor,
+    pub fine_logits: Tensor,
+    /// What else the model's loss reads per bag (HMIL: its contrastive views and the agreement
+    /// of its attention), in the model's own order.
+    pub extra: Vec<Tensor>,
+}
+
+impl PerBag {
+    /// Every tensor, logits first.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        [&self.coarse_logits, &self.fine_logits].into_iter().chain(&self.extra).collect()
+    }
+
+    /// A `PerBag` of these tensors, in the order of [`PerBag::tensors`].
+    pub fn from_tensors(mut t: Vec<Tensor>) -> PerBag {
+        let extra = t.split_off(2);
+        let fine_logits = t.pop().expect("fine logits");
+        let coarse_logits = t.pop().expect("coarse logits");
+        PerBag { coarse_logits, fine_logits, extra }
+    }
+}
+
 /// A batch's labels.
 pub struct Targets<'a> {
     /// B coarse class indices (int64).
@@ -86,12 +114,21 @@ pub struct Terms {
 pub trait MilModel: Send {
     /// Class logits and attention of every bag of `batch`; `train` turns dropout on.
     fn forward(&self, batch: &Batch, train: bool) -> Output;
-    /// A training forward pass (dropout on) and its loss; by default, a flat model's: the fine
-    /// cross-entropy alone.
-    fn step(&self, batch: &Batch, targets: &Targets, _schedule: Schedule) -> (Output, Terms) {
+    /// A training forward pass (dropout on), bag by bag; by default the logits alone.
+    fn per_bag(&self, batch: &Batch, _schedule: Schedule) -> PerBag {
         let out = self.forward(batch, true);
-        let terms = ops::flat_terms(&out, targets);
-        (out, terms)
+        PerBag { coarse_logits: out.coarse_logits, fine_logits: out.fine_logits, extra: Vec::new() }
+    }
+    /// The loss of a batch from the [`PerBag`] rows of all its bags; by default a flat model's:
+    /// the fine cross-entropy alone.
+    fn loss(&self, bags: &PerBag, targets: &Targets, _schedule: Schedule) -> Terms {
+        ops::flat_terms(bags, targets)
+    }
+    /// A training forward pass over `batch` and its loss.
+    fn step(&self, batch: &Batch, targets: &Targets, schedule: Schedule) -> (PerBag, Terms) {
+        let bags = self.per_bag(batch, schedule);
+        let terms = self.loss(&bags, targets, schedule);
+        (bags, terms)
     }
 }
 
@@ -114,6 +151,10 @@ mod tests {
 
     use super::*;
 
+    /// Held by a test while it seeds and draws from libtorch's global generator (tests run on
+    /// several threads).
+    pub(crate) static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Loads `tests/fixtures/baselines/<model>.safetensors` (written by PyTorch from the papers'
     /// descriptions; see make_baselines.py) and checks the fine logits and attention of the
     /// batch of `tests/fixtures/hmil`, and that the coarse prediction is the fine one summed.
@@ -129,7 +170,10 @@ mod tests {
             align_weight: 0.0,
         };
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = build(&vs.root(), &config);
+        let net = {
+            let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            build(&vs.root(), &config)
+        };
         vs.load(dir.join(format!("baselines/{}.safetensors", model.name()))).unwrap();
         vs.float();
         let read = |path: PathBuf| Tensor::read_safetensors(path).unwrap();
@@ -166,6 +210,7 @@ mod tests {
             eprintln!("skipped: needs CUDA, and no GPU is available");
             return;
         }
+        let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
         for model in [ModelKind::Hmil, ModelKind::Abmil, ModelKind::Meanpool, ModelKind::Transmil] {
             let config = Config {
                 model,

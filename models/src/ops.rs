@@ -130,8 +130,8 @@ pub fn coarse_from_fine(fine_logits: &Tensor, groups: &Tensor) -> Tensor {
 }
 
 /// The loss of a flat model: the fine cross-entropy alone.
-pub fn flat_terms(out: &crate::Output, targets: &crate::Targets) -> crate::Terms {
-    let ce = cross_entropy(&out.fine_logits, targets.fine, targets.class_weights.map(|w| w.1));
+pub fn flat_terms(bags: &crate::PerBag, targets: &crate::Targets) -> crate::Terms {
+    let ce = cross_entropy(&bags.fine_logits, targets.fine, targets.class_weights.map(|w| w.1));
     crate::Terms { total: ce.shallow_clone(), named: vec![("ce_fine", ce)], schedule: Vec::new() }
 }
 
@@ -162,7 +162,10 @@ mod tests {
 
     #[test]
     fn segment_softmax_of_bf16_scores_is_float32() {
-        let scores = Tensor::randn([3000, 2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let scores = {
+            let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            Tensor::randn([3000, 2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)
+        };
         let a = segment_softmax(&scores, &Tensor::zeros([3000], (Kind::Int64, Device::Cpu)), 1);
         assert_eq!(a.kind(), Kind::Float);
         let total = a.sum_dim_intlist([0].as_slice(), false, Kind::Double);

@@ -598,6 +598,26 @@ pub struct Train {
     pub init_from: Option<PathBuf>,
     /// CPU threads for libtorch (default: all cores).
     pub threads: Option<usize>,
+    /// Instances a training step runs through the network at once: a mini-batch with more runs
+    /// in chunks of bags with the gradients of one pass (see `models::chunked`). Default: as many
+    /// as half the free memory holds (of the GPU, or of the machine on the CPU), and at most
+    /// 1.5 GiB of activations on the CPU. Chunks change only float rounding (and, with dropout,
+    /// which masks are drawn), so this is not part of the cache key.
+    pub max_instances_per_chunk: Option<u64>,
+    /// Where a GPU reads the packed features from: `auto` (the GPU when the store fits beside
+    /// training, else streamed), `device`, or `stream` (batches copied from pinned host memory).
+    /// The CPU always reads the memory-mapped file. Not part of the cache key.
+    pub store: StoreMode,
+}
+
+/// `train.store`: where a GPU reads the packed features from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    #[default]
+    Auto,
+    Device,
+    Stream,
 }
 
 impl Default for Train {
@@ -619,6 +639,8 @@ impl Default for Train {
             early_stopping: None,
             init_from: None,
             threads: None,
+            max_instances_per_chunk: None,
+            store: StoreMode::Auto,
         }
     }
 }
@@ -926,6 +948,9 @@ impl Workflow {
         }
         if !(0.0..1.0).contains(&t.dropout) {
             return bad("train.dropout", format!("{} is not in [0, 1)", t.dropout));
+        }
+        if t.max_instances_per_chunk == Some(0) {
+            return bad("train.max_instances_per_chunk", "must be at least 1".into());
         }
         if !valid_device(&t.device) {
             return bad("train.device", format!("`{}`: expected \"auto\", \"cpu\" or \"cuda:N\"", t.device));

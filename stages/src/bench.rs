@@ -6,12 +6,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use models::chunked::{self, Chunks};
 use models::{Batch, Schedule, Targets};
 use schemas::workflow::ModelKind;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::hmil::memory;
 use crate::hmil::train::{Classes, build_model, model_config};
 use crate::index::{FACTS_KIND, FileFacts, facts, feature_files, scan};
 use crate::rng::Rng;
@@ -136,10 +138,12 @@ pub struct EpochReport {
     pub matmul_gflops: (f64, f64),
     pub floor_s: f64,
     pub epoch_s: Vec<f64>,
-    /// Bytes of the resident features (f32), and the process's peak resident set size after
-    /// the last epoch.
+    /// Bytes of the resident features, and the process's peak resident set size after the
+    /// last epoch.
     pub features_bytes: u64,
     pub peak_rss_bytes: u64,
+    /// The instances a step ran at once, and why.
+    pub step_budget: String,
 }
 
 /// The peak resident set size of this process so far, in bytes (0 where unknown).
@@ -197,25 +201,42 @@ fn tokens(model: ModelKind, n: i64) -> f64 {
     }
 }
 
-/// Times `epochs` training epochs of `model` over `slides` synthetic bags of about `instances`
-/// instances (lognormal) of dimension `dim`, all resident on `device`, in batches of
-/// `batch_size` bags.
-pub fn epoch(
-    model: ModelKind,
-    slides: usize,
-    instances: usize,
-    dim: i64,
-    epochs: usize,
-    batch_size: usize,
-    device: Device,
-) -> Result<EpochReport> {
-    let kind = model;
+/// What [`epoch`] trains.
+#[derive(Debug, Clone)]
+pub struct EpochSetup {
+    pub model: ModelKind,
+    /// Synthetic bags of about `instances` instances each (lognormal) of dimension `dim`.
+    pub slides: usize,
+    pub instances: usize,
+    pub dim: i64,
+    pub epochs: usize,
+    /// Bags per step.
+    pub batch_size: usize,
+    /// Where the features are resident and the network trains.
+    pub device: Device,
+    /// As `train.max_instances_per_chunk`.
+    pub max_instances_per_chunk: Option<u64>,
+    /// Features held as f16 (as an f16 store holds them), else f32.
+    pub half: bool,
+}
+
+/// Times training epochs as `setup` says, with each step run as training runs it (in chunks of
+/// bags when a mini-batch has more instances than a step may hold).
+pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
+    let EpochSetup { model: kind, slides, instances, dim, epochs, batch_size, device, .. } = *setup;
     let mut rng = Rng::new(1, 0);
     let lens: Vec<i64> = (0..slides)
         .map(|_| ((instances as f64).ln() + 0.5 * rng.normal() - 0.125).exp().round().max(8.0) as i64)
         .collect();
     let total: i64 = lens.iter().sum();
-    let x = Tensor::randn([total, dim], (Kind::Float, device)).relu();
+    let store_kind = if setup.half { Kind::Half } else { Kind::Float };
+    // Drawn in blocks, so that no second copy of the features is ever whole.
+    let x = Tensor::empty([total, dim], (store_kind, device));
+    for start in (0..total).step_by(1 << 16) {
+        let n = (total - start).min(1 << 16);
+        x.narrow(0, start, n).copy_(&Tensor::randn([n, dim], (Kind::Float, device)).relu_());
+    }
+    let (budget, step_budget) = memory::step_budget(setup.max_instances_per_chunk, kind, dim, device);
     let fine: Vec<i64> = (0..slides).map(|i| (i % 7) as i64).collect();
     let f2c = [0usize, 0, 0, 1, 1, 2, 2];
     let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
@@ -231,17 +252,23 @@ pub fn epoch(
         let start = Instant::now();
         let mut order: Vec<usize> = (0..slides).collect();
         rng.shuffle(&mut order);
-        for chunk in order.chunks(batch_size.max(1)) {
-            let rows: Vec<i64> = chunk.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
-            let x = x.index_select(0, &Tensor::from_slice(&rows).to(device));
-            let batch = Batch::new(x, chunk.iter().map(|&i| lens[i]).collect());
+        for (b, chunk) in order.chunks(batch_size.max(1)).enumerate() {
+            let batch = |run: std::ops::Range<usize>| {
+                let bags = &chunk[run];
+                let rows: Vec<i64> = bags.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
+                let x = x.index_select(0, &Tensor::from_slice(&rows).to(device)).to_kind(Kind::Float);
+                Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
+            };
+            let runs = chunked::plan(&chunk.iter().map(|&i| lens[i]).collect::<Vec<_>>(), budget.unwrap_or(i64::MAX));
+            let chunks = Chunks { runs: &runs, batch: &batch, bf16: false, seed: b as i64 };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
                 Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
             // Past the first epoch, so that HMIL's contrastive term is computed.
             let at = Schedule { epoch: e + 1, epochs: epochs + 1 };
-            let (_, terms) = model.step(&batch, &Targets { coarse: &y_c, fine: &y_f, class_weights: None }, at);
-            opt.backward_step(&terms.total);
+            opt.zero_grad();
+            chunked::step(&*model, &chunks, &Targets { coarse: &y_c, fine: &y_f, class_weights: None }, at);
+            opt.step();
         }
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
@@ -268,8 +295,9 @@ pub fn epoch(
         matmul_gflops,
         floor_s: flops_per_instance * total as f64 / (matmul_gflops.1 * 1e9),
         epoch_s,
-        features_bytes: (total * dim * 4) as u64,
+        features_bytes: (total * dim * if setup.half { 2 } else { 4 }) as u64,
         peak_rss_bytes: peak_rss_bytes(),
+        step_budget,
     })
 }
 

@@ -6,9 +6,8 @@
 use schemas::workflow::Curriculum;
 use tch::{Kind, Tensor};
 
-use super::Forward;
 use crate::ops::{cross_entropy, segment_sum};
-use crate::{Batch, Targets, Terms};
+use crate::{PerBag, Targets, Terms};
 
 /// Curriculum weight `alpha = 1 − (e/E)²` for epoch `e` of `E`.
 pub fn alpha(epoch: usize, epochs: usize) -> f64 {
@@ -44,26 +43,29 @@ pub struct Objective<'a> {
 }
 
 /// Every term, and `w_c·CE_c + CE_f + REG + w_con·CON + w·ALIGN` (published: `w_c = alpha`,
-/// `w_con = 1 − alpha`). The regulariser is the cross-entropy of the fine probabilities summed
-/// per coarse group, taken as logits (as the published code does).
-pub fn terms(f: &Forward, batch: &Batch, targets: &Targets, cfg: &Objective) -> Terms {
-    let out = &f.out;
+/// `w_con = 1 − alpha`), from the bags' rows of [`super::Hmil`]'s `per_bag`. The regulariser is
+/// the cross-entropy of the fine probabilities summed per coarse group, taken as logits (as the
+/// published code does).
+pub fn terms(bags: &PerBag, targets: &Targets, cfg: &Objective) -> Terms {
     let (wc, wf) = match targets.class_weights {
         Some((c, f)) => (Some(c), Some(f)),
         None => (None, None),
     };
     let zero = || Tensor::zeros([], (Kind::Float, targets.fine.device()));
-    let ce_coarse = cross_entropy(&out.coarse_logits, targets.coarse, wc);
-    let ce_fine = cross_entropy(&out.fine_logits, targets.fine, wf);
-    let grouped = out.fine_logits.softmax(-1, Kind::Float).matmul(cfg.groups);
+    let ce_coarse = cross_entropy(&bags.coarse_logits, targets.coarse, wc);
+    let ce_fine = cross_entropy(&bags.fine_logits, targets.fine, wf);
+    let grouped = bags.fine_logits.softmax(-1, Kind::Float).matmul(cfg.groups);
     let reg = if cfg.regulariser { cross_entropy(&grouped, targets.coarse, wc) } else { zero() };
-    let con = if cfg.contrastive > 0.0 {
-        supcon(&f.fine_views(&batch.lengths), targets.fine, cfg.tau) / batch.bags() as f64
-    } else {
-        zero()
+    let mut extra = bags.extra.iter();
+    let n = bags.fine_logits.size()[0] as f64;
+    let con = match (cfg.contrastive > 0.0).then(|| extra.next()).flatten() {
+        Some(views) => supcon(views, targets.fine, cfg.tau) / n,
+        None => zero(),
     };
-    let align =
-        if cfg.align_weight > 0.0 { attention_alignment(out, &batch.seg, batch.bags(), cfg.groups) } else { zero() };
+    let align = match (cfg.align_weight > 0.0).then(|| extra.next()).flatten() {
+        Some(cosine) => cosine.neg().g_add_scalar(1.0).mean(Kind::Float),
+        None => zero(),
+    };
     let total = &ce_coarse * cfg.coarse_ce + &ce_fine + &reg + &con * cfg.contrastive + &align * cfg.align_weight;
     Terms {
         total,
@@ -96,16 +98,15 @@ pub fn supcon(views: &Tensor, labels: &Tensor, temperature: f64) -> Tensor {
     (mean_log_prob_pos * (-temperature / BASE_TEMPERATURE)).mean(Kind::Float)
 }
 
-/// 1 − mean cosine, per bag and coarse class, between the coarse attention and the fine
-/// attention summed into coarse groups.
-pub fn attention_alignment(out: &crate::Output, seg: &Tensor, bags: i64, groups: &Tensor) -> Tensor {
+/// The cosine, per bag and coarse class (B × n_c), between the coarse attention and the fine
+/// attention summed into coarse groups; the alignment term is 1 − its mean.
+pub fn attention_agreement(out: &crate::Output, seg: &Tensor, bags: i64, groups: &Tensor) -> Tensor {
     let [a1, a2] = out.attention.as_ref().expect("HMIL attends");
     let a2 = a2.matmul(groups);
     let dot = segment_sum(&(a1 * &a2), seg, bags);
     let n1 = segment_sum(&(a1 * a1), seg, bags).sqrt();
     let n2 = segment_sum(&(&a2 * &a2), seg, bags).sqrt();
-    let cosine: Tensor = dot / (n1 * n2).clamp_min(1e-12);
-    cosine.neg().g_add_scalar(1.0).mean(Kind::Float)
+    dot / (n1 * n2).clamp_min(1e-12)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use crate::ops::{Batch, GatedAttention, group_matrix, joint_linear, linear_config, segment_softmax, segment_sum};
-use crate::{Config, Dims, MilModel, Output, Schedule, Targets, Terms};
+use crate::{Config, Dims, MilModel, Output, PerBag, Schedule, Targets, Terms};
 
 /// Hidden sizes fixed by the published model.
 const HIDDEN: i64 = 256;
@@ -96,10 +96,23 @@ impl MilModel for Hmil {
         self.forward_parts(batch, train).out
     }
 
-    fn step(&self, batch: &Batch, targets: &Targets, schedule: Schedule) -> (Output, Terms) {
+    /// The logits, then the fine contrastive views when the epoch weighs them, then the
+    /// attention agreement when it is weighed.
+    fn per_bag(&self, batch: &Batch, schedule: Schedule) -> PerBag {
+        let cfg = self.objective(schedule);
         let f = self.forward_parts(batch, true);
-        let terms = loss::terms(&f, batch, targets, &self.objective(schedule));
-        (f.out, terms)
+        let mut extra = Vec::new();
+        if cfg.contrastive > 0.0 {
+            extra.push(f.fine_views(&batch.lengths));
+        }
+        if cfg.align_weight > 0.0 {
+            extra.push(loss::attention_agreement(&f.out, &batch.seg, batch.bags(), cfg.groups));
+        }
+        PerBag { coarse_logits: f.out.coarse_logits, fine_logits: f.out.fine_logits, extra }
+    }
+
+    fn loss(&self, bags: &PerBag, targets: &Targets, schedule: Schedule) -> Terms {
+        loss::terms(bags, targets, &self.objective(schedule))
     }
 }
 
@@ -165,7 +178,10 @@ pub mod tests {
             loss,
             align_weight: 0.0,
         };
-        let model = Hmil::new(&vs.root(), &config);
+        let model = {
+            let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            Hmil::new(&vs.root(), &config)
+        };
         vs.load(dir.join("state_dict.safetensors")).unwrap();
         let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();
         let get = |n: &str| expected.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
@@ -227,6 +243,7 @@ pub mod tests {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let grads: Vec<Tensor> = vars.iter().map(|(_, v)| v.grad().copy()).collect();
+        let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(5);
         let random: Vec<Tensor> = vars.iter().map(|(_, v)| v.randn_like()).collect();
         let _g = tch::no_grad_guard();

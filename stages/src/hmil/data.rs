@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::splits::Part;
 use crate::table;
 use models::Batch;
+use schemas::workflow::StoreMode;
 
 /// A loaded store, kept for the rest of the process so that every fold reuses it.
 struct Resident {
@@ -38,18 +39,28 @@ pub struct Bag {
 }
 
 /// Every instance of every slide: on the CPU a view of `features.bin` memory-mapped read-only
-/// (the page cache holds it, never a second buffer), on a GPU a copy made from that map.
+/// (the page cache holds it, never a second buffer); for a GPU a copy made from that map on the
+/// GPU, or the map itself, from which batches are streamed (see [`StoreMode`]).
 pub struct Store {
     /// Instances × D, float32 or float16 as packed.
     x: Tensor,
+    /// Where batches go (the GPU while `x` stays on the CPU: streamed).
+    device: Device,
     pub dim: i64,
     rows: HashMap<String, (i64, i64)>,
     coords_path: PathBuf,
 }
 
 impl Store {
-    /// Loads `features.bin` (once per process and device) and the row offsets.
-    pub fn load(features_bin: &Path, packed: &Path, coords_bin: &Path, device: Device) -> Result<Store> {
+    /// Loads `features.bin` (once per process and device) and the row offsets, for batches on
+    /// `device`; `mode` says whether a GPU holds the store or batches stream to it.
+    pub fn load(
+        features_bin: &Path,
+        packed: &Path,
+        coords_bin: &Path,
+        device: Device,
+        mode: StoreMode,
+    ) -> Result<Store> {
         let index = table::read(packed)?;
         let slides = table::strings(&index, "slide_id");
         let offsets = table::i64s(&index, "row_offset");
@@ -59,23 +70,24 @@ impl Store {
         let dim = *dims.first().ok_or_else(|| Error::Features("the packed store holds no slide".into()))?;
         let kind = if dtype.first().map(String::as_str) == Some("float16") { Kind::Half } else { Kind::Float };
         let total: i64 = counts.iter().sum();
+        let bytes = (total * dim * kind.elt_size_in_bytes() as i64) as u64;
+        let holder = match device {
+            Device::Cuda(_) if stream(mode, bytes, device) => Device::Cpu,
+            _ => device,
+        };
         let mut resident = RESIDENT.lock().expect("feature cache poisoned");
-        let x = match resident.iter().find(|r| r.features_bin == features_bin && r.device == device) {
+        let x = match resident.iter().find(|r| r.features_bin == features_bin && r.device == holder) {
             Some(r) => r.x.shallow_clone(),
             None => {
                 let (view, map) = map_store(features_bin, total, dim, kind)?;
-                let (x, map) = if device == Device::Cpu { (view, map) } else { (view.to(device), None) };
-                resident.push(Resident {
-                    features_bin: features_bin.to_path_buf(),
-                    device,
-                    x: x.shallow_clone(),
-                    _map: map,
-                });
+                let (x, map) = if holder == Device::Cpu { (view, map) } else { (view.to(holder), None) };
+                let features_bin = features_bin.to_path_buf();
+                resident.push(Resident { features_bin, device: holder, x: x.shallow_clone(), _map: map });
                 x
             }
         };
         let rows = slides.into_iter().zip(offsets.into_iter().zip(counts)).collect();
-        Ok(Store { x, dim, rows, coords_path: coords_bin.to_path_buf() })
+        Ok(Store { x, device, dim, rows, coords_path: coords_bin.to_path_buf() })
     }
 
     /// (first row, instances) of a slide.
@@ -83,17 +95,25 @@ impl Store {
         self.rows.get(slide).copied()
     }
 
-    /// The device the features live on.
+    /// The device batches are made on.
     pub fn device(&self) -> Device {
-        self.x.device()
+        self.device
     }
 
-    /// The concatenated instances of `bags` (as float32) with their segment ids.
+    /// The concatenated instances of `bags` (as float32) with their segment ids. A streamed
+    /// store gathers them on the CPU into pinned memory and queues their copy to the GPU without
+    /// waiting for it, so the gathering overlaps the GPU's work on the previous chunk (the copy
+    /// itself runs in turn with that work, on the same CUDA stream).
     pub fn batch(&self, bags: &[&Bag]) -> Batch {
-        let device = self.x.device();
         let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
-        let x = self.x.index_select(0, &Tensor::from_slice(&rows).to(device)).to_kind(Kind::Float);
-        Batch::new(x, bags.iter().map(|b| b.len).collect())
+        let held = self.x.device();
+        let x = self.x.index_select(0, &Tensor::from_slice(&rows).to(held));
+        let x = if held == self.device {
+            x
+        } else {
+            x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false)
+        };
+        Batch::new(x.to_kind(Kind::Float), bags.iter().map(|b| b.len).collect())
     }
 
     /// Coordinates (x, y) of a bag's instances (NaN where the file had none).
@@ -114,6 +134,31 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Whether batches stream to GPU `device` from host memory rather than the store living there:
+/// as `mode` says, or (`auto`) when the store takes more than half the GPU's free memory. The
+/// choice and its reason are logged.
+fn stream(mode: StoreMode, bytes: u64, device: Device) -> bool {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let (stream, why) = match mode {
+        StoreMode::Device => (false, "train.store = \"device\"".to_owned()),
+        StoreMode::Stream => (true, "train.store = \"stream\"".to_owned()),
+        StoreMode::Auto => match super::memory::free_bytes(device) {
+            Some(free) => (
+                bytes > free / 2,
+                format!(
+                    "the store takes {:.1} GiB, the GPU has {:.1} GiB free; train.store overrides",
+                    gib(bytes),
+                    gib(free)
+                ),
+            ),
+            None => (false, "the GPU's free memory is unknown; train.store = \"stream\" streams".to_owned()),
+        },
+    };
+    let how = if stream { "streamed from pinned host memory" } else { "held on the GPU" };
+    tracing::info!("the feature store is {how} ({why})");
+    stream
 }
 
 /// A CPU tensor of `total` × `dim` over `features_bin` mapped read-only, and the map it views
@@ -239,7 +284,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for kind in [Kind::Float, Kind::Half] {
             let (bin, packed, copied) = write_store(dir.path(), kind);
-            let store = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu).unwrap();
+            let store =
+                Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu, StoreMode::Auto).unwrap();
             let bag = |id: &str| {
                 let (start, len) = store.rows(id).unwrap();
                 Bag { slide_id: id.into(), case_id: id.into(), fine: 0, coarse: 0, start, len }
@@ -258,7 +304,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (bin, packed, _) = write_store(dir.path(), Kind::Float);
         std::fs::write(&bin, [0u8; 12]).unwrap();
-        let err = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu).err().unwrap().to_string();
+        let err = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu, StoreMode::Auto)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("features-Float.bin: holds 12 bytes, the index says 80"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! `evaluate[fold=k]`: the kept checkpoint on the fold's validation and test bags, written as
 //! predictions, metrics at every level, and the most attended instances of each slide.
 
+use schemas::workflow::StoreMode;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray};
@@ -81,7 +82,7 @@ pub struct SplitResult<'a> {
 impl EvaluateFold {
     fn evaluate(&self, ctx: &Context) -> Result<()> {
         let device = device(&self.device, ctx.gpu())?;
-        let (store, bags) = Sources::load(ctx, self.fold, device)?;
+        let (store, bags) = Sources::load(ctx, self.fold, device, StoreMode::Auto)?;
         let c = &self.classes;
         let model = load_checkpoint(ctx, c, store.dim, device)?;
         let k = self.config.attention_top_k;

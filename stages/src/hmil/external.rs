@@ -8,6 +8,7 @@
 use arrow::array::RecordBatch;
 use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{EXTERNAL_METRICS, EXTERNAL_PREDICTIONS, METRICS, MODEL};
+use schemas::workflow::StoreMode;
 
 use super::checkpoint;
 use super::data::{Store, labelled_bags};
@@ -74,7 +75,8 @@ impl Stage for ExternalCohort {
 impl ExternalCohort {
     fn predict(&self, ctx: &Context) -> Result<()> {
         let device = device(&self.device, ctx.gpu())?;
-        let store = Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device)?;
+        let store =
+            Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device, StoreMode::Auto)?;
         let bags = labelled_bags(ctx.input("labels"), &store)?;
         if bags.is_empty() {
             return Err(Error::Features(format!(

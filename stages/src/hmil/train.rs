@@ -7,17 +7,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{Float64Array, Int32Array};
+use models::chunked::{self, Chunks};
 use models::{Dims, MilModel, Schedule, Targets};
 use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
 use schemas::artifacts::{COORDS_BIN, FEATURES_BIN, HISTORY, LABELS, MODEL, PACKED, SPLITS};
-use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, Train};
+use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, StoreMode, Train};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint;
 use super::data::{Bag, FoldBags, Store, fold_bags};
 use super::infer::{argmax, predict, rows};
 use super::metrics::binary_auc;
+use super::{checkpoint, memory};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::table;
@@ -38,9 +39,9 @@ impl Sources {
         v
     }
 
-    /// Loads the store on `device` and the fold's bags.
-    pub fn load(ctx: &Context, fold: usize, device: Device) -> Result<(Store, FoldBags)> {
-        let store = Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device)?;
+    /// Loads the store for `device` (held there or streamed, as `mode` says) and the fold's bags.
+    pub fn load(ctx: &Context, fold: usize, device: Device, mode: StoreMode) -> Result<(Store, FoldBags)> {
+        let store = Store::load(ctx.input("features"), ctx.input("packed"), ctx.input("coords"), device, mode)?;
         let bags = fold_bags(ctx.input("labels"), ctx.input("splits"), fold, &store)?;
         Ok((store, bags))
     }
@@ -116,8 +117,12 @@ impl Stage for TrainFold {
     }
     fn params(&self) -> serde_json::Value {
         let mut config = serde_json::to_value(&self.config).expect("serialises");
-        // The checkpoint is an input (by content), not a path parameter.
-        config.as_object_mut().expect("object").remove("init_from");
+        // The checkpoint is an input (by content), not a path parameter; how memory is used
+        // leaves the results as they are.
+        let config_map = config.as_object_mut().expect("object");
+        for key in ["init_from", "max_instances_per_chunk", "store"] {
+            config_map.remove(key);
+        }
         serde_json::json!({ "fold": self.fold, "seed": self.seed, "train": config, "classes": self.classes })
     }
     fn inputs(&self) -> Vec<Input> {
@@ -268,7 +273,7 @@ impl TrainFold {
             tch::set_num_threads(t as i32);
         }
         let device = device(&cfg.device, ctx.gpu())?;
-        let (store, bags) = Sources::load(ctx, self.fold, device)?;
+        let (store, bags) = Sources::load(ctx, self.fold, device, cfg.store)?;
         let config = models::Config {
             dropout: cfg.dropout,
             loss: cfg.loss,
@@ -290,13 +295,14 @@ impl TrainFold {
         if bags.val.is_empty() {
             ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
+        let budget = self.step_budget(&bags.train, store.dim, device);
         let mut best: Option<Best> = None;
         let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
         let mut history = History::default();
         let bar = ctx.progress(cfg.epochs as u64, "epochs");
         for epoch in 0..cfg.epochs {
             let start = Instant::now();
-            let step = Step { ctx, model: &*model, store: &store, weights: weights.as_ref(), epoch };
+            let step = Step { ctx, model: &*model, store: &store, weights: weights.as_ref(), epoch, budget };
             let train = self.train_epoch(&step, &mut opt, &bags.train)?;
             let val = self.validate(&*model, &store, &bags.val);
             let score = match cfg.select {
@@ -394,14 +400,22 @@ impl TrainFold {
                 )));
             }
             let refs: Vec<&Bag> = chunk.iter().map(|&i| &train[i]).collect();
-            let batch = step.store.batch(&refs);
             let coarse = Tensor::from_slice(&refs.iter().map(|b| b.coarse).collect::<Vec<_>>()).to(device);
             let fine = Tensor::from_slice(&refs.iter().map(|b| b.fine).collect::<Vec<_>>()).to(device);
             let targets = Targets { coarse: &coarse, fine: &fine, class_weights: step.weights.map(|(a, b)| (a, b)) };
-            let bf16 = cfg.bf16 && device.is_cuda();
             let at = Schedule { epoch: step.epoch, epochs: cfg.epochs };
-            let (out, terms) = tch::autocast(bf16, || step.model.step(&batch, &targets, at));
-            opt.backward_step(&terms.total);
+            let runs = chunked::plan(&refs.iter().map(|b| b.len).collect::<Vec<_>>(), step.budget);
+            let seed =
+                Rng::new(self.seed, ((self.fold as u64) << 40) | ((step.epoch as u64) << 20) | b as u64).next_u64();
+            let chunks = Chunks {
+                runs: &runs,
+                batch: &|run| step.store.batch(&refs[run]),
+                bf16: cfg.bf16 && device.is_cuda(),
+                seed: (seed >> 2) as i64,
+            };
+            opt.zero_grad();
+            let (out, terms) = chunked::step(step.model, &chunks, &targets, at);
+            opt.step();
             if sums.is_empty() {
                 sums = std::iter::once("loss".to_owned())
                     .chain(terms.named.iter().map(|(name, _)| format!("loss_{name}")))
@@ -428,6 +442,25 @@ impl TrainFold {
             coarse: acc_auc(&coarse_probs, &y_c),
             fine: acc_auc(&fine_probs, &y_f),
         })
+    }
+
+    /// The instances a step runs at once (logged when some mini-batch will run in chunks).
+    fn step_budget(&self, train: &[Bag], dim: i64, device: Device) -> i64 {
+        let (budget, why) = memory::step_budget(self.config.max_instances_per_chunk, self.config.model, dim, device);
+        let Some(budget) = budget else {
+            tracing::info!(fold = self.fold, "training steps run whole mini-batches ({why})");
+            return i64::MAX;
+        };
+        let mut lengths: Vec<i64> = train.iter().map(|b| b.len).collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        let largest: i64 = lengths.iter().take(self.config.batch_size).sum();
+        if largest > budget {
+            tracing::info!(
+                fold = self.fold,
+                "mini-batches of up to {largest} instances run in chunks of bags of at most {why}, with the gradients of one pass"
+            );
+        }
+        budget
     }
 
     /// The network on the validation bags.
@@ -481,6 +514,8 @@ struct Step<'a> {
     store: &'a Store,
     weights: Option<&'a (Tensor, Tensor)>,
     epoch: usize,
+    /// Instances a step runs at once.
+    budget: i64,
 }
 
 /// Inverse-frequency class weights (coarse, fine), normalised to mean 1 over present classes.

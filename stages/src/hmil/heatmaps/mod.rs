@@ -12,6 +12,7 @@ pub mod full_res;
 pub mod maps;
 pub mod mosaic;
 
+use schemas::workflow::StoreMode;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -130,7 +131,7 @@ pub struct Drawn {
 impl HeatmapsFold {
     fn draw(&self, ctx: &Context) -> Result<()> {
         let device = device(&self.device, ctx.gpu())?;
-        let (store, bags) = Sources::load(ctx, self.fold, device)?;
+        let (store, bags) = Sources::load(ctx, self.fold, device, StoreMode::Auto)?;
         let model = load_checkpoint(ctx, &self.classes, store.dim, device)?;
         let geometry = geometry(ctx.input("packed"))?;
         let thumbs = match &self.thumbnails {

@@ -1,0 +1,237 @@
+//! Training steps whose memory is bounded by an instance budget, with the gradients of one pass
+//! over the whole batch (the gradient cache of Gao et al. 2021). A batch's loss couples its bags
+//! (HMIL's contrastive term compares every bag with every other), so summing the gradients of
+//! per-chunk losses would be wrong. Instead a step
+//! 1. runs every chunk of bags forward without a graph, keeping only its [`PerBag`] rows;
+//! 2. takes the loss of all the rows, as leaves, and its gradient with respect to them;
+//! 3. runs every chunk forward again with a graph and back-propagates its rows' gradients.
+//!
+//! Only one chunk's activations are alive at a time. The last chunk keeps its graph from the
+//! first pass and is not run again, so `k` chunks cost `(k − 1)/k` of a forward pass more than
+//! one pass. Before both passes over a chunk the random generator is seeded alike, so the second
+//! pass draws the dropout masks the first one saw.
+
+use std::ops::Range;
+
+use tch::Tensor;
+
+use crate::{Batch, MilModel, PerBag, Schedule, Targets, Terms};
+
+/// Consecutive runs of bags (by their instance counts) of at most `budget` instances each; a
+/// bag larger than the budget is a run of its own (a bag's attention needs all its instances).
+pub fn plan(lengths: &[i64], budget: i64) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, &n) in lengths.iter().enumerate() {
+        if i > start && used + n > budget {
+            runs.push(start..i);
+            (start, used) = (i, 0);
+        }
+        used += n;
+    }
+    if start < lengths.len() {
+        runs.push(start..lengths.len());
+    }
+    runs
+}
+
+/// How a step runs: its chunks of bags and what they are made of.
+pub struct Chunks<'a> {
+    /// Runs of the batch's bags, in order, covering all of them (see [`plan`]).
+    pub runs: &'a [Range<usize>],
+    /// The batch of a run of bags (called twice per run when there are several).
+    pub batch: &'a dyn Fn(Range<usize>) -> Batch,
+    /// Mixed precision (bf16 autocast) for the forward passes.
+    pub bf16: bool,
+    /// Seeds the random generator before each pass over run `i` with `seed + i` (several runs only).
+    pub seed: i64,
+}
+
+/// One training step: back-propagates the batch's loss into the model's variables (whose
+/// gradients the caller zeroes before and applies after) and returns the bags' rows (without a
+/// graph) and the loss terms. With one run this is a plain forward and backward pass.
+pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: Schedule) -> (PerBag, Terms) {
+    let forward = |run: Range<usize>| tch::autocast(chunks.bf16, || model.per_bag(&(chunks.batch)(run), schedule));
+    if let [run] = chunks.runs {
+        let (rows, terms) = {
+            let rows = forward(run.clone());
+            let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
+            (rows, terms)
+        };
+        terms.total.backward();
+        return (detached(&rows), terms);
+    }
+    // 1. The rows of every run, without a graph but for the last run's, which is kept so that
+    //    it need not run again.
+    let seeded = |i: usize| {
+        tch::manual_seed(chunks.seed + i as i64);
+        forward(chunks.runs[i].clone())
+    };
+    let last = chunks.runs.len() - 1;
+    let mut parts: Vec<PerBag> = {
+        let _no_graph = tch::no_grad_guard();
+        (0..last).map(seeded).collect()
+    };
+    let kept = seeded(last);
+    parts.push(detached(&kept));
+    let width = kept.tensors().len();
+    let leaves: Vec<Tensor> = (0..width)
+        .map(|k| Tensor::cat(&parts.iter().map(|p| p.tensors()[k]).collect::<Vec<_>>(), 0).set_requires_grad(true))
+        .collect();
+    drop(parts);
+    // 2. The loss and its gradient with respect to the rows.
+    let rows = PerBag::from_tensors(leaves.iter().map(Tensor::shallow_clone).collect());
+    let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
+    terms.total.backward();
+    let grads: Vec<Option<Tensor>> = leaves.iter().map(|l| Some(l.grad()).filter(Tensor::defined)).collect();
+    // 3. Each run's rows back-propagate their share of those gradients: the last run's through
+    //    the graph kept, the others' through a second pass with a graph.
+    let back = |part: PerBag, run: &Range<usize>| {
+        let (start, len) = (run.start as i64, run.len() as i64);
+        let surrogate = part
+            .tensors()
+            .into_iter()
+            .zip(&grads)
+            .filter_map(|(t, g)| g.as_ref().map(|g| (t * g.narrow(0, start, len)).sum(tch::Kind::Float)))
+            .reduce(|a, b| a + b);
+        if let Some(s) = surrogate {
+            s.backward();
+        }
+    };
+    back(kept, &chunks.runs[last]);
+    for i in 0..last {
+        back(seeded(i), &chunks.runs[i]);
+    }
+    (detached(&rows), detach_terms(terms))
+}
+
+fn detached(rows: &PerBag) -> PerBag {
+    PerBag::from_tensors(rows.tensors().into_iter().map(Tensor::detach).collect())
+}
+
+fn detach_terms(t: Terms) -> Terms {
+    Terms {
+        total: t.total.detach(),
+        named: t.named.into_iter().map(|(n, v)| (n, v.detach())).collect(),
+        schedule: t.schedule,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::workflow::{Loss, ModelKind};
+    use tch::nn::{self, OptimizerConfig};
+    use tch::{Device, Kind};
+
+    use super::*;
+    use crate::{Config, Dims};
+
+    #[test]
+    fn runs_fill_the_budget_and_a_large_bag_runs_alone() {
+        assert_eq!(plan(&[3, 4, 2, 9, 1, 1], 7), vec![0..2, 2..3, 3..4, 4..6]);
+        assert_eq!(plan(&[3, 4], 100), vec![0..2]);
+        assert_eq!(plan(&[], 5), Vec::<Range<usize>>::new());
+    }
+
+    /// Every variable of a model after one SGD step over a batch of seven bags, run in runs of
+    /// at most `budget` instances; by [`step`], or by the `reference`: every run forward with a
+    /// graph (seeded as `step` seeds it), their rows joined, and one backward pass.
+    fn after_one_step(model: ModelKind, dropout: f64, budget: i64, reference: bool) -> Vec<(String, Tensor)> {
+        let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let config = Config {
+            model,
+            dims: Dims { input: 12, n_coarse: 3, n_fine: 7 },
+            fine_to_coarse: vec![0, 0, 0, 1, 1, 2, 2],
+            dropout,
+            loss: Loss::default(),
+            align_weight: 0.5,
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = crate::build(&vs.root(), &config);
+        // Weights and features from a fixed sequence, not from the global generator.
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (i, (_, v)) in vars.iter_mut().enumerate() {
+            let _no_graph = tch::no_grad_guard();
+            let scale = if v.dim() > 1 { (1.0 / v.size()[1] as f64).sqrt() } else { 0.1 };
+            v.copy_(&(wave(v.numel() as i64, i as f64).view(v.size().as_slice()) * scale));
+        }
+        let mut opt = nn::Sgd::default().build(&vs, 0.5).unwrap();
+        let lengths = vec![5i64, 9, 3, 12, 7, 4, 6];
+        let x = wave(lengths.iter().sum::<i64>() * 12, 7.0).view([-1, 12]).relu();
+        let starts: Vec<i64> = lengths.iter().scan(0, |s, &n| Some(std::mem::replace(s, *s + n))).collect();
+        let batch = |run: Range<usize>| {
+            let rows = starts[run.start]..starts[run.end - 1] + lengths[run.end - 1];
+            Batch::new(x.narrow(0, rows.start, rows.end - rows.start), lengths[run].to_vec())
+        };
+        let fine = Tensor::from_slice(&[0i64, 3, 3, 5, 0, 6, 1]);
+        let coarse = Tensor::from_slice(&[0i64, 1, 1, 2, 0, 2, 0]);
+        let targets = Targets { coarse: &coarse, fine: &fine, class_weights: None };
+        let runs = plan(&lengths, budget);
+        let chunks = Chunks { runs: &runs, batch: &batch, bf16: false, seed: 99 };
+        let at = Schedule { epoch: 4, epochs: 10 };
+        opt.zero_grad();
+        if reference {
+            let parts: Vec<PerBag> = runs
+                .iter()
+                .enumerate()
+                .map(|(i, run)| {
+                    tch::manual_seed(99 + i as i64);
+                    net.per_bag(&batch(run.clone()), at)
+                })
+                .collect();
+            let width = parts[0].tensors().len();
+            let joined = (0..width).map(|k| Tensor::cat(&parts.iter().map(|p| p.tensors()[k]).collect::<Vec<_>>(), 0));
+            net.loss(&PerBag::from_tensors(joined.collect()), &targets, at).total.backward();
+        } else {
+            let (rows, terms) = step(&*net, &chunks, &targets, at);
+            assert_eq!(rows.fine_logits.size(), [7, 7]);
+            assert!(terms.total.double_value(&[]).is_finite());
+        }
+        opt.step();
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// `n` values in [−1.7, 1.7] that look random enough: sines of a scrambled index.
+    fn wave(n: i64, phase: f64) -> Tensor {
+        (Tensor::arange(n, (Kind::Double, Device::Cpu)) * 12.9898 + phase * 78.233).sin().to_kind(Kind::Float) * 1.7
+    }
+
+    fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
+        a.iter()
+            .zip(b)
+            .map(|((name, x), (_, y))| ((x - y).abs().max().double_value(&[]), name.clone()))
+            .fold((0.0, String::new()), |m, d| if d.0 > m.0 { d } else { m })
+    }
+
+    #[test]
+    fn chunked_steps_give_the_parameters_of_one_pass() {
+        // Every model, and HMIL with every loss term on (the contrastive term couples the bags;
+        // alignment reads per-instance attention).
+        for model in [ModelKind::Hmil, ModelKind::Abmil, ModelKind::Meanpool, ModelKind::Transmil] {
+            let whole = after_one_step(model, 0.0, 1000, false);
+            for budget in [1, 12, 20] {
+                let (diff, name) = max_difference(&whole, &after_one_step(model, 0.0, budget, false));
+                assert!(diff < 1e-6, "{}: runs of {budget} instances move {name} by {diff} more", model.name());
+            }
+        }
+    }
+
+    #[test]
+    fn with_dropout_the_second_pass_sees_the_masks_of_the_first() {
+        // Each run draws its own masks (so they depend on the runs); the step's gradient is that
+        // of the masks its rows were computed with: one backward pass through the same runs.
+        for budget in [1, 12] {
+            let chunked = after_one_step(ModelKind::Hmil, 0.4, budget, false);
+            let (diff, name) = max_difference(&chunked, &after_one_step(ModelKind::Hmil, 0.4, budget, true));
+            assert!(diff < 1e-6, "runs of {budget}: {name} differs by {diff} from one pass with the same masks");
+        }
+        let (diff, _) = max_difference(
+            &after_one_step(ModelKind::Hmil, 0.4, 1, false),
+            &after_one_step(ModelKind::Hmil, 0.0, 1, false),
+        );
+        assert!(diff > 1e-3, "dropout is on");
+    }
+}
