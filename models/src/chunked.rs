@@ -53,11 +53,8 @@ pub struct Chunks<'a> {
 pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: Schedule) -> (PerBag, Terms) {
     let forward = |run: Range<usize>| tch::autocast(chunks.bf16, || model.per_bag(&(chunks.batch)(run), schedule));
     if let [run] = chunks.runs {
-        let (rows, terms) = {
-            let rows = forward(run.clone());
-            let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
-            (rows, terms)
-        };
+        let rows = forward(run.clone());
+        let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
         terms.total.backward();
         return (detached(&rows), terms);
     }
@@ -74,10 +71,7 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
     };
     let kept = seeded(last);
     parts.push(detached(&kept));
-    let width = kept.tensors().len();
-    let leaves: Vec<Tensor> = (0..width)
-        .map(|k| Tensor::cat(&parts.iter().map(|p| p.tensors()[k]).collect::<Vec<_>>(), 0).set_requires_grad(true))
-        .collect();
+    let leaves: Vec<Tensor> = PerBag::cat(&parts).tensors().into_iter().map(|t| t.set_requires_grad(true)).collect();
     drop(parts);
     // 2. The loss and its gradient with respect to the rows.
     let rows = PerBag::from_tensors(leaves.iter().map(Tensor::shallow_clone).collect());
@@ -180,9 +174,7 @@ mod tests {
                     net.per_bag(&batch(run.clone()), at)
                 })
                 .collect();
-            let width = parts[0].tensors().len();
-            let joined = (0..width).map(|k| Tensor::cat(&parts.iter().map(|p| p.tensors()[k]).collect::<Vec<_>>(), 0));
-            net.loss(&PerBag::from_tensors(joined.collect()), &targets, at).total.backward();
+            net.loss(&PerBag::cat(&parts), &targets, at).total.backward();
         } else {
             let (rows, terms) = step(&*net, &chunks, &targets, at);
             assert_eq!(rows.fine_logits.size(), [7, 7]);

@@ -75,6 +75,14 @@ impl PerBag {
         [&self.coarse_logits, &self.fine_logits].into_iter().chain(&self.extra).collect()
     }
 
+    /// The rows of `parts` (runs of consecutive bags, in order) as one batch's.
+    pub fn cat(parts: &[PerBag]) -> PerBag {
+        let width = parts[0].tensors().len();
+        PerBag::from_tensors(
+            (0..width).map(|k| Tensor::cat(&parts.iter().map(|p| p.tensors()[k]).collect::<Vec<_>>(), 0)).collect(),
+        )
+    }
+
     /// A `PerBag` of these tensors, in the order of [`PerBag::tensors`].
     pub fn from_tensors(mut t: Vec<Tensor>) -> PerBag {
         let extra = t.split_off(2);
