@@ -71,11 +71,14 @@ impl Store {
         let kind = if dtype.first().map(String::as_str) == Some("float16") { Kind::Half } else { Kind::Float };
         let total: i64 = counts.iter().sum();
         let bytes = (total * dim * kind.elt_size_in_bytes() as i64) as u64;
+        let mut resident = RESIDENT.lock().expect("feature cache poisoned");
+        // A store the GPU already holds is used as it is (deciding again would read a free
+        // memory that the store itself now takes).
+        let on_device = resident.iter().any(|r| r.features_bin == features_bin && r.device == device);
         let holder = match device {
-            Device::Cuda(_) if stream(mode, bytes, device) => Device::Cpu,
+            Device::Cuda(_) if !on_device && stream(mode, bytes, device) => Device::Cpu,
             _ => device,
         };
-        let mut resident = RESIDENT.lock().expect("feature cache poisoned");
         let x = match resident.iter().find(|r| r.features_bin == features_bin && r.device == holder) {
             Some(r) => r.x.shallow_clone(),
             None => {
