@@ -82,6 +82,23 @@ struct Entry {
     facts: BTreeMap<String, serde_json::Value>,
 }
 
+/// A digest remembered while the file keeps its size and mtime.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Linked {
+    stat: Stat,
+    digest: String,
+}
+
+/// What the cache remembers.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Memory {
+    /// By canonical path.
+    files: BTreeMap<PathBuf, Entry>,
+    /// Files with several links, by "device:inode" (see [`StatCache::linked_digest`]).
+    links: BTreeMap<String, Linked>,
+}
+
 /// Digests of files keyed by path, reused while (size, mtime) are unchanged.
 ///
 /// Persisted as JSON in the workspace so that a rerun reads no bytes of files it has seen.
@@ -89,13 +106,37 @@ struct Entry {
 pub struct StatCache {
     path: PathBuf,
     entries: Mutex<BTreeMap<PathBuf, Entry>>,
+    links: Mutex<BTreeMap<String, Linked>>,
 }
 
 impl StatCache {
     /// Loads the cache kept at `path`; a missing or unreadable cache starts empty.
     pub fn load(path: PathBuf) -> StatCache {
-        let entries = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        StatCache { path, entries: Mutex::new(entries) }
+        let bytes = fs::read(&path).unwrap_or_default();
+        // Earlier versions saved the files alone.
+        let memory = serde_json::from_slice(&bytes)
+            .or_else(|_| serde_json::from_slice(&bytes).map(|files| Memory { files, links: BTreeMap::new() }))
+            .unwrap_or_default();
+        StatCache { path, entries: Mutex::new(memory.files), links: Mutex::new(memory.links) }
+    }
+
+    /// Digest of a file about to be published: one linked from elsewhere too (an item's file),
+    /// whose inode keeps its size and mtime since it was digested, is not read again.
+    pub fn linked_digest(&self, path: &Path) -> Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).map_err(io(path))?;
+        if meta.nlink() <= 1 {
+            return hash_file(path);
+        }
+        let (key, stat) = (format!("{}:{}", meta.dev(), meta.ino()), Stat::of_metadata(&meta));
+        if let Some(known) = self.links.lock().expect("stat cache poisoned").get(&key)
+            && known.stat == stat
+        {
+            return Ok(known.digest.clone());
+        }
+        let digest = hash_file(path)?;
+        self.links.lock().expect("stat cache poisoned").insert(key, Linked { stat, digest: digest.clone() });
+        Ok(digest)
     }
 
     /// Digest of the file's content, read only if the file is new or its size or mtime changed.
@@ -174,8 +215,11 @@ impl StatCache {
 
     /// Writes the cache back atomically.
     pub fn save(&self) -> Result<()> {
-        let entries = self.entries.lock().expect("stat cache poisoned");
-        let json = serde_json::to_vec(&*entries).expect("stat cache serialises");
+        let memory = Memory {
+            files: self.entries.lock().expect("stat cache poisoned").clone(),
+            links: self.links.lock().expect("stat cache poisoned").clone(),
+        };
+        let json = serde_json::to_vec(&memory).expect("stat cache serialises");
         crate::fsutil::write_atomic(&self.path, &json)
     }
 }
@@ -225,6 +269,41 @@ mod tests {
         assert_eq!(reloaded.file_digest(&f).unwrap(), "sentinel");
         fs::write(&f, b"hello, world").unwrap();
         assert_eq!(reloaded.file_digest(&f).unwrap(), content_digest(b"hello, world"));
+    }
+
+    #[test]
+    fn a_linked_file_is_read_once_per_version_and_the_old_cache_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (item, linked) = (dir.path().join("item.bin"), dir.path().join("out.bin"));
+        fs::write(&item, b"rows").unwrap();
+        fs::hard_link(&item, &linked).unwrap();
+        let cache_path = dir.path().join("cache.json");
+        fs::write(
+            &cache_path,
+            serde_json::to_vec(&BTreeMap::from([(
+                item.clone(),
+                Entry { stat: Stat::of(&item).unwrap(), digest: "old".into(), facts: BTreeMap::new() },
+            )]))
+            .unwrap(),
+        )
+        .unwrap();
+        let cache = StatCache::load(cache_path.clone());
+        assert_eq!(cache.file_digest(&item).unwrap(), "old", "a cache saved before links were kept loads");
+        assert_eq!(cache.linked_digest(&linked).unwrap(), content_digest(b"rows"));
+        // Swap the remembered digest: linking the file again must return it without reading.
+        cache.links.lock().unwrap().values_mut().for_each(|l| l.digest = "sentinel".into());
+        cache.save().unwrap();
+        let again = dir.path().join("again.bin");
+        fs::hard_link(&item, &again).unwrap();
+        let reloaded = StatCache::load(cache_path);
+        assert_eq!(reloaded.linked_digest(&again).unwrap(), "sentinel");
+        assert_eq!(reloaded.file_digest(&item).unwrap(), "old");
+        fs::write(&item, b"other rows").unwrap();
+        assert_eq!(reloaded.linked_digest(&again).unwrap(), content_digest(b"other rows"));
+        let single = dir.path().join("single.bin");
+        fs::write(&single, b"one link").unwrap();
+        assert_eq!(reloaded.linked_digest(&single).unwrap(), content_digest(b"one link"));
+        assert!(reloaded.links.lock().unwrap().len() == 1, "a file with one link is not remembered");
     }
 
     #[test]

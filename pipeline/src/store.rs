@@ -244,7 +244,8 @@ impl Store {
             for file in files {
                 let path = staging.join(&file);
                 let stat = Stat::of(&path)?;
-                manifest.outputs.insert(file, OutputRecord { digest: hash_file(&path)?, stat });
+                let digest = self.stat_cache.linked_digest(&path)?;
+                manifest.outputs.insert(file, OutputRecord { digest, stat });
             }
         }
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
