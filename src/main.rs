@@ -471,7 +471,13 @@ fn bench(what: Bench) -> Result<()> {
             let r = r?;
             println!("{} slides, a {:.2} GB store", r.slides, gb(r.store_bytes));
             println!("full pack         {:>8.2}s", r.full_s);
-            println!("one slide added   {:>8.2}s  ({:.2}x the full pack)", r.added_s, r.added_s / r.full_s);
+            println!("one slide added   {:>8.2}s  ({:.3}x the full pack)", r.added_s, r.added_s / r.full_s);
+            println!(
+                "  read while indexing and packing again: {:.1} MB, {:.2}x the added file ({:.1} MB)",
+                r.added_read_bytes as f64 / 1e6,
+                r.added_read_bytes as f64 / r.added_file_bytes as f64,
+                r.added_file_bytes as f64 / 1e6
+            );
             print_peak_rss(r.peak_rss_bytes, r.store_bytes, "the store");
         }
         Bench::Extract {

@@ -78,7 +78,7 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let wf_s = wf.to_str().unwrap();
     let first = run(&wf, &[]);
     assert!(first.values().all(|s| s == "executed"), "{first:?}");
-    assert_eq!(items(dir.path()), 3 * 12, "a tiling, a feature file and a thumbnail per slide");
+    assert_eq!(items(dir.path()), 4 * 12, "a tiling, a feature file, its packed rows and a thumbnail per slide");
     let results = dir.path().join("results/slides");
     assert!(results.join("slides/qc/slide_001.png").is_file());
     let h5 = fs::read(results.join("slides/h5/slide_001.h5")).unwrap();
@@ -131,7 +131,7 @@ fn slides_become_results_and_a_new_slide_is_the_only_one_tiled_and_encoded() {
     let summary = dir.path().join("summary.json");
     let out = hmil_flow(&["run", wf_s, "--summary-json", summary.to_str().unwrap()]);
     assert!(out.contains("encoded 1 of 13 slide(s)"), "{out}");
-    assert_eq!(items(dir.path()), 3 * 13);
+    assert_eq!(items(dir.path()), 4 * 13);
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&summary).unwrap()).unwrap();
     let status = |id: &str| json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["status"].clone();
     assert_eq!(status("tile_slides"), "cached", "tiled by the run of its target above");

@@ -596,7 +596,7 @@ fn bench_pack_times_a_full_pack_and_one_added_slide() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), 1);
     let said = hmil_flow(&["bench", "pack", dir.path().join("data/pt_files").to_str().unwrap()]);
-    for line in ["full pack ", "one slide added ", "x the full pack)", "peak RSS "] {
+    for line in ["full pack ", "one slide added ", "x the full pack)", "x the added file (", "peak RSS "] {
         assert!(said.contains(line), "{line}: {said}");
     }
     assert!(said.contains(" slides, a 0.00 GB store"), "{said}");

@@ -26,7 +26,6 @@ pub(crate) struct Request {
     pub node: String,
     pub key: String,
     pub staging: PathBuf,
-    pub previous: Option<PathBuf>,
     pub force: bool,
     pub run_id: String,
 }
@@ -108,7 +107,6 @@ fn execute(dag: &Dag, store: &Store, request: &Request) -> std::result::Result<V
         why: Vec::new(),
         inputs: input_paths(dag, idx, store, &upstream),
         staging: request.staging.clone(),
-        previous: request.previous.clone(),
         force: request.force,
     };
     // The job's log is a file: progress bars would only fill it.

@@ -336,7 +336,6 @@ fn prepare<'a>(
         why,
         inputs: input_paths(dag, idx, store, upstream),
         staging: store.staging_dir(&node.id)?,
-        previous: previous_outputs(store, node)?,
         force,
     }))
 }
@@ -407,18 +406,6 @@ pub(crate) fn input_paths(
             (input.name().to_owned(), path)
         })
         .collect()
-}
-
-/// The directory of the outputs `node` last published, if they are intact and of its stage kind.
-fn previous_outputs(store: &Store, node: &Node) -> Result<Option<std::path::PathBuf>> {
-    let Some(record) = store.record(&node.id)? else { return Ok(None) };
-    if record.parts.kind != node.stage.kind() {
-        return Ok(None);
-    }
-    Ok(match store.lookup(&record.key, false)? {
-        Lookup::Hit(_) => Some(store.object_dir(&record.key)),
-        _ => None,
-    })
 }
 
 /// The first line of a (possibly multi-line) message.

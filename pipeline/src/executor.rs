@@ -26,8 +26,6 @@ pub struct Work<'a> {
     /// Each declared input by name.
     pub inputs: BTreeMap<String, PathBuf>,
     pub staging: PathBuf,
-    /// The outputs the node last published, if intact (see [`Context::previous_output`]).
-    pub previous: Option<PathBuf>,
     /// Run with `--force`: remake its items too.
     pub force: bool,
 }
@@ -151,7 +149,6 @@ impl Executor for InProcess {
             stat_cache: env.store.stat_cache(),
             interrupt: env.opts.interrupt,
             warnings: Default::default(),
-            previous: work.previous.clone(),
             items: env.store.item_cache(&*work.node.stage, work.force),
         };
         Execution::here(match catch_unwind(AssertUnwindSafe(|| work.node.stage.run(&ctx))) {

@@ -73,7 +73,6 @@ impl SlurmExecutor {
             node: work.node.id.clone(),
             key: work.key.clone(),
             staging: dir.join(OUTPUTS),
-            previous: work.previous.clone(),
             force: work.force,
             run_id: env.run_id.to_owned(),
         };

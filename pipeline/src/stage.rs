@@ -216,8 +216,6 @@ pub struct Context<'a> {
     pub(crate) stat_cache: &'a StatCache,
     pub(crate) interrupt: &'a AtomicBool,
     pub(crate) warnings: Mutex<Vec<String>>,
-    /// The outputs this node published last (with other inputs), when still intact in the store.
-    pub(crate) previous: Option<PathBuf>,
     pub(crate) items: ItemCache,
     pub(crate) gpu: Option<usize>,
 }
@@ -259,14 +257,6 @@ impl Context<'_> {
     /// If the stage did not declare `name`: that is a bug in the stage.
     pub fn input(&self, name: &str) -> &Path {
         self.inputs.get(name).unwrap_or_else(|| panic!("stage of `{}` reads undeclared input `{name}`", self.node_id))
-    }
-
-    /// The node's output `name` as it last published it, for other inputs, if the store still
-    /// holds it intact: a stage may reuse parts of it that provably match its inputs now (a pack
-    /// copies the slides whose files did not change), as long as its outputs stay exactly what
-    /// a run from scratch would write.
-    pub fn previous_output(&self, name: &str) -> Option<PathBuf> {
-        self.previous.as_ref().map(|dir| dir.join(name)).filter(|p| p.is_file())
     }
 
     /// The item of this stage (with its code version and params) for `facts`, made by `make` into

@@ -77,11 +77,12 @@ pub const THUMBNAILS: Table = table("thumbnails.parquet", tables::thumbnails);
 pub const THUMBNAIL_DIR: Blob = blob("thumbnails/");
 /// `index_features`: one row per feature file.
 pub const FEATURE_INDEX: Table = table("features.parquet", tables::features);
-/// `pack_features`: every slide's features, row after row.
-pub const FEATURES_BIN: Blob = blob("features.bin");
-/// `pack_features`: every instance's (x, y), as f32 pairs.
-pub const COORDS_BIN: Blob = blob("coords.bin");
-/// `pack_features`: where each slide's rows sit in [`FEATURES_BIN`] and [`COORDS_BIN`].
+/// `pack_features`: each slide's features (`<slide>.bin`, rows × dim little-endian values).
+pub const FEATURES_DIR: Blob = blob("features/");
+/// `pack_features`: each slide's instances' (x, y) (`<slide>.bin`, f64 pairs, NaN when unknown).
+pub const COORDS_DIR: Blob = blob("coords/");
+/// `pack_features`: each slide's rows (its offset in the slides' concatenation, in this table's
+/// order, and count) and what [`FEATURES_DIR`] and [`COORDS_DIR`] hold for it.
 pub const PACKED: Table = table("packed.parquet", tables::packed);
 /// `join_labels`: the labelled slides.
 pub const LABELS: Table = table("labels.parquet", tables::labels);

@@ -84,7 +84,8 @@ pub fn extracted() -> SchemaRef {
     ])
 }
 
-/// `packed.parquet` (pack_features): where each slide's rows sit in `features.bin`/`coords.bin`.
+/// `packed.parquet` (pack_features): each slide's rows in `features/` and `coords/`, and where they
+/// sit in the slides' concatenation.
 pub fn packed() -> SchemaRef {
     schema(vec![
         utf8("slide_id"),
@@ -93,7 +94,7 @@ pub fn packed() -> SchemaRef {
         Field::new("dim", DataType::Int64, false),
         utf8("dtype"),
         Field::new("has_coords", DataType::Boolean, false),
-        // The feature file's digest, as indexed: a later pack copies the rows of an unchanged file.
+        // The feature file's digest, as indexed: a later pack reuses the rows of an unchanged file.
         utf8("digest"),
         // What the coordinates measure (`px`: level-0 pixels, `um`: micrometres, empty: the file
         // does not say), and the patch side in that unit when the file says.

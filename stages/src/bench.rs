@@ -2,7 +2,7 @@
 //! a training epoch against the machine's matrix-multiply floor, and feature extraction against
 //! its reader and its encoder alone.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -323,16 +323,21 @@ fn matmul_throughput(dim: i64, device: Device) -> f64 {
 #[derive(Debug)]
 pub struct PackReport {
     pub slides: usize,
-    /// Bytes of the packed `features.bin`.
+    /// Bytes of the packed features (every slide's file).
     pub store_bytes: u64,
     pub full_s: f64,
     pub added_s: f64,
+    /// Bytes the process read while indexing and packing again with the slide added, and the
+    /// added file's size.
+    pub added_read_bytes: u64,
+    pub added_file_bytes: u64,
     /// Peak resident set size of the process after both packs.
     pub peak_rss_bytes: u64,
 }
 
 /// Packs the feature files under `dir` from scratch (through links in `scratch`, so `dir` is
-/// only read), then adds a copy of one file as a new slide and packs again, as a workflow would.
+/// only read), then adds a slide (the first file's features plus one, in its format when that
+/// is `.pt` or `.h5`, else as `.pt`) and packs again, as a workflow would.
 pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
     let files = feature_files(dir)?;
     let feats = scratch.join("features");
@@ -365,14 +370,54 @@ pub fn pack(dir: &Path, scratch: &Path) -> Result<PackReport> {
         }
     };
     let (full_s, object) = run()?;
-    let store_bytes =
-        std::fs::metadata(object.join(schemas::artifacts::FEATURES_BIN.file)).map_err(|e| Error::io(&object, e))?.len();
-    let first = &files[0].1;
-    let extension = first.extension().expect("a feature file's extension names its format");
-    let added = feats.join(format!("zz-added-slide.{}", extension.to_string_lossy()));
-    std::fs::copy(first, &added).map_err(|e| Error::io(&added, e))?;
+    let packed = object.join(schemas::artifacts::FEATURES_DIR.file);
+    let mut store_bytes = 0;
+    for entry in std::fs::read_dir(&packed).map_err(|e| Error::io(&packed, e))? {
+        store_bytes += entry.and_then(|e| e.metadata()).map_err(|e| Error::io(&packed, e))?.len();
+    }
+    let added = add_slide(&files[0].1, files[0].2, &feats)?;
+    let added_file_bytes = std::fs::metadata(&added).map_err(|e| Error::io(&added, e))?.len();
+    let read_before = bytes_read();
     let (added_s, _) = run()?;
-    Ok(PackReport { slides: files.len(), store_bytes, full_s, added_s, peak_rss_bytes: peak_rss_bytes() })
+    let added_read_bytes = bytes_read() - read_before;
+    Ok(PackReport {
+        slides: files.len(),
+        store_bytes,
+        full_s,
+        added_s,
+        added_read_bytes,
+        added_file_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Writes a new slide into `dir` from the feature file `like` (of `format`): its features plus
+/// one, so that its digest is new. Returns its path.
+fn add_slide(like: &Path, format: crate::features::Format, dir: &Path) -> Result<PathBuf> {
+    use crate::features::Format;
+    let bytes = std::fs::read(like).map_err(|e| Error::io(like, e))?;
+    let arrays = crate::features::parse(format, &bytes)
+        .map_err(|message| Error::BadFile { path: like.to_path_buf(), message })?;
+    let (rows, cols) = (arrays.features.rows, arrays.features.cols);
+    let values: Vec<f32> = arrays.features.to_f32().iter().map(|v| v + 1.0).collect();
+    let path = match format {
+        Format::H5 => dir.join("zz-added-slide.h5"),
+        _ => dir.join("zz-added-slide.pt"),
+    };
+    match format {
+        Format::H5 => crate::synth::write_h5(&path, &values, rows, cols)?,
+        _ => crate::synth::write_pt(&path, &values, rows, cols)?,
+    }
+    Ok(path)
+}
+
+/// Bytes this process has read through system calls so far (`rchar` of `/proc/self/io`; 0 where
+/// the system does not say), whether from the disk or the page cache.
+fn bytes_read() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| io.lines().find_map(|l| l.strip_prefix("rchar:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
 }
 
 /// Extraction throughput in patches per second: reading and preprocessing alone (all reader

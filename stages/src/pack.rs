@@ -1,22 +1,23 @@
-//! `pack_features`: every slide's instances in one contiguous little-endian file
-//! (`features.bin`, f32 or f16), coordinates in `coords.bin` (f64 pairs, NaN where unknown), and
-//! per-slide row offsets in `packed.parquet`, so training never parses feature files again.
-//! A repack copies the rows of every slide whose file is unchanged (same digest) from the node's
-//! previous pack and parses only the new and changed files; the result is byte for byte what a
-//! pack from scratch writes.
+//! `pack_features`: each slide's instances as one little-endian file (`features/<slide>.bin`, f32
+//! or f16) with its coordinates (`coords/<slide>.bin`, f64 pairs, NaN where unknown), and every
+//! slide's rows in `packed.parquet` (its offset in the slides' concatenation, its count and
+//! what its coordinates measure), so training never parses feature files again.
+//! A slide's files are an item of the workspace, keyed by its feature file's digest: a repack
+//! parses only new and changed files and links the rest, writing exactly what a pack from
+//! scratch writes.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{AsArray, BooleanArray, Float64Array, Int64Array};
 use arrow::datatypes::Float64Type;
 use half::f16;
-use pipeline::{Context, Input, NodeRef, Output, Stage, StageError};
-use schemas::artifacts::{COORDS_BIN, FEATURE_INDEX, FEATURES_BIN, PACKED};
+use pipeline::{Context, Input, NodeRef, Output, Pending, Stage, StageError};
+use schemas::artifacts::{COORDS_DIR, FEATURE_INDEX, FEATURES_DIR, PACKED};
 use schemas::workflow::PackDtype;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::features::{self, CoordUnit, Format, Geometry};
@@ -37,8 +38,9 @@ impl Stage for PackFeatures {
     }
     /// 2: each slide's file digest in `packed.parquet`; unchanged slides copied from the last pack.
     /// 3: each slide's coordinate unit and patch size.
+    /// 4: one file per slide, each an item.
     fn code_version(&self) -> &str {
-        "3"
+        "4"
     }
     fn params(&self) -> serde_json::Value {
         serde_json::json!({ "dtype": self.dtype })
@@ -47,58 +49,64 @@ impl Stage for PackFeatures {
         vec![self.features.input("features_dir"), Input::artifact("index", &self.index, &FEATURE_INDEX)]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![(&FEATURES_BIN).into(), (&COORDS_BIN).into(), (&PACKED).into()]
+        vec![(&FEATURES_DIR).into(), (&COORDS_DIR).into(), (&PACKED).into()]
     }
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
-        Ok(self.pack(ctx)?)
+        self.pack(ctx)
+    }
+    /// How many indexed slides have no packed files yet with this dtype, and which.
+    fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
+        let files = indexed(p.input("index"))?;
+        let new: Vec<String> = files.iter().filter(|f| !p.has_item(&f.item_facts())).map(|f| f.slide.clone()).collect();
+        Ok(Some(match new.len() {
+            0 => format!("all {} slide(s) packed already; only the store is written again", files.len()),
+            n => format!("{n} of {} slide(s) new or changed, to pack: {}", files.len(), pipeline::some_of(&new, ", ")),
+        }))
     }
 }
 
-/// A slide as an earlier pack wrote it.
-struct Packed {
+/// A feature file as `features.parquet` lists it.
+struct Indexed {
+    slide: String,
+    path: PathBuf,
+    format: String,
     digest: String,
-    offset: i64,
-    count: i64,
+}
+
+impl Indexed {
+    /// What the slide's packed files depend on besides the stage's params.
+    fn item_facts(&self) -> serde_json::Value {
+        serde_json::json!({ "digest": self.digest, "format": self.format })
+    }
+}
+
+/// The files of `features.parquet`, in its order.
+fn indexed(index: &Path) -> Result<Vec<Indexed>> {
+    let t = table::read(index)?;
+    let (slides, paths) = (table::strings(&t, "slide_id"), table::strings(&t, "path"));
+    let (formats, digests) = (table::strings(&t, "format"), table::strings(&t, "digest"));
+    Ok(slides
+        .into_iter()
+        .zip(paths)
+        .zip(formats.into_iter().zip(digests))
+        .map(|((slide, path), (format, digest))| Indexed { slide, path: path.into(), format, digest })
+        .collect())
+}
+
+/// What a slide's item records beside its two files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    rows: i64,
     dim: i64,
     has_coords: bool,
-    geometry: Geometry,
+    coord_unit: String,
+    patch_size: Option<f64>,
 }
 
-/// The outputs of this node's previous pack, whose unchanged slides are copied, not parsed.
-struct Previous {
-    slides: HashMap<String, Packed>,
-    features: File,
-    coords: File,
-}
-
-impl Previous {
-    /// The previous pack, if it exists, has digests (code version 2 on) and the same dtype.
-    fn open(ctx: &Context, dtype: &str) -> Option<Previous> {
-        let (features, coords, packed) = (
-            ctx.previous_output(FEATURES_BIN.file)?,
-            ctx.previous_output(COORDS_BIN.file)?,
-            ctx.previous_output(PACKED.file)?,
-        );
-        let t = table::read(&packed).ok()?;
-        t.column_by_name("digest")?;
-        if table::strings(&t, "dtype").iter().any(|d| d != dtype) {
-            return None;
-        }
-        let coords_col = t.column_by_name("has_coords")?.as_boolean().clone();
-        let geometries = geometries(&t)?;
-        let slides = table::strings(&t, "slide_id")
-            .into_iter()
-            .zip(table::strings(&t, "digest"))
-            .zip(table::i64s(&t, "row_offset").into_iter().zip(table::i64s(&t, "n_instances")))
-            .zip(table::i64s(&t, "dim").into_iter().zip(geometries))
-            .enumerate()
-            .map(|(i, (((slide, digest), (offset, count)), (dim, geometry)))| {
-                (slide, Packed { digest, offset, count, dim, has_coords: coords_col.value(i), geometry })
-            })
-            .collect();
-        Some(Previous { slides, features: File::open(features).ok()?, coords: File::open(coords).ok()? })
-    }
-}
+/// The files of a slide's item.
+const FEATURES_FILE: &str = "features.bin";
+const COORDS_FILE: &str = "coords.bin";
+const META_FILE: &str = "meta.json";
 
 /// Each slide's [`Geometry`] as `packed.parquet` (`t`) records it; none when the table lacks
 /// its columns (a pack from before they were kept).
@@ -114,122 +122,76 @@ pub(crate) fn geometries(t: &arrow::array::RecordBatch) -> Option<Vec<Geometry>>
     )
 }
 
-/// Copies `len` bytes at `at` of `from` to the end of `to` (in the kernel where it can).
-fn copy_range(from: &File, at: u64, len: u64, to: &mut BufWriter<File>) -> std::io::Result<()> {
-    let mut from = from;
-    from.seek(SeekFrom::Start(at))?;
-    let copied = std::io::copy(&mut from.take(len), to)?;
-    if copied != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the previous pack is shorter than its index",
-        ));
-    }
-    Ok(())
-}
-
-/// How a pack made its slides.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct PackStats {
-    /// Slides whose feature files were read and parsed.
-    pub parsed: usize,
-    /// Slides copied from the previous pack because their files did not change.
-    pub reused: usize,
-}
-
 impl PackFeatures {
-    fn dtype(&self) -> (&'static str, u64) {
+    fn dtype(&self) -> &'static str {
         match self.dtype {
-            PackDtype::F32 => ("float32", 4),
-            PackDtype::F16 => ("float16", 2),
+            PackDtype::F32 => "float32",
+            PackDtype::F16 => "float16",
         }
     }
 
-    fn pack(&self, ctx: &Context) -> Result<()> {
-        let index = table::read(ctx.input("index"))?;
-        let slides = table::strings(&index, "slide_id");
-        let paths = table::strings(&index, "path");
-        let formats = table::strings(&index, "format");
-        let digests = table::strings(&index, "digest");
-        let (dtype, width) = self.dtype();
-        let previous = Previous::open(ctx, dtype);
-        let feat_path = ctx.output(FEATURES_BIN.file);
-        let coord_path = ctx.output(COORDS_BIN.file);
-        let mut feats =
-            BufWriter::with_capacity(1 << 22, File::create(&feat_path).map_err(|e| Error::io(&feat_path, e))?);
-        let mut coords =
-            BufWriter::with_capacity(1 << 20, File::create(&coord_path).map_err(|e| Error::io(&coord_path, e))?);
-        let (mut offsets, mut counts, mut dims, mut has_coords) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut geometries = Vec::new();
-        let mut stats = PackStats::default();
-        let mut row = 0i64;
-        let bar = ctx.progress(slides.len() as u64, "packing features");
-        for (((slide, path), format), digest) in slides.iter().zip(&paths).zip(&formats).zip(&digests) {
-            let unchanged =
-                previous.as_ref().and_then(|p| Some((p, p.slides.get(slide).filter(|s| s.digest == *digest)?)));
-            let (count, dim, with_coords, geometry) = match unchanged {
-                Some((p, s)) => {
-                    let (d, n) = (s.dim as u64, s.count as u64);
-                    let from = |e| Error::io(&feat_path, e);
-                    copy_range(&p.features, s.offset as u64 * d * width, n * d * width, &mut feats).map_err(from)?;
-                    let from = |e| Error::io(&coord_path, e);
-                    copy_range(&p.coords, s.offset as u64 * 16, n * 16, &mut coords).map_err(from)?;
-                    stats.reused += 1;
-                    (s.count, s.dim, s.has_coords, s.geometry)
-                }
-                None => {
-                    stats.parsed += 1;
-                    self.parse_into(Path::new(path), format, &mut feats, &feat_path, &mut coords, &coord_path)?
-                }
-            };
-            offsets.push(row);
-            counts.push(count);
-            dims.push(dim);
-            has_coords.push(Some(with_coords));
-            geometries.push(geometry);
-            row += count;
+    fn pack(&self, ctx: &Context) -> std::result::Result<(), StageError> {
+        let files = indexed(ctx.input("index"))?;
+        let bar = ctx.progress(files.len() as u64, "packing features");
+        let parsed = std::sync::atomic::AtomicUsize::new(0);
+        let metas = crate::par::map(&files, |file| {
+            if ctx.interrupted() {
+                return Err(StageError::from("interrupted while packing"));
+            }
+            let item = ctx.item(&file.item_facts(), |dir| {
+                parsed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(self.parse_into(&file.path, &file.format, dir)?)
+            })?;
             bar.inc(1);
-        }
+            let meta_path = item.dir.join(META_FILE);
+            let meta = std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+            let meta = meta.ok_or_else(|| Error::BadFile {
+                path: meta_path,
+                message: "unreadable; remove its folder to pack the slide again".into(),
+            })?;
+            Ok::<_, StageError>((item.dir, meta))
+        });
         bar.finish_and_clear();
-        tracing::info!(node = %ctx.node_id(), "packed {} slide(s): {} parsed, {} copied unchanged from the previous pack", slides.len(), stats.parsed, stats.reused);
-        feats
-            .into_inner()
-            .map_err(|e| Error::io(&feat_path, e.into_error()))?
-            .sync_all()
-            .map_err(|e| Error::io(&feat_path, e))?;
-        coords
-            .into_inner()
-            .map_err(|e| Error::io(&coord_path, e.into_error()))?
-            .sync_all()
-            .map_err(|e| Error::io(&coord_path, e))?;
+        let metas = metas.into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
+        let parsed = parsed.into_inner();
+        tracing::info!(node = %ctx.node_id(), "packed {} slide(s): {parsed} parsed, {} unchanged", files.len(), files.len() - parsed);
+        let (feat_dir, coord_dir) = (ctx.output(FEATURES_DIR.file), ctx.output(COORDS_DIR.file));
+        for dir in [&feat_dir, &coord_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        for (file, (item, _)) in files.iter().zip(&metas) {
+            let name = format!("{}.bin", file.slide);
+            for (from, to) in [(FEATURES_FILE, feat_dir.join(&name)), (COORDS_FILE, coord_dir.join(&name))] {
+                std::fs::hard_link(item.join(from), &to).map_err(|e| Error::io(&to, e))?;
+            }
+        }
+        let offsets = metas.iter().scan(0i64, |row, (_, m)| {
+            let at = *row;
+            *row += m.rows;
+            Some(at)
+        });
+        let metas: Vec<&Meta> = metas.iter().map(|(_, m)| m).collect();
         table::write_output(
             ctx,
             &PACKED,
             vec![
-                table::string_col(&slides),
-                Arc::new(Int64Array::from(offsets)),
-                Arc::new(Int64Array::from(counts)),
-                Arc::new(Int64Array::from(dims)),
-                table::string_col(std::iter::repeat_n(dtype, slides.len())),
-                Arc::new(has_coords.into_iter().collect::<BooleanArray>()),
-                table::string_col(&digests),
-                table::string_col(geometries.iter().map(|g| g.unit.name())),
-                Arc::new(geometries.iter().map(|g| g.patch_size).collect::<Float64Array>()),
+                table::string_col(files.iter().map(|f| f.slide.as_str())),
+                Arc::new(offsets.collect::<Int64Array>()),
+                Arc::new(metas.iter().map(|m| m.rows).collect::<Int64Array>()),
+                Arc::new(metas.iter().map(|m| m.dim).collect::<Int64Array>()),
+                table::string_col(std::iter::repeat_n(self.dtype(), files.len())),
+                Arc::new(metas.iter().map(|m| Some(m.has_coords)).collect::<BooleanArray>()),
+                table::string_col(files.iter().map(|f| f.digest.as_str())),
+                table::string_col(metas.iter().map(|m| m.coord_unit.as_str())),
+                Arc::new(metas.iter().map(|m| m.patch_size).collect::<Float64Array>()),
             ],
-        )
+        )?;
+        Ok(())
     }
 
-    /// Parses one feature file and appends its rows and coordinates: (rows, dim, has coords,
-    /// what the coordinates measure).
-    fn parse_into(
-        &self,
-        path: &Path,
-        format: &str,
-        feats: &mut BufWriter<File>,
-        feat_path: &Path,
-        coords: &mut BufWriter<File>,
-        coord_path: &Path,
-    ) -> Result<(i64, i64, bool, Geometry)> {
+    /// Parses one feature file into a slide's item in `dir`: its rows, its coordinates and its
+    /// [`Meta`].
+    fn parse_into(&self, path: &Path, format: &str, dir: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let format = Format::of(path).filter(|f| f.name() == format).ok_or_else(|| Error::BadFile {
             path: path.into(),
@@ -238,25 +200,33 @@ impl PackFeatures {
         let arrays =
             features::parse(format, &bytes).map_err(|message| Error::BadFile { path: path.into(), message })?;
         let values = arrays.features.to_f32();
-        let write_err = |e| Error::io(feat_path, e);
+        let feats = dir.join(FEATURES_FILE);
         match self.dtype {
-            PackDtype::F32 => {
-                for v in &values {
-                    feats.write_all(&v.to_le_bytes()).map_err(write_err)?;
-                }
-            }
-            PackDtype::F16 => {
-                for v in &values {
-                    feats.write_all(&f16::from_f32(*v).to_le_bytes()).map_err(write_err)?;
-                }
-            }
+            PackDtype::F32 => write_values(&feats, &values, f32::to_le_bytes)?,
+            PackDtype::F16 => write_values(&feats, &values, |v| f16::from_f32(v).to_le_bytes())?,
         }
-        let with_coords = arrays.coords.is_some();
-        let geometry = arrays.geometry;
-        let xy = arrays.coords.map(|c| c.to_f64()).unwrap_or_else(|| vec![f64::NAN; arrays.features.rows * 2]);
-        for v in xy {
-            coords.write_all(&v.to_le_bytes()).map_err(|e| Error::io(coord_path, e))?;
-        }
-        Ok((arrays.features.rows as i64, arrays.features.cols as i64, with_coords, geometry))
+        let rows = arrays.features.rows;
+        let xy = arrays.coords.as_ref().map(|c| c.to_f64()).unwrap_or_else(|| vec![f64::NAN; rows * 2]);
+        write_values(&dir.join(COORDS_FILE), &xy, f64::to_le_bytes)?;
+        let meta = Meta {
+            rows: rows as i64,
+            dim: arrays.features.cols as i64,
+            has_coords: arrays.coords.is_some(),
+            coord_unit: arrays.geometry.unit.name().into(),
+            patch_size: arrays.geometry.patch_size,
+        };
+        let meta_path = dir.join(META_FILE);
+        std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("meta serialises"))
+            .map_err(|e| Error::io(&meta_path, e))
     }
+}
+
+/// Writes `values` to `path` one after another, each as `encode` gives its bytes, and syncs it.
+fn write_values<T: Copy, const N: usize>(path: &Path, values: &[T], encode: impl Fn(T) -> [u8; N]) -> Result<()> {
+    let err = |e| Error::io(path, e);
+    let mut out = BufWriter::with_capacity(1 << 22, File::create(path).map_err(err)?);
+    for v in values {
+        out.write_all(&encode(*v)).map_err(err)?;
+    }
+    out.into_inner().map_err(|e| err(e.into_error()))?.sync_all().map_err(err)
 }

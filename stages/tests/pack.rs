@@ -1,5 +1,5 @@
 //! `pack_features` through the engine: a repack after a slide is added parses only the new file,
-//! copies the others from the previous pack, and writes what a pack from scratch writes.
+//! links the others' packed files, and writes what a pack from scratch writes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -53,8 +53,26 @@ fn a_repack_parses_only_new_files_and_equals_a_pack_from_scratch() {
 
     let scratch = Store::open(&tmp.path().join("scratch")).unwrap();
     let (_, full) = pack(&dir, &scratch);
-    for file in ["features.bin", "coords.bin", "packed.parquet"] {
-        assert!(fs::read(repacked.join(file)).unwrap() == fs::read(full.join(file)).unwrap(), "{file} differs");
+    assert_eq!(files(&repacked), files(&full));
+    let sizes: Vec<u64> = ["s0", "s1", "s2", "s3"]
+        .iter()
+        .map(|s| fs::metadata(full.join(format!("features/{s}.bin"))).unwrap().len())
+        .collect();
+    assert_eq!(sizes, [3 * 6 * 4, 5 * 6 * 4, 4 * 6 * 4, 2 * 6 * 4]);
+}
+
+/// Every file of a pack's outputs by path, with its bytes.
+fn files(object: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![("packed.parquet".to_owned(), fs::read(object.join("packed.parquet")).unwrap())];
+    for dir in ["features", "coords"] {
+        let mut names: Vec<String> =
+            fs::read_dir(object.join(dir)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        for name in names {
+            let path = format!("{dir}/{name}");
+            out.push((path.clone(), fs::read(object.join(&path)).unwrap()));
+        }
     }
-    assert_eq!(fs::metadata(full.join("features.bin")).unwrap().len(), (3 + 5 + 4 + 2) * 6 * 4);
+    assert_eq!(out.len(), 9, "the table and two files for each of 4 slides");
+    out
 }

@@ -16,14 +16,32 @@ use schemas::workflow::StoreMode;
 
 /// A loaded store, kept for the rest of the process so that every fold reuses it.
 struct Resident {
-    features_bin: PathBuf,
+    features_dir: PathBuf,
     device: Device,
-    x: Tensor,
-    /// The file's memory map, which a CPU tensor views: it lives as long as the tensor, here.
-    _map: Option<Mmap>,
+    x: Held,
+    /// The files' memory maps, which CPU tensors view: they live as long as the tensors, here.
+    _maps: Vec<Mmap>,
 }
 
-/// Stores already loaded, by (features.bin path, device).
+/// Where a store's rows are.
+#[derive(Debug)]
+enum Held {
+    /// On the CPU: each slide's rows (in `packed.parquet`'s order), a view of its mapped file.
+    Slides(Vec<Tensor>),
+    /// On a GPU: every slide's rows, one after another.
+    Whole(Tensor),
+}
+
+impl Held {
+    fn shallow_clone(&self) -> Held {
+        match self {
+            Held::Slides(s) => Held::Slides(s.iter().map(Tensor::shallow_clone).collect()),
+            Held::Whole(x) => Held::Whole(x.shallow_clone()),
+        }
+    }
+}
+
+/// Stores already loaded, by (features directory, device).
 static RESIDENT: Mutex<Vec<Resident>> = Mutex::new(Vec::new());
 
 /// One labelled bag.
@@ -33,31 +51,40 @@ pub struct Bag {
     pub case_id: String,
     pub fine: i64,
     pub coarse: i64,
-    /// First row in the store and number of instances.
+    /// First row in the slides' concatenation and number of instances.
     pub start: i64,
     pub len: i64,
 }
 
-/// Every instance of every slide: on the CPU a view of `features.bin` memory-mapped read-only
-/// (the page cache holds it, never a second buffer); for a GPU a copy made from that map on the
-/// GPU, or the map itself, from which batches are streamed (see [`StoreMode`]).
+/// A slide's place in the store: its position in `packed.parquet`, first row and row count.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    slot: usize,
+    start: i64,
+    len: i64,
+}
+
+/// Every instance of every slide: on the CPU views of the slides' files memory-mapped read-only
+/// (the page cache holds them, never a second buffer); for a GPU one copy made from those maps
+/// on the GPU, or the maps themselves, from which batches are streamed (see [`StoreMode`]).
 pub struct Store {
     /// Instances × D, float32 or float16 as packed.
-    x: Tensor,
+    x: Held,
     /// Where batches go (the GPU while `x` stays on the CPU: streamed).
     device: Device,
     pub dim: i64,
-    rows: HashMap<String, (i64, i64)>,
-    coords_path: PathBuf,
+    rows: HashMap<String, Rows>,
+    coords_dir: PathBuf,
 }
 
 impl Store {
-    /// Loads `features.bin` (once per process and device) and the row offsets, for batches on
-    /// `device`; `mode` says whether a GPU holds the store or batches stream to it.
+    /// Loads the slides' files of `features_dir` (once per process and device) and their rows
+    /// (`packed`), for batches on `device`; `mode` says whether a GPU holds the store or batches
+    /// stream to it.
     pub fn load(
-        features_bin: &Path,
+        features_dir: &Path,
         packed: &Path,
-        coords_bin: &Path,
+        coords_dir: &Path,
         device: Device,
         mode: StoreMode,
     ) -> Result<Store> {
@@ -74,28 +101,47 @@ impl Store {
         let mut resident = RESIDENT.lock().expect("feature cache poisoned");
         // A store the GPU already holds is used as it is (deciding again would read a free
         // memory that the store itself now takes).
-        let on_device = resident.iter().any(|r| r.features_bin == features_bin && r.device == device);
+        let on_device = resident.iter().any(|r| r.features_dir == features_dir && r.device == device);
         let holder = match device {
             Device::Cuda(_) if !on_device && stream(mode, bytes, device) => Device::Cpu,
             _ => device,
         };
-        let x = match resident.iter().find(|r| r.features_bin == features_bin && r.device == holder) {
+        let x = match resident.iter().find(|r| r.features_dir == features_dir && r.device == holder) {
             Some(r) => r.x.shallow_clone(),
             None => {
-                let (view, map) = map_store(features_bin, total, dim, kind)?;
-                let (x, map) = if holder == Device::Cpu { (view, map) } else { (view.to(holder), None) };
-                let features_bin = features_bin.to_path_buf();
-                resident.push(Resident { features_bin, device: holder, x: x.shallow_clone(), _map: map });
+                let (mut views, mut maps) = (Vec::with_capacity(slides.len()), Vec::new());
+                for (slide, &rows) in slides.iter().zip(&counts) {
+                    let (view, map) = map_slide(&features_dir.join(format!("{slide}.bin")), rows, dim, kind)?;
+                    views.push(view);
+                    maps.extend(map);
+                }
+                let x = if holder == Device::Cpu {
+                    Held::Slides(views)
+                } else {
+                    let whole = Tensor::empty([total, dim], (kind, holder));
+                    for (view, (&start, &rows)) in views.iter().zip(offsets.iter().zip(&counts)) {
+                        whole.narrow(0, start, rows).copy_(view);
+                    }
+                    maps.clear();
+                    Held::Whole(whole)
+                };
+                let features_dir = features_dir.to_path_buf();
+                resident.push(Resident { features_dir, device: holder, x: x.shallow_clone(), _maps: maps });
                 x
             }
         };
-        let rows = slides.into_iter().zip(offsets.into_iter().zip(counts)).collect();
-        Ok(Store { x, device, dim, rows, coords_path: coords_bin.to_path_buf() })
+        let rows = slides
+            .into_iter()
+            .zip(offsets.into_iter().zip(counts))
+            .enumerate()
+            .map(|(slot, (slide, (start, len)))| (slide, Rows { slot, start, len }))
+            .collect();
+        Ok(Store { x, device, dim, rows, coords_dir: coords_dir.to_path_buf() })
     }
 
     /// (first row, instances) of a slide.
     pub fn rows(&self, slide: &str) -> Option<(i64, i64)> {
-        self.rows.get(slide).copied()
+        self.rows.get(slide).map(|r| (r.start, r.len))
     }
 
     /// The device batches are made on.
@@ -108,26 +154,35 @@ impl Store {
     /// waiting for it, so the gathering overlaps the GPU's work on the previous chunk (the copy
     /// itself runs in turn with that work, on the same CUDA stream).
     pub fn batch(&self, bags: &[&Bag]) -> Batch {
-        let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
-        let held = self.x.device();
-        let x = self.x.index_select(0, &Tensor::from_slice(&rows).to(held));
-        let x = if held == self.device {
-            x
-        } else {
-            x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false)
+        let x = match &self.x {
+            Held::Whole(x) => {
+                let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
+                x.index_select(0, &Tensor::from_slice(&rows).to(x.device()))
+            }
+            Held::Slides(slides) => {
+                let parts: Vec<&Tensor> = bags.iter().map(|b| &slides[self.rows[&b.slide_id].slot]).collect();
+                let x = Tensor::cat(&parts, 0);
+                if self.device == Device::Cpu {
+                    x
+                } else {
+                    x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false)
+                }
+            }
         };
         Batch::new(x.to_kind(Kind::Float), bags.iter().map(|b| b.len).collect())
     }
 
     /// Coordinates (x, y) of a bag's instances (NaN where the file had none).
     pub fn coords(&self, bag: &Bag) -> Result<Vec<(f64, f64)>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let path = &self.coords_path;
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        f.seek(SeekFrom::Start(bag.start as u64 * 16)).map_err(|e| Error::io(path, e))?;
-        let mut buf = vec![0u8; bag.len as usize * 16];
-        f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
-        Ok(buf
+        let path = self.coords_dir.join(format!("{}.bin", bag.slide_id));
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        if bytes.len() as i64 != bag.len * 16 {
+            return Err(Error::BadFile {
+                path,
+                message: format!("holds {} bytes, the index says {}", bytes.len(), bag.len * 16),
+            });
+        }
+        Ok(bytes
             .chunks_exact(16)
             .map(|c| {
                 (
@@ -164,27 +219,27 @@ fn stream(mode: StoreMode, bytes: u64, device: Device) -> bool {
     stream
 }
 
-/// A CPU tensor of `total` × `dim` over `features_bin` mapped read-only, and the map it views
-/// (none for an empty store). A file whose size the index does not predict is an error.
-fn map_store(features_bin: &Path, total: i64, dim: i64, kind: Kind) -> Result<(Tensor, Option<Mmap>)> {
-    let file = std::fs::File::open(features_bin).map_err(|e| Error::io(features_bin, e))?;
-    let bytes = file.metadata().map_err(|e| Error::io(features_bin, e))?.len() as i64;
-    let expected = total * dim * if kind == Kind::Half { 2 } else { 4 };
+/// A CPU tensor of `rows` × `dim` over a slide's file mapped read-only, and the map it views
+/// (none for an empty slide). A file whose size the index does not predict is an error.
+fn map_slide(file_path: &Path, rows: i64, dim: i64, kind: Kind) -> Result<(Tensor, Option<Mmap>)> {
+    let file = std::fs::File::open(file_path).map_err(|e| Error::io(file_path, e))?;
+    let bytes = file.metadata().map_err(|e| Error::io(file_path, e))?.len() as i64;
+    let expected = rows * dim * kind.elt_size_in_bytes() as i64;
     if bytes != expected {
         return Err(Error::BadFile {
-            path: features_bin.into(),
+            path: file_path.into(),
             message: format!("holds {bytes} bytes, the index says {expected}"),
         });
     }
     if bytes == 0 {
         return Ok((Tensor::zeros([0, dim], (kind, Device::Cpu)), None));
     }
-    // SAFETY: published store files are never written again (a new pack is a new object), so
+    // SAFETY: published store files are never written again (a new pack links new items), so
     // the mapped bytes do not change under the tensor.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(features_bin, e))?;
-    // SAFETY: the map is page-aligned, holds exactly total × dim values of `kind`, and is kept
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(file_path, e))?;
+    // SAFETY: the map is page-aligned, holds exactly rows × dim values of `kind`, and is kept
     // alive beside every tensor that views it (see `Resident`); the view is only read.
-    let x = unsafe { Tensor::from_blob(map.as_ptr(), &[total, dim], &[], kind, Device::Cpu) };
+    let x = unsafe { Tensor::from_blob(map.as_ptr(), &[rows, dim], &[], kind, Device::Cpu) };
     Ok((x, Some(map)))
 }
 
@@ -253,14 +308,19 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// A packed store of three slides (2, 0 and 3 instances of dimension 4) in `dir`.
+    /// A packed store of three slides (2, 0 and 3 instances of dimension 4) in `dir`: its
+    /// features directory, `packed.parquet`, and every row as one tensor.
     fn write_store(dir: &Path, kind: Kind) -> (PathBuf, PathBuf, Tensor) {
         let values = Tensor::arange(5 * 4, (Kind::Float, Device::Cpu)).reshape([5, 4]).to_kind(kind) / 7.0;
-        let bytes_per = if kind == Kind::Half { 2 } else { 4 };
+        let bytes_per = kind.elt_size_in_bytes();
         let mut bytes = vec![0u8; 5 * 4 * bytes_per];
         values.copy_data_u8(&mut bytes, 20);
-        let bin = dir.join(format!("features-{kind:?}.bin"));
-        std::fs::write(&bin, &bytes).unwrap();
+        let features = dir.join(format!("features-{kind:?}"));
+        std::fs::create_dir_all(&features).unwrap();
+        for (slide, rows) in [("a", 0..2), ("empty", 2..2), ("b", 2..5)] {
+            let part = &bytes[rows.start * 4 * bytes_per..rows.end * 4 * bytes_per];
+            std::fs::write(features.join(format!("{slide}.bin")), part).unwrap();
+        }
         let packed = dir.join(format!("packed-{kind:?}.parquet"));
         let dtype = if kind == Kind::Half { "float16" } else { "float32" };
         table::write(
@@ -279,38 +339,51 @@ mod tests {
             ],
         )
         .unwrap();
-        (bin, packed, Tensor::from_data_size(&bytes, &[5, 4], kind))
+        (features, packed, Tensor::from_data_size(&bytes, &[5, 4], kind))
     }
 
     #[test]
-    fn the_mapped_store_gives_the_batches_a_copy_of_the_file_gives() {
+    fn the_mapped_store_gives_the_batches_a_copy_of_the_files_gives() {
         let dir = tempfile::tempdir().unwrap();
         for kind in [Kind::Float, Kind::Half] {
-            let (bin, packed, copied) = write_store(dir.path(), kind);
+            let (features, packed, copied) = write_store(dir.path(), kind);
             let store =
-                Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu, StoreMode::Auto).unwrap();
+                Store::load(&features, &packed, &dir.path().join("coords"), Device::Cpu, StoreMode::Auto).unwrap();
             let bag = |id: &str| {
                 let (start, len) = store.rows(id).unwrap();
                 Bag { slide_id: id.into(), case_id: id.into(), fine: 0, coarse: 0, start, len }
             };
-            let (a, b) = (bag("a"), bag("b"));
-            let batch = store.batch(&[&b, &a]);
+            let (a, b, empty) = (bag("a"), bag("b"), bag("empty"));
+            let batch = store.batch(&[&b, &empty, &a]);
             let rows = Tensor::from_slice(&[2i64, 3, 4, 0, 1]);
             let expected = copied.index_select(0, &rows).to_kind(Kind::Float);
-            assert!(batch.x.equal(&expected), "{kind:?}: the batch differs from the file's rows");
+            assert!(batch.x.equal(&expected), "{kind:?}: the batch differs from the files' rows");
             assert_eq!(store.rows("empty"), Some((2, 0)));
         }
     }
 
     #[test]
-    fn a_store_of_the_wrong_size_is_an_error_naming_the_file() {
+    fn a_slide_file_of_the_wrong_size_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (bin, packed, _) = write_store(dir.path(), Kind::Float);
-        std::fs::write(&bin, [0u8; 12]).unwrap();
-        let err = Store::load(&bin, &packed, &dir.path().join("coords.bin"), Device::Cpu, StoreMode::Auto)
+        let (features, packed, _) = write_store(dir.path(), Kind::Float);
+        std::fs::write(features.join("b.bin"), [0u8; 12]).unwrap();
+        let err = Store::load(&features, &packed, &dir.path().join("coords"), Device::Cpu, StoreMode::Auto)
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("features-Float.bin: holds 12 bytes, the index says 80"), "{err}");
+        assert!(err.contains("features-Float/b.bin: holds 12 bytes, the index says 48"), "{err}");
+        let coords = dir.path().join("coords");
+        std::fs::create_dir_all(&coords).unwrap();
+        std::fs::write(coords.join("a.bin"), [0u8; 16]).unwrap();
+        let store = Store {
+            x: Held::Slides(Vec::new()),
+            device: Device::Cpu,
+            dim: 4,
+            rows: HashMap::new(),
+            coords_dir: coords,
+        };
+        let bag = Bag { slide_id: "a".into(), case_id: "a".into(), fine: 0, coarse: 0, start: 0, len: 2 };
+        let err = store.coords(&bag).unwrap_err().to_string();
+        assert!(err.contains("coords/a.bin: holds 16 bytes, the index says 32"), "{err}");
     }
 }

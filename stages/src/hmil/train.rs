@@ -10,7 +10,7 @@ use arrow::array::{Float64Array, Int32Array};
 use models::chunked::{self, Chunks};
 use models::{Dims, MilModel, Schedule, Targets};
 use pipeline::{Context, Input, NodeRef, Output, Resources, Stage, StageError};
-use schemas::artifacts::{COORDS_BIN, FEATURES_BIN, HISTORY, LABELS, MODEL, PACKED, SPLITS};
+use schemas::artifacts::{COORDS_DIR, FEATURES_DIR, HISTORY, LABELS, MODEL, PACKED, SPLITS};
 use schemas::workflow::{Balance, Loss, ModelKind, SelectMetric, StoreMode, Train};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -50,8 +50,8 @@ impl Sources {
 /// The packed store of `pack` and the labels of `labels`, as declared inputs.
 pub fn store_inputs(pack: &NodeRef, labels: &NodeRef) -> Vec<Input> {
     vec![
-        Input::artifact("features", pack, &FEATURES_BIN),
-        Input::artifact("coords", pack, &COORDS_BIN),
+        Input::artifact("features", pack, &FEATURES_DIR),
+        Input::artifact("coords", pack, &COORDS_DIR),
         Input::artifact("packed", pack, &PACKED),
         Input::artifact("labels", labels, &LABELS),
     ]
