@@ -86,7 +86,7 @@ fn execute(dag: &Dag, store: &Store, request: &Request) -> std::result::Result<V
         let id = &dag.node(parent).id;
         let published =
             store.record(id).map_err(|e| e.to_string())?.and_then(|record| match store.lookup(&record.key, false) {
-                Ok(Lookup::Hit(manifest)) => Some(*manifest),
+                Ok(Lookup::Hit(manifest)) => Some(manifest),
                 _ => None,
             });
         upstream.insert(parent, published.ok_or_else(|| format!("upstream {id} has no published outputs"))?);

@@ -176,13 +176,13 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
 
     let mut waiting: HashMap<NodeIndex, usize> = dag.order().iter().map(|&i| (i, dag.parents(i).count())).collect();
     let mut ready: VecDeque<NodeIndex> = dag.order().iter().copied().filter(|i| waiting[i] == 0).collect();
-    let mut manifests: HashMap<NodeIndex, Manifest> = HashMap::new();
+    let mut manifests: HashMap<NodeIndex, Arc<Manifest>> = HashMap::new();
     let mut outcomes: HashMap<NodeIndex, NodeOutcome> = HashMap::new();
     let jobs = opts.jobs.max(1);
     let env = RunEnv { store, opts, run_id: &run_id, progress: &multi };
 
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = mpsc::channel::<(NodeIndex, Result<(NodeOutcome, Option<Manifest>)>)>();
+        let (tx, rx) = mpsc::channel::<(NodeIndex, Result<(NodeOutcome, Option<Arc<Manifest>>)>)>();
         let mut running = 0usize;
         loop {
             while running < jobs {
@@ -199,7 +199,7 @@ pub fn run(dag: &Dag, store: &Store, opts: &RunOptions) -> Result<RunSummary> {
                     finish(dag, idx, outcome, &mut outcomes, &mut waiting, &mut ready, &overall);
                     continue;
                 }
-                let upstream: HashMap<NodeIndex, Manifest> =
+                let upstream: HashMap<NodeIndex, Arc<Manifest>> =
                     dag.parents(idx).map(|p| (p, manifests[&p].clone())).collect();
                 let (tx, env) = (tx.clone(), &env);
                 let force = forced.contains(&idx);
@@ -272,15 +272,15 @@ fn finish(
 fn run_node(
     dag: &Dag,
     idx: NodeIndex,
-    upstream: &HashMap<NodeIndex, Manifest>,
+    upstream: &HashMap<NodeIndex, Arc<Manifest>>,
     force: bool,
     env: &RunEnv,
-) -> Result<(NodeOutcome, Option<Manifest>)> {
+) -> Result<(NodeOutcome, Option<Arc<Manifest>>)> {
     let start = Instant::now();
     let prepared = match prepare(dag, idx, env.store, upstream, force, env.opts.verify)? {
         Prepared::Cached(mut outcome, manifest) => {
             outcome.seconds = start.elapsed().as_secs_f64();
-            return Ok((outcome, Some(*manifest)));
+            return Ok((outcome, Some(manifest)));
         }
         Prepared::Unreadable(outcome) => return Ok((outcome, None)),
         Prepared::Run(work) => work,
@@ -293,7 +293,7 @@ fn run_node(
 /// What [`prepare`] found: the node's outputs are cached, its inputs cannot be read, or it must
 /// run.
 enum Prepared<'a> {
-    Cached(NodeOutcome, Box<Manifest>),
+    Cached(NodeOutcome, Arc<Manifest>),
     Unreadable(NodeOutcome),
     Run(Work<'a>),
 }
@@ -304,7 +304,7 @@ fn prepare<'a>(
     dag: &'a Dag,
     idx: NodeIndex,
     store: &Store,
-    upstream: &HashMap<NodeIndex, Manifest>,
+    upstream: &HashMap<NodeIndex, Arc<Manifest>>,
     force: bool,
     verify: bool,
 ) -> Result<Prepared<'a>> {
@@ -342,7 +342,12 @@ fn prepare<'a>(
 
 /// Holds what the stage wrote to what it declares and, when it holds, publishes it under the
 /// node's key and records the node; a failure leaves nothing behind.
-fn publish(env: &RunEnv, work: Work, execution: Execution, start: Instant) -> Result<(NodeOutcome, Option<Manifest>)> {
+fn publish(
+    env: &RunEnv,
+    work: Work,
+    execution: Execution,
+    start: Instant,
+) -> Result<(NodeOutcome, Option<Arc<Manifest>>)> {
     let node = work.node;
     let mut outcome = NodeOutcome::new(node, Status::Failed, Some(work.why.join("; ")));
     outcome.key = Some(work.key.clone());
@@ -374,13 +379,14 @@ fn publish(env: &RunEnv, work: Work, execution: Execution, start: Instant) -> Re
         seconds: outcome.seconds,
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
         warnings,
+        dir_digests: Default::default(),
     };
     let names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
     let manifest = env.store.publish(&work.staging, manifest, &names)?;
     env.store.write_record(&node.id, &Record { key: work.key, parts: work.parts })?;
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();
-    Ok((outcome, Some(manifest)))
+    Ok((outcome, Some(Arc::new(manifest))))
 }
 
 /// Where each declared input of node `idx` is: external paths as given, artifacts in the
@@ -389,7 +395,7 @@ pub(crate) fn input_paths(
     dag: &Dag,
     idx: NodeIndex,
     store: &Store,
-    upstream: &HashMap<NodeIndex, Manifest>,
+    upstream: &HashMap<NodeIndex, Arc<Manifest>>,
 ) -> std::collections::BTreeMap<String, std::path::PathBuf> {
     dag.node(idx)
         .stage

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use petgraph::graph::NodeIndex;
 
@@ -57,7 +58,7 @@ pub(crate) fn key_parts(
     dag: &Dag,
     idx: NodeIndex,
     store: &Store,
-    upstream: &HashMap<NodeIndex, Manifest>,
+    upstream: &HashMap<NodeIndex, Arc<Manifest>>,
 ) -> Result<Result<KeyParts, Vec<String>>> {
     let stage = &dag.node(idx).stage;
     let mut inputs = BTreeMap::new();
@@ -194,7 +195,7 @@ pub fn status(dag: &Dag, store: &Store, forced: &[NodeIndex], verify: bool) -> R
                 let freshness = match lookup {
                     Lookup::Hit(m) if !forced.contains(&idx) => {
                         warnings = m.warnings.clone();
-                        manifests.insert(idx, *m);
+                        manifests.insert(idx, m);
                         Freshness::Fresh
                     }
                     Lookup::Hit(_) => Freshness::Stale(vec!["forced".into()]),

@@ -9,10 +9,11 @@
 //! - `runs/<run id>.parquet` — the `runs` table; `stat-cache.json` — file digests;
 //! - `run.lock` — the workspace lock (see [`crate::lock`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,9 @@ pub struct Manifest {
     /// What the stage warned about while making these outputs (see `Context::warn`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Each directory output's digest, once asked for (every downstream key asks).
+    #[serde(skip)]
+    pub(crate) dir_digests: OnceLock<BTreeMap<String, String>>,
 }
 
 impl Manifest {
@@ -89,13 +93,22 @@ impl Manifest {
         if !is_directory(name) {
             return self.outputs.get(name).map(|o| o.digest.clone());
         }
-        let listing: String = self
-            .outputs
-            .range(name.to_owned()..)
-            .take_while(|(file, _)| file.starts_with(name))
-            .map(|(file, o)| format!("{file}\t{}\n", o.digest))
-            .collect();
-        Some(hash_bytes(listing.as_bytes()))
+        // A directory without files digests as an empty listing.
+        let digest = self.dir_digests.get_or_init(|| self.directory_digests()).get(name).cloned();
+        Some(digest.unwrap_or_else(|| hash_bytes(b"")))
+    }
+
+    /// The digest of each directory output: of the listing "<file>\t<digest>\n" of its files.
+    fn directory_digests(&self) -> BTreeMap<String, String> {
+        let mut hashers: BTreeMap<&str, blake3::Hasher> = BTreeMap::new();
+        for (file, o) in &self.outputs {
+            let Some(slash) = file.find('/') else { continue };
+            let hasher = hashers.entry(&file[..=slash]).or_default();
+            for part in [file.as_str(), "\t", &o.digest, "\n"] {
+                hasher.update(part.as_bytes());
+            }
+        }
+        hashers.into_iter().map(|(dir, h)| (dir.to_owned(), h.finalize().to_hex().to_string())).collect()
     }
 }
 
@@ -121,7 +134,7 @@ pub struct Record {
 #[derive(Debug)]
 pub enum Lookup {
     /// Published and every output checks out.
-    Hit(Box<Manifest>),
+    Hit(Arc<Manifest>),
     /// Nothing published under this key.
     Missing,
     /// Published, but an output is gone or its bytes changed.
@@ -133,6 +146,9 @@ pub enum Lookup {
 pub struct Store {
     root: PathBuf,
     stat_cache: StatCache,
+    /// Objects this process found intact, by key: checking a published object stats every file,
+    /// thousands for a packed cohort, so a run checks each once.
+    intact: Mutex<HashMap<String, Arc<Manifest>>>,
 }
 
 impl Store {
@@ -142,7 +158,7 @@ impl Store {
             fs::create_dir_all(root.join(sub)).map_err(io(root.join(sub)))?;
         }
         let stat_cache = StatCache::load(root.join("stat-cache.json"));
-        Ok(Store { root: root.to_path_buf(), stat_cache })
+        Ok(Store { root: root.to_path_buf(), stat_cache, intact: Mutex::default() })
     }
 
     /// The workspace directory.
@@ -186,8 +202,12 @@ impl Store {
     }
 
     /// Looks `key` up and checks its outputs against the manifest. A file whose size or mtime
-    /// changed is re-hashed; with `verify` every file is re-hashed.
+    /// changed is re-hashed; with `verify` every file is re-hashed. Without `verify`, an object
+    /// found intact is not checked again by this process.
     pub fn lookup(&self, key: &str, verify: bool) -> Result<Lookup> {
+        if !verify && let Some(manifest) = self.intact.lock().expect("lookup memo poisoned").get(key) {
+            return Ok(Lookup::Hit(Arc::clone(manifest)));
+        }
         let dir = self.object_dir(key);
         let manifest_path = dir.join("manifest.json");
         let Ok(bytes) = fs::read(&manifest_path) else {
@@ -205,7 +225,11 @@ impl Store {
                 return Ok(Lookup::Damaged(format!("output {name} does not match its digest")));
             }
         }
-        Ok(Lookup::Hit(Box::new(manifest)))
+        let manifest = Arc::new(manifest);
+        if !verify {
+            self.intact.lock().expect("lookup memo poisoned").insert(key.to_owned(), Arc::clone(&manifest));
+        }
+        Ok(Lookup::Hit(manifest))
     }
 
     /// A fresh, empty staging directory for one stage execution.
@@ -261,7 +285,7 @@ impl Store {
             // first: its intact outputs stand.
             if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
                 let _ = fs::remove_dir_all(staging);
-                return Ok(*published);
+                return Ok(Arc::unwrap_or_clone(published));
             }
             return Err(Error::Io { path: target, source: e });
         }
@@ -314,6 +338,7 @@ mod tests {
             seconds: 0.0,
             engine_version: "t".into(),
             warnings: Vec::new(),
+            dir_digests: Default::default(),
         }
     }
 
@@ -340,6 +365,22 @@ mod tests {
         fs::remove_file(&out).unwrap();
         assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing")));
         assert!(matches!(store.lookup("nope", false).unwrap(), Lookup::Missing));
+    }
+
+    #[test]
+    fn an_object_found_intact_is_checked_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stage = store.staging_dir("n").unwrap();
+        fs::write(stage.join("out.txt"), b"payload").unwrap();
+        let p = parts(serde_json::json!({}));
+        store.publish(&stage, manifest(p.clone()), &["out.txt"]).unwrap();
+        assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Hit(_)));
+        fs::remove_file(store.object_dir(&p.key()).join("out.txt")).unwrap();
+        assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Hit(_)), "not statted again");
+        assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Damaged(_)), "verify checks again");
+        let next = Store::open(dir.path()).unwrap();
+        assert!(matches!(next.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing")));
     }
 
     #[test]
