@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::UNIX_EPOCH;
 
 use serde::de::DeserializeOwned;
@@ -105,19 +106,36 @@ struct Memory {
 #[derive(Debug)]
 pub struct StatCache {
     path: PathBuf,
-    entries: Mutex<BTreeMap<PathBuf, Entry>>,
-    links: Mutex<BTreeMap<String, Linked>>,
+    /// Read from `path` when first needed (a fully cached run needs none of it).
+    memory: OnceLock<Mutex<Memory>>,
+    /// Whether anything was learnt since it was read, so that [`StatCache::save`] writes.
+    learnt: AtomicBool,
 }
 
 impl StatCache {
-    /// Loads the cache kept at `path`; a missing or unreadable cache starts empty.
+    /// The cache kept at `path`; a missing or unreadable cache starts empty.
     pub fn load(path: PathBuf) -> StatCache {
-        let bytes = fs::read(&path).unwrap_or_default();
-        // Earlier versions saved the files alone.
-        let memory = serde_json::from_slice(&bytes)
-            .or_else(|_| serde_json::from_slice(&bytes).map(|files| Memory { files, links: BTreeMap::new() }))
-            .unwrap_or_default();
-        StatCache { path, entries: Mutex::new(memory.files), links: Mutex::new(memory.links) }
+        StatCache { path, memory: OnceLock::new(), learnt: AtomicBool::new(false) }
+    }
+
+    /// What the cache remembers, read on first use.
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        let memory = self.memory.get_or_init(|| {
+            let bytes = fs::read(&self.path).unwrap_or_default();
+            // Earlier versions saved the files alone.
+            Mutex::new(
+                serde_json::from_slice(&bytes)
+                    .or_else(|_| serde_json::from_slice(&bytes).map(|files| Memory { files, links: BTreeMap::new() }))
+                    .unwrap_or_default(),
+            )
+        });
+        memory.lock().expect("stat cache poisoned")
+    }
+
+    /// [`StatCache::memory`], to be changed.
+    fn learn(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.learnt.store(true, Ordering::SeqCst);
+        self.memory()
     }
 
     /// Digest of a file about to be published: one linked from elsewhere too (an item's file),
@@ -129,13 +147,13 @@ impl StatCache {
             return hash_file(path);
         }
         let (key, stat) = (format!("{}:{}", meta.dev(), meta.ino()), Stat::of_metadata(&meta));
-        if let Some(known) = self.links.lock().expect("stat cache poisoned").get(&key)
+        if let Some(known) = self.memory().links.get(&key)
             && known.stat == stat
         {
             return Ok(known.digest.clone());
         }
         let digest = hash_file(path)?;
-        self.links.lock().expect("stat cache poisoned").insert(key, Linked { stat, digest: digest.clone() });
+        self.learn().links.insert(key, Linked { stat, digest: digest.clone() });
         Ok(digest)
     }
 
@@ -143,14 +161,14 @@ impl StatCache {
     pub fn file_digest(&self, path: &Path) -> Result<String> {
         let key = fs::canonicalize(path).map_err(io(path))?;
         let stat = Stat::of(&key)?;
-        if let Some(e) = self.entries.lock().expect("stat cache poisoned").get(&key)
+        if let Some(e) = self.memory().files.get(&key)
             && e.stat == stat
         {
             return Ok(e.digest.clone());
         }
         let digest = hash_file(&key)?;
         let entry = Entry { stat, digest: digest.clone(), facts: BTreeMap::new() };
-        self.entries.lock().expect("stat cache poisoned").insert(key, entry);
+        self.learn().files.insert(key, entry);
         Ok(digest)
     }
 
@@ -165,7 +183,7 @@ impl StatCache {
     ) -> std::result::Result<(String, T), String> {
         let key = fs::canonicalize(path).map_err(|e| e.to_string())?;
         let stat = Stat::of(&key).map_err(|e| e.to_string())?;
-        if let Some(e) = self.entries.lock().expect("stat cache poisoned").get(&key)
+        if let Some(e) = self.memory().files.get(&key)
             && e.stat == stat
             && let Some(facts) = e.facts.get(kind)
             && let Ok(facts) = serde_json::from_value(facts.clone())
@@ -175,9 +193,9 @@ impl StatCache {
         let (digest, facts) =
             with_file_bytes(&key, |bytes, digest| compute(bytes).map(|f| (digest, f))).map_err(|e| e.to_string())??;
         let value = serde_json::to_value(&facts).map_err(|e| e.to_string())?;
-        let mut entries = self.entries.lock().expect("stat cache poisoned");
+        let mut memory = self.learn();
         let entry =
-            entries.entry(key).or_insert_with(|| Entry { stat, digest: digest.clone(), facts: BTreeMap::new() });
+            memory.files.entry(key).or_insert_with(|| Entry { stat, digest: digest.clone(), facts: BTreeMap::new() });
         if entry.stat != stat || entry.digest != digest {
             *entry = Entry { stat, digest: digest.clone(), facts: BTreeMap::new() };
         }
@@ -190,21 +208,16 @@ impl StatCache {
     pub fn knows(&self, path: &Path, kind: &str) -> bool {
         let Ok(key) = fs::canonicalize(path) else { return false };
         let Ok(stat) = Stat::of(&key) else { return false };
-        self.entries
-            .lock()
-            .expect("stat cache poisoned")
-            .get(&key)
-            .is_some_and(|e| e.stat == stat && e.facts.contains_key(kind))
+        self.memory().files.get(&key).is_some_and(|e| e.stat == stat && e.facts.contains_key(kind))
     }
 
     /// Digest of a directory's listing: every file's relative path, size and mtime, no content.
     pub fn dir_digest(&self, dir: &Path) -> Result<String> {
         let mut files = Vec::new();
         list_files(dir, dir, &mut files)?;
-        files.sort();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
         let mut hasher = blake3::Hasher::new();
-        for rel in files {
-            let stat = Stat::of(&dir.join(&rel))?;
+        for (rel, stat) in files {
             hasher.update(rel.to_string_lossy().as_bytes());
             hasher.update(&[0]);
             hasher.update(&stat.bytes.to_le_bytes());
@@ -213,25 +226,26 @@ impl StatCache {
         Ok(hasher.finalize().to_hex().to_string())
     }
 
-    /// Writes the cache back atomically.
+    /// Writes the cache back atomically, when it learnt anything.
     pub fn save(&self) -> Result<()> {
-        let memory = Memory {
-            files: self.entries.lock().expect("stat cache poisoned").clone(),
-            links: self.links.lock().expect("stat cache poisoned").clone(),
-        };
-        let json = serde_json::to_vec(&memory).expect("stat cache serialises");
+        if !self.learnt.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(&*self.memory()).expect("stat cache serialises");
         crate::fsutil::write_atomic(&self.path, &json)
     }
 }
 
-fn list_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Every file under `dir` (following links), relative to `root`, with its stat.
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Stat)>) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let path = entry.path();
-        if fs::metadata(&path).map_err(io(&path))?.is_dir() {
+        let meta = fs::metadata(&path).map_err(io(&path))?;
+        if meta.is_dir() {
             list_files(root, &path, out)?;
         } else {
-            out.push(path.strip_prefix(root).expect("walk stays under root").to_path_buf());
+            out.push((path.strip_prefix(root).expect("walk stays under root").to_path_buf(), Stat::of_metadata(&meta)));
         }
     }
     Ok(())
@@ -262,7 +276,7 @@ mod tests {
         assert_eq!(d1, content_digest(b"hello"));
         // Swap the cached digest: a hit must return it without reading the file.
         let key = fs::canonicalize(&f).unwrap();
-        cache.entries.lock().unwrap().get_mut(&key).unwrap().digest = "sentinel".into();
+        cache.learn().files.get_mut(&key).unwrap().digest = "sentinel".into();
         assert_eq!(cache.file_digest(&f).unwrap(), "sentinel");
         cache.save().unwrap();
         let reloaded = StatCache::load(dir.path().join("cache.json"));
@@ -291,7 +305,7 @@ mod tests {
         assert_eq!(cache.file_digest(&item).unwrap(), "old", "a cache saved before links were kept loads");
         assert_eq!(cache.linked_digest(&linked).unwrap(), content_digest(b"rows"));
         // Swap the remembered digest: linking the file again must return it without reading.
-        cache.links.lock().unwrap().values_mut().for_each(|l| l.digest = "sentinel".into());
+        cache.learn().links.values_mut().for_each(|l| l.digest = "sentinel".into());
         cache.save().unwrap();
         let again = dir.path().join("again.bin");
         fs::hard_link(&item, &again).unwrap();
@@ -303,7 +317,7 @@ mod tests {
         let single = dir.path().join("single.bin");
         fs::write(&single, b"one link").unwrap();
         assert_eq!(reloaded.linked_digest(&single).unwrap(), content_digest(b"one link"));
-        assert!(reloaded.links.lock().unwrap().len() == 1, "a file with one link is not remembered");
+        assert!(reloaded.memory().links.len() == 1, "a file with one link is not remembered");
     }
 
     #[test]
