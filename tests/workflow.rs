@@ -139,6 +139,9 @@ fn learns_caches_and_reruns_exactly_what_changed() {
     for file in ["labels.parquet", "splits.parquet", "predictions.parquet", "roc.png", "folds/0/history.parquet"] {
         assert!(results.join(file).is_file(), "{file}");
     }
+    // The packed store's per-slide files stay in the store.
+    assert!(results.join("features/packed.parquet").is_file());
+    assert!(!results.join("features/features").exists() && !results.join("features/coords").exists());
     // How far each fine class's attention sits inside its coarse class's: one cosine per test
     // slide and fine class, in [0, 1].
     let agreement = hmil_flow(&[

@@ -34,6 +34,9 @@ pub fn refresh_results(dir: &Path, dag: &Dag, store: &Store, status: &[NodeStatu
         let node = dag.node(dag.index_of(&s.id).expect("a status is of a node of the DAG"));
         for output in node.stage.outputs() {
             let artifact = output.name;
+            if node.results_hidden.iter().any(|h| h == artifact) {
+                continue;
+            }
             let relative = node.results_path(artifact);
             if !linked.insert(relative.clone()) {
                 let _ = fs::remove_dir_all(&target);

@@ -170,6 +170,8 @@ pub struct Node {
     pub results: String,
     /// Outputs shown there under another name: (output, name).
     pub results_names: Vec<(String, String)>,
+    /// Outputs the results folder leaves out (the store's own files, such as packed features).
+    pub results_hidden: Vec<String>,
 }
 
 impl Node {
@@ -179,7 +181,14 @@ impl Node {
             Some(l) => (format!("{stage_name}[{l}]"), format!("{stage_name}/{l}")),
             None => (stage_name.to_owned(), stage_name.to_owned()),
         };
-        Node { id, stage_name: stage_name.to_owned(), stage, results, results_names: Vec::new() }
+        Node {
+            id,
+            stage_name: stage_name.to_owned(),
+            stage,
+            results,
+            results_names: Vec::new(),
+            results_hidden: Vec::new(),
+        }
     }
 
     /// The handle by which other nodes' stages read this node's outputs.
@@ -190,6 +199,13 @@ impl Node {
     /// The node with its outputs shown in folder `dir` of the results folder (`""`: the top).
     pub fn results_in(mut self, dir: impl Into<String>) -> Node {
         self.results = dir.into();
+        self
+    }
+
+    /// The node with its output `output` left out of the results folder (a run links every
+    /// file of the folder again, so outputs of thousands of files nobody opens stay out).
+    pub fn results_hide(mut self, output: &impl Artifact) -> Node {
+        self.results_hidden.push(output.file().to_owned());
         self
     }
 

@@ -25,8 +25,6 @@ use crate::table;
 
 /// The `pack_features` stage.
 pub struct PackFeatures {
-    /// The features directory (read again for the bytes; its listing is part of the key).
-    pub features: crate::index::FeatureDir,
     pub dtype: PackDtype,
     /// The `index_features` node.
     pub index: NodeRef,
@@ -46,7 +44,9 @@ impl Stage for PackFeatures {
         serde_json::json!({ "dtype": self.dtype })
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![self.features.input("features_dir"), Input::artifact("index", &self.index, &FEATURE_INDEX)]
+        // The index names every file with its digest: it is all the key needs (a file touched
+        // but unchanged indexes the same, and packs nothing again).
+        vec![Input::artifact("index", &self.index, &FEATURE_INDEX)]
     }
     fn outputs(&self) -> Vec<Output> {
         vec![(&FEATURES_DIR).into(), (&COORDS_DIR).into(), (&PACKED).into()]
@@ -54,13 +54,19 @@ impl Stage for PackFeatures {
     fn run(&self, ctx: &Context) -> std::result::Result<(), StageError> {
         self.pack(ctx)
     }
-    /// How many indexed slides have no packed files yet with this dtype, and which.
+    /// How many indexed slides have no packed files yet with this dtype (new or changed files,
+    /// or a new dtype), and which.
     fn pending(&self, p: &Pending) -> std::result::Result<Option<String>, StageError> {
         let files = indexed(p.input("index"))?;
         let new: Vec<String> = files.iter().filter(|f| !p.has_item(&f.item_facts())).map(|f| f.slide.clone()).collect();
-        Ok(Some(match new.len() {
-            0 => format!("all {} slide(s) packed already; only the store is written again", files.len()),
-            n => format!("{n} of {} slide(s) new or changed, to pack: {}", files.len(), pipeline::some_of(&new, ", ")),
+        let (n, all) = (new.len(), files.len());
+        Ok(Some(match n {
+            0 => format!("all {all} slide(s) packed already with these settings; their files are linked again"),
+            n => format!(
+                "{n} of {all} slide(s) to pack ({} packed already with these settings): {}",
+                all - n,
+                pipeline::some_of(&new, ", ")
+            ),
         }))
     }
 }

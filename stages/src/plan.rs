@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use pipeline::{Node, NodeRef};
-use schemas::artifacts::{ALL_METRICS, ALL_PREDICTIONS, H5_DIR};
+use schemas::artifacts::{ALL_METRICS, ALL_PREDICTIONS, COORDS_DIR, FEATURES_DIR, H5_DIR};
 use schemas::workflow::{Encoder, OnBadFile, PackDtype, Slides, Variant, Workflow};
 
 use crate::hmil::train::{Classes, Sources};
@@ -210,8 +210,9 @@ pub fn feature_nodes(
     };
     let index = index::IndexFeatures { features: features.clone(), on_bad_file };
     let index = Node::new(INDEX, label, Arc::new(index)).results_in(&folder);
-    let pack = pack::PackFeatures { features: features.clone(), dtype, index: index.handle() };
-    [index, Node::new(PACK, label, Arc::new(pack)).results_in(&folder)]
+    let pack = pack::PackFeatures { dtype, index: index.handle() };
+    let pack = Node::new(PACK, label, Arc::new(pack)).results_in(&folder);
+    [index, pack.results_hide(&FEATURES_DIR).results_hide(&COORDS_DIR)]
 }
 
 /// The workflow's class hierarchy as the model sees it.

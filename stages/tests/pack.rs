@@ -8,14 +8,28 @@ use pipeline::{Dag, RunOptions, RunSummary, Status, Store};
 use schemas::workflow::{OnBadFile, PackDtype};
 use stages::synth::write_pt;
 
-fn dag(dir: &Path) -> Dag {
+/// The index and pack nodes of the features in `dir`.
+fn nodes(dir: &Path) -> [pipeline::Node; 2] {
     let features = stages::index::FeatureDir::External(dir.to_path_buf());
-    Dag::new(stages::feature_nodes(&features, OnBadFile::Error, PackDtype::F32, None).into()).unwrap()
+    stages::feature_nodes(&features, OnBadFile::Error, PackDtype::F32, None)
+}
+
+fn dag(dir: &Path) -> Dag {
+    Dag::new(nodes(dir).into()).unwrap()
 }
 
 fn slide(dir: &Path, name: &str, rows: usize, seed: f32) {
     let values: Vec<f32> = (0..rows * 6).map(|v| v as f32 * seed).collect();
     write_pt(&dir.join(name), &values, rows, 6).unwrap();
+}
+
+/// The reasons `status` gives for the pack node being stale.
+fn pack_status(dir: &Path, store: &Store) -> Vec<String> {
+    let status = pipeline::status(&dag(dir), store, &[], false).unwrap();
+    match &status[1].freshness {
+        pipeline::Freshness::Stale(why) => why.clone(),
+        fresh => panic!("pack_features is {fresh:?}"),
+    }
 }
 
 /// Runs index and pack; returns the run and the directory of the pack's outputs.
@@ -48,6 +62,12 @@ fn a_repack_parses_only_new_files_and_equals_a_pack_from_scratch() {
     };
     keep_mtime(&vec![0xAB; original.len()]);
     slide(&dir, "s3.pt", 2, 9.0);
+    // With the new file indexed, status names the one slide a pack would parse.
+    let [index, _] = nodes(&dir);
+    let index_only = Dag::new(vec![index]).unwrap();
+    pipeline::run(&index_only, &incremental, &RunOptions::default()).unwrap();
+    let why = pack_status(&dir, &incremental);
+    assert!(why.iter().any(|w| w == "1 of 4 slide(s) to pack (3 packed already with these settings): s3"), "{why:?}");
     let (_, repacked) = pack(&dir, &incremental);
     keep_mtime(&original);
 
