@@ -350,14 +350,20 @@ mod tests {
         assert_ne!(a.key(), parts(serde_json::json!({"a": 2, "b": {"x": 1, "y": 2}})).key());
     }
 
-    #[test]
-    fn publish_then_detect_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    /// A store in `dir` with one object, `out.txt`, published under the returned parts.
+    fn published_out_txt(dir: &Path) -> (Store, KeyParts) {
+        let store = Store::open(dir).unwrap();
         let stage = store.staging_dir("n").unwrap();
         fs::write(stage.join("out.txt"), b"payload").unwrap();
         let p = parts(serde_json::json!({}));
         store.publish(&stage, manifest(p.clone()), &["out.txt"]).unwrap();
+        (store, p)
+    }
+
+    #[test]
+    fn publish_then_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, p) = published_out_txt(dir.path());
         assert!(matches!(store.lookup(&p.key(), true).unwrap(), Lookup::Hit(_)));
         let out = store.object_dir(&p.key()).join("out.txt");
         fs::write(&out, b"tampered").unwrap();
@@ -370,11 +376,7 @@ mod tests {
     #[test]
     fn an_object_found_intact_is_checked_once_per_process() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let stage = store.staging_dir("n").unwrap();
-        fs::write(stage.join("out.txt"), b"payload").unwrap();
-        let p = parts(serde_json::json!({}));
-        store.publish(&stage, manifest(p.clone()), &["out.txt"]).unwrap();
+        let (store, p) = published_out_txt(dir.path());
         assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Hit(_)));
         fs::remove_file(store.object_dir(&p.key()).join("out.txt")).unwrap();
         assert!(matches!(store.lookup(&p.key(), false).unwrap(), Lookup::Hit(_)), "not statted again");
