@@ -138,15 +138,15 @@ impl StatCache {
         self.memory()
     }
 
-    /// Digest of a file about to be published: one linked from elsewhere too (an item's file),
-    /// whose inode keeps its size and mtime since it was digested, is not read again.
-    pub fn linked_digest(&self, path: &Path) -> Result<String> {
+    /// Digest of a file about to be published, of metadata `meta`: one linked from elsewhere too
+    /// (an item's file), whose inode keeps its size and mtime since it was digested, is not read
+    /// again.
+    pub fn linked_digest(&self, path: &Path, meta: &fs::Metadata) -> Result<String> {
         use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(path).map_err(io(path))?;
         if meta.nlink() <= 1 {
             return hash_file(path);
         }
-        let (key, stat) = (format!("{}:{}", meta.dev(), meta.ino()), Stat::of_metadata(&meta));
+        let (key, stat) = (format!("{}:{}", meta.dev(), meta.ino()), Stat::of_metadata(meta));
         if let Some(known) = self.memory().links.get(&key)
             && known.stat == stat
         {
@@ -301,22 +301,23 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
+        let linked_digest = |cache: &StatCache, path: &Path| cache.linked_digest(path, &fs::metadata(path).unwrap());
         let cache = StatCache::load(cache_path.clone());
         assert_eq!(cache.file_digest(&item).unwrap(), "old", "a cache saved before links were kept loads");
-        assert_eq!(cache.linked_digest(&linked).unwrap(), content_digest(b"rows"));
+        assert_eq!(linked_digest(&cache, &linked).unwrap(), content_digest(b"rows"));
         // Swap the remembered digest: linking the file again must return it without reading.
         cache.learn().links.values_mut().for_each(|l| l.digest = "sentinel".into());
         cache.save().unwrap();
         let again = dir.path().join("again.bin");
         fs::hard_link(&item, &again).unwrap();
         let reloaded = StatCache::load(cache_path);
-        assert_eq!(reloaded.linked_digest(&again).unwrap(), "sentinel");
+        assert_eq!(linked_digest(&reloaded, &again).unwrap(), "sentinel");
         assert_eq!(reloaded.file_digest(&item).unwrap(), "old");
         fs::write(&item, b"other rows").unwrap();
-        assert_eq!(reloaded.linked_digest(&again).unwrap(), content_digest(b"other rows"));
+        assert_eq!(linked_digest(&reloaded, &again).unwrap(), content_digest(b"other rows"));
         let single = dir.path().join("single.bin");
         fs::write(&single, b"one link").unwrap();
-        assert_eq!(reloaded.linked_digest(&single).unwrap(), content_digest(b"one link"));
+        assert_eq!(linked_digest(&reloaded, &single).unwrap(), content_digest(b"one link"));
         assert!(reloaded.memory().links.len() == 1, "a file with one link is not remembered");
     }
 

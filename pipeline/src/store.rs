@@ -267,9 +267,9 @@ impl Store {
             };
             for file in files {
                 let path = staging.join(&file);
-                let stat = Stat::of(&path)?;
-                let digest = self.stat_cache.linked_digest(&path)?;
-                manifest.outputs.insert(file, OutputRecord { digest, stat });
+                let meta = fs::metadata(&path).map_err(io(&path))?;
+                let digest = self.stat_cache.linked_digest(&path, &meta)?;
+                manifest.outputs.insert(file, OutputRecord { digest, stat: Stat::of_metadata(&meta) });
             }
         }
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
