@@ -6,10 +6,10 @@
 //! 2. takes the loss of all the rows, as leaves, and its gradient with respect to them;
 //! 3. runs every chunk forward again with a graph and back-propagates its rows' gradients.
 //!
-//! Only one chunk's activations are alive at a time. The last chunk keeps its graph from the
-//! first pass and is not run again, so `k` chunks cost `(k − 1)/k` of a forward pass more than
-//! one pass. Before both passes over a chunk the random generator is seeded alike, so the second
-//! pass draws the dropout masks the first one saw.
+//! Only one chunk's activations are alive at a time. The largest chunk keeps its graph from the
+//! first pass and is not run again, so a step costs the forward pass of the other chunks more
+//! than one pass. Before both passes over a chunk the random generator is seeded alike, so the
+//! second pass draws the dropout masks the first one saw.
 
 use std::ops::Range;
 
@@ -37,9 +37,11 @@ pub fn plan(lengths: &[i64], budget: i64) -> Vec<Range<usize>> {
 
 /// How a step runs: its chunks of bags and what they are made of.
 pub struct Chunks<'a> {
-    /// Runs of the batch's bags, in order, covering all of them (see [`plan`]).
-    pub runs: &'a [Range<usize>],
-    /// The batch of a run of bags (called twice per run when there are several).
+    /// Instances of each bag of the batch, in order.
+    pub lengths: &'a [i64],
+    /// Instances a chunk may hold (see [`plan`]).
+    pub budget: i64,
+    /// The batch of a run of bags (called twice per run but the largest when there are several).
     pub batch: &'a dyn Fn(Range<usize>) -> Batch,
     /// Mixed precision (bf16 autocast) for the forward passes.
     pub bf16: bool,
@@ -52,25 +54,28 @@ pub struct Chunks<'a> {
 /// graph) and the loss terms. With one run this is a plain forward and backward pass.
 pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: Schedule) -> (PerBag, Terms) {
     let forward = |run: Range<usize>| tch::autocast(chunks.bf16, || model.per_bag(&(chunks.batch)(run), schedule));
-    if let [run] = chunks.runs {
+    let runs = plan(chunks.lengths, chunks.budget);
+    if let [run] = runs.as_slice() {
         let rows = forward(run.clone());
         let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
         terms.total.backward();
         return (detached(&rows), terms);
     }
-    // 1. The rows of every run, without a graph but for the last run's, which is kept so that
-    //    it need not run again.
+    // 1. The rows of every run, without a graph but for the largest run's (the first of equals),
+    //    which is kept so that it need not run again.
     let seeded = |i: usize| {
         tch::manual_seed(chunks.seed + i as i64);
-        forward(chunks.runs[i].clone())
+        forward(runs[i].clone())
     };
-    let last = chunks.runs.len() - 1;
-    let mut parts: Vec<PerBag> = {
+    let instances = |i: usize| chunks.lengths[runs[i].clone()].iter().sum::<i64>();
+    let largest = (0..runs.len()).rev().max_by_key(|&i| instances(i)).expect("several runs");
+    let mut parts: Vec<Option<PerBag>> = {
         let _no_graph = tch::no_grad_guard();
-        (0..last).map(seeded).collect()
+        (0..runs.len()).map(|i| (i != largest).then(|| seeded(i))).collect()
     };
-    let kept = seeded(last);
-    parts.push(detached(&kept));
+    let kept = seeded(largest);
+    parts[largest] = Some(detached(&kept));
+    let parts: Vec<PerBag> = parts.into_iter().map(|p| p.expect("every run's rows")).collect();
     let leaves: Vec<Tensor> = PerBag::cat(&parts).tensors().into_iter().map(|t| t.set_requires_grad(true)).collect();
     drop(parts);
     // 2. The loss and its gradient with respect to the rows.
@@ -78,8 +83,8 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
     let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
     terms.total.backward();
     let grads: Vec<Option<Tensor>> = leaves.iter().map(|l| Some(l.grad()).filter(Tensor::defined)).collect();
-    // 3. Each run's rows back-propagate their share of those gradients: the last run's through
-    //    the graph kept, the others' through a second pass with a graph.
+    // 3. Each run's rows back-propagate their share of those gradients: the largest run's
+    //    through the graph kept, the others' through a second pass with a graph.
     let back = |part: PerBag, run: &Range<usize>| {
         let (start, len) = (run.start as i64, run.len() as i64);
         let surrogate = part
@@ -92,9 +97,9 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
             s.backward();
         }
     };
-    back(kept, &chunks.runs[last]);
-    for i in 0..last {
-        back(seeded(i), &chunks.runs[i]);
+    back(kept, &runs[largest]);
+    for i in (0..runs.len()).filter(|&i| i != largest) {
+        back(seeded(i), &runs[i]);
     }
     (detached(&rows), detach_terms(terms))
 }
@@ -162,7 +167,7 @@ mod tests {
         let coarse = Tensor::from_slice(&[0i64, 1, 1, 2, 0, 2, 0]);
         let targets = Targets { coarse: &coarse, fine: &fine, class_weights: None };
         let runs = plan(&lengths, budget);
-        let chunks = Chunks { runs: &runs, batch: &batch, bf16: false, seed: 99 };
+        let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: 99 };
         let at = Schedule { epoch: 4, epochs: 10 };
         opt.zero_grad();
         if reference {

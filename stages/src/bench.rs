@@ -13,8 +13,8 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::hmil::memory;
 use crate::hmil::train::{Classes, build_model, model_config};
+use crate::hmil::{data, memory};
 use crate::index::{FACTS_KIND, FileFacts, facts, feature_files, scan};
 use crate::rng::Rng;
 
@@ -255,12 +255,23 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
         for (b, chunk) in order.chunks(batch_size.max(1)).enumerate() {
             let batch = |run: std::ops::Range<usize>| {
                 let bags = &chunk[run];
-                let rows: Vec<i64> = bags.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
-                let x = x.index_select(0, &Tensor::from_slice(&rows).to(device)).to_kind(Kind::Float);
+                let x = if device == Device::Cpu {
+                    let parts: Vec<Tensor> = bags.iter().map(|&i| x.narrow(0, starts[i], lens[i])).collect();
+                    data::joined_f32(&parts, dim)
+                } else {
+                    let rows: Vec<i64> = bags.iter().flat_map(|&i| starts[i]..starts[i] + lens[i]).collect();
+                    x.index_select(0, &Tensor::from_slice(&rows).to(device)).to_kind(Kind::Float)
+                };
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
-            let runs = chunked::plan(&chunk.iter().map(|&i| lens[i]).collect::<Vec<_>>(), budget.unwrap_or(i64::MAX));
-            let chunks = Chunks { runs: &runs, batch: &batch, bf16: false, seed: b as i64 };
+            let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
+            let chunks = Chunks {
+                lengths: &lengths,
+                budget: budget.unwrap_or(i64::MAX),
+                batch: &batch,
+                bf16: false,
+                seed: b as i64,
+            };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
                 Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);

@@ -1,6 +1,7 @@
 //! Bags for training and evaluation: the packed feature store loaded once per process and
 //! device (shared by every fold; memory-mapped on the CPU), labels, and fold membership.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -157,19 +158,19 @@ impl Store {
         let x = match &self.x {
             Held::Whole(x) => {
                 let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
-                x.index_select(0, &Tensor::from_slice(&rows).to(x.device()))
+                x.index_select(0, &Tensor::from_slice(&rows).to(x.device())).to_kind(Kind::Float)
             }
             Held::Slides(slides) => {
                 let parts: Vec<&Tensor> = bags.iter().map(|b| &slides[self.rows[&b.slide_id].slot]).collect();
-                let x = Tensor::cat(&parts, 0);
                 if self.device == Device::Cpu {
-                    x
+                    joined_f32(&parts, self.dim)
                 } else {
-                    x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false)
+                    let x = Tensor::cat(&parts, 0);
+                    x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false).to_kind(Kind::Float)
                 }
             }
         };
-        Batch::new(x.to_kind(Kind::Float), bags.iter().map(|b| b.len).collect())
+        Batch::new(x, bags.iter().map(|b| b.len).collect())
     }
 
     /// Coordinates (x, y) of a bag's instances (NaN where the file had none).
@@ -192,6 +193,22 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// The rows of `parts` (CPU tensors of `dim` columns) one after another, as float32: copied and
+/// converted in one pass, where joining an f16 store's rows and converting them after would
+/// write every value twice.
+pub fn joined_f32<T: Borrow<Tensor>>(parts: &[T], dim: i64) -> Tensor {
+    let total = parts.iter().map(|p| p.borrow().size()[0]).sum();
+    let x = Tensor::empty([total, dim], (Kind::Float, Device::Cpu));
+    let mut at = 0;
+    for part in parts {
+        let part = part.borrow();
+        let n = part.size()[0];
+        x.narrow(0, at, n).copy_(part);
+        at += n;
+    }
+    x
 }
 
 /// Whether batches stream to GPU `device` from host memory rather than the store living there:

@@ -404,11 +404,12 @@ impl TrainFold {
             let fine = Tensor::from_slice(&refs.iter().map(|b| b.fine).collect::<Vec<_>>()).to(device);
             let targets = Targets { coarse: &coarse, fine: &fine, class_weights: step.weights.map(|(a, b)| (a, b)) };
             let at = Schedule { epoch: step.epoch, epochs: cfg.epochs };
-            let runs = chunked::plan(&refs.iter().map(|b| b.len).collect::<Vec<_>>(), step.budget);
+            let lengths: Vec<i64> = refs.iter().map(|b| b.len).collect();
             let seed =
                 Rng::new(self.seed, ((self.fold as u64) << 40) | ((step.epoch as u64) << 20) | b as u64).next_u64();
             let chunks = Chunks {
-                runs: &runs,
+                lengths: &lengths,
+                budget: step.budget,
                 batch: &|run| step.store.batch(&refs[run]),
                 bf16: cfg.bf16 && device.is_cuda(),
                 seed: (seed >> 2) as i64,
