@@ -158,7 +158,7 @@ impl Store {
         let x = match &self.x {
             Held::Whole(x) => {
                 let rows: Vec<i64> = bags.iter().flat_map(|b| b.start..b.start + b.len).collect();
-                x.index_select(0, &Tensor::from_slice(&rows).to(x.device())).to_kind(Kind::Float)
+                x.index_select(0, &Tensor::from_slice(&rows).to(x.device()))
             }
             Held::Slides(slides) => {
                 let parts: Vec<&Tensor> = bags.iter().map(|b| &slides[self.rows[&b.slide_id].slot]).collect();
@@ -166,11 +166,12 @@ impl Store {
                     joined_f32(&parts, self.dim)
                 } else {
                     let x = Tensor::cat(&parts, 0);
-                    x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false).to_kind(Kind::Float)
+                    x.pin_memory(self.device).to_device_(self.device, x.kind(), true, false)
                 }
             }
         };
-        Batch::new(x, bags.iter().map(|b| b.len).collect())
+        // Float32 already (no copy) where the rows were joined on the CPU.
+        Batch::new(x.to_kind(Kind::Float), bags.iter().map(|b| b.len).collect())
     }
 
     /// Coordinates (x, y) of a bag's instances (NaN where the file had none).
