@@ -176,7 +176,7 @@ impl SlurmExecutor {
     }
 
     /// Waits for job `id` of the attempt in `dir` to end.
-    fn wait(&self, id: &str, dir: &Path, submitted: Instant, env: &RunEnv) -> Execution {
+    fn wait(&self, work: &Work, id: &str, dir: &Path, submitted: Instant, env: &RunEnv) -> Execution {
         let ended_as =
             |state: &str, result| Execution { result, job: Some(Job { id: id.to_owned(), state: state.into() }) };
         let mut ended: Option<Instant> = None;
@@ -210,7 +210,8 @@ impl SlurmExecutor {
                 }
                 (None, None) => ended = Some(Instant::now()),
                 (Some(t), None) if t.elapsed() > GRACE => {
-                    let (state, why) = why_ended(id, dir);
+                    let (state, why) =
+                        why_ended(id, dir, |state| fix(&work.node.stage_name, self.resources(work), state));
                     return ended_as(&state, Err(why));
                 }
                 (Some(_), None) => {}
@@ -260,7 +261,7 @@ impl Executor for SlurmExecutor {
         let _slot = self.slot();
         match self.submit_attempt(work, env) {
             Ok((id, dir, submitted)) => {
-                let mut execution = self.wait(&id, &dir, submitted, env);
+                let mut execution = self.wait(work, &id, &dir, submitted, env);
                 // The outputs move into the node's staging folder for the driver to publish; a
                 // failed attempt's are removed (its log and request stay).
                 let made = dir.join(OUTPUTS);
@@ -295,9 +296,9 @@ fn cancel(ids: &[&str]) {
 }
 
 /// How job `id` ended without saying it was done: Slurm's state, and a message with the state,
-/// exit code and reason (from `scontrol`, or `sacct` once the controller has forgotten the job)
-/// and the end of its log.
-fn why_ended(id: &str, dir: &Path) -> (String, String) {
+/// exit code and reason (from `scontrol`, or `sacct` once the controller has forgotten the job),
+/// what to change (`fix`, given the state) and the end of its log.
+fn why_ended(id: &str, dir: &Path, fix: impl Fn(&str) -> Option<String>) -> (String, String) {
     let field = |text: &str, key: &str| {
         text.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))).map(str::to_owned)
     };
@@ -325,16 +326,32 @@ fn why_ended(id: &str, dir: &Path) -> (String, String) {
     if let Some(r) = reason {
         why += &format!(" ({r})");
     }
+    why += " before the node was done";
+    if let Some(f) = fix(&state) {
+        why += &format!(": {f}");
+    }
     let log = dir.join(LOG);
     let tail: Vec<String> = std::fs::read_to_string(&log)
         .map(|t| t.lines().rev().take(8).map(str::to_owned).collect::<Vec<_>>().into_iter().rev().collect())
         .unwrap_or_default();
     why += &if tail.is_empty() {
-        format!(" before the node was done; its log {} is empty", log.display())
+        format!("; its log {} is empty", log.display())
     } else {
-        format!(" before the node was done; its log {} ends:\n{}", log.display(), tail.join("\n"))
+        format!("; its log {} ends:\n{}", log.display(), tail.join("\n"))
     };
     (state, why)
+}
+
+/// What to change when a job of `stage` that asked for `r` ended `state` for want of a
+/// resource: the setting that asks Slurm for more, and what it asked for.
+fn fix(stage: &str, r: JobResources, state: &str) -> Option<String> {
+    let (key, asked, default) = match state {
+        "TIMEOUT" => ("time", r.time, "the partition's default limit"),
+        "OUT_OF_MEMORY" => ("mem", r.mem, "the cluster's default"),
+        _ => return None,
+    };
+    let asked = asked.map_or(default.to_owned(), |a| format!("\"{a}\""));
+    Some(format!("raise executor.slurm.resources.{stage}.{key} (it asked for {asked})"))
 }
 
 /// `arg` quoted for a POSIX shell.
@@ -344,9 +361,29 @@ fn quote(arg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn arguments_are_quoted_for_the_shell() {
-        assert_eq!(super::quote("a b"), "'a b'");
-        assert_eq!(super::quote("it's"), r"'it'\''s'");
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn a_job_out_of_time_or_memory_says_which_setting_to_raise() {
+        let r = |time: Option<&str>, mem: Option<&str>| JobResources {
+            time: time.map(str::to_owned),
+            mem: mem.map(str::to_owned),
+            ..Default::default()
+        };
+        assert_eq!(
+            fix("train", r(Some("0:01"), None), "TIMEOUT").as_deref(),
+            Some(r#"raise executor.slurm.resources.train.time (it asked for "0:01")"#)
+        );
+        assert_eq!(
+            fix("extract", r(None, None), "OUT_OF_MEMORY").as_deref(),
+            Some("raise executor.slurm.resources.extract.mem (it asked for the cluster's default)")
+        );
+        assert_eq!(fix("train", r(None, Some("8G")), "FAILED"), None);
     }
 }
