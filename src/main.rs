@@ -554,6 +554,12 @@ fn bench(what: Bench) -> Result<()> {
                 println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
             }
             println!("step memory       {}", r.step_budget);
+            if r.recomputed > 0.0 {
+                println!(
+                    "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer)",
+                    r.recomputed
+                );
+            }
             let features = format!("the {:.2} GB of resident {store_dtype} features", gb(r.features_bytes));
             print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
         }

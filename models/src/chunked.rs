@@ -35,6 +35,22 @@ pub fn plan(lengths: &[i64], budget: i64) -> Vec<Range<usize>> {
     runs
 }
 
+/// The run of `runs` that keeps its graph from the first pass: the largest (the first of equals).
+fn kept(runs: &[Range<usize>], lengths: &[i64]) -> usize {
+    let instances = |i: usize| lengths[runs[i].clone()].iter().sum::<i64>();
+    (0..runs.len()).rev().max_by_key(|&i| instances(i)).unwrap_or(0)
+}
+
+/// The instances a step over bags of `lengths` under `budget` runs forward twice: all but the
+/// kept run's, none when the step is one run.
+pub fn recomputed(lengths: &[i64], budget: i64) -> i64 {
+    let runs = plan(lengths, budget);
+    if runs.len() < 2 {
+        return 0;
+    }
+    lengths.iter().sum::<i64>() - lengths[runs[kept(&runs, lengths)].clone()].iter().sum::<i64>()
+}
+
 /// How a step runs: its chunks of bags and what they are made of.
 pub struct Chunks<'a> {
     /// Instances of each bag of the batch, in order.
@@ -67,8 +83,7 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
         tch::manual_seed(chunks.seed + i as i64);
         forward(runs[i].clone())
     };
-    let instances = |i: usize| chunks.lengths[runs[i].clone()].iter().sum::<i64>();
-    let largest = (0..runs.len()).rev().max_by_key(|&i| instances(i)).expect("several runs");
+    let largest = kept(&runs, chunks.lengths);
     let mut parts: Vec<Option<PerBag>> = {
         let _no_graph = tch::no_grad_guard();
         (0..runs.len()).map(|i| (i != largest).then(|| seeded(i))).collect()
@@ -126,8 +141,13 @@ mod tests {
     use crate::{Config, Dims};
 
     #[test]
-    fn runs_fill_the_budget_and_a_large_bag_runs_alone() {
+    fn runs_fill_the_budget_a_large_bag_runs_alone_and_the_largest_keeps_its_graph() {
         assert_eq!(plan(&[3, 4, 2, 9, 1, 1], 7), vec![0..2, 2..3, 3..4, 4..6]);
+        // The 9-instance bag keeps its graph; the other 11 instances run forward twice.
+        assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7), 11);
+        assert_eq!(recomputed(&[3, 4, 2], 9), 0);
+        // Of equal runs the first keeps its graph.
+        assert_eq!(kept(&plan(&[2, 1, 1, 2], 2), &[2, 1, 1, 2]), 0);
         assert_eq!(plan(&[3, 4], 100), vec![0..2]);
         assert_eq!(plan(&[], 5), Vec::<Range<usize>>::new());
     }

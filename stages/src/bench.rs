@@ -144,6 +144,9 @@ pub struct EpochReport {
     pub peak_rss_bytes: u64,
     /// The instances a step ran at once, and why.
     pub step_budget: String,
+    /// The share of the epochs' instances that ran forward twice (in chunks of a step but its
+    /// largest; see [`chunked::step`]).
+    pub recomputed: f64,
 }
 
 /// The peak resident set size of this process so far, in bytes (0 where unknown).
@@ -247,6 +250,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
     let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
     let mut epoch_s = Vec::new();
     let mut gflops = Vec::new();
+    let mut recomputed = 0;
     for e in 0..epochs {
         gflops.push(matmul_throughput(dim, device));
         let start = Instant::now();
@@ -265,6 +269,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
             let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
+            recomputed += chunked::recomputed(&lengths, budget.unwrap_or(i64::MAX));
             let chunks = Chunks {
                 lengths: &lengths,
                 budget: budget.unwrap_or(i64::MAX),
@@ -309,6 +314,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
         features_bytes: (total * dim * if setup.half { 2 } else { 4 }) as u64,
         peak_rss_bytes: peak_rss_bytes(),
         step_budget,
+        recomputed: recomputed as f64 / (total * epochs as i64).max(1) as f64,
     })
 }
 
