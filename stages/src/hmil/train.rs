@@ -453,12 +453,16 @@ impl TrainFold {
             return i64::MAX;
         };
         let mut lengths: Vec<i64> = train.iter().map(|b| b.len).collect();
+        // Of mini-batches as the bags come (an epoch's shuffle changes it little).
+        let twice: i64 = lengths.chunks(self.config.batch_size.max(1)).map(|b| chunked::recomputed(b, budget)).sum();
+        let share = twice as f64 / lengths.iter().sum::<i64>().max(1) as f64;
         lengths.sort_unstable_by(|a, b| b.cmp(a));
         let largest: i64 = lengths.iter().take(self.config.batch_size).sum();
         if largest > budget {
             tracing::info!(
                 fold = self.fold,
-                "mini-batches of up to {largest} instances run in chunks of bags of at most {why}, with the gradients of one pass"
+                "mini-batches of up to {largest} instances run in chunks of bags of at most {why}, with the gradients of one pass; \
+                 about {share:.2} of an epoch's instances run forward twice (a larger train.max_instances_per_chunk trades memory for fewer)"
             );
         }
         budget
