@@ -25,6 +25,9 @@ const OUTPUTS: &str = "outputs";
 
 /// How long a finished job's `done.json` may take to appear (a shared file system's delay).
 const GRACE: Duration = Duration::from_secs(20);
+/// How long a run waits for the jobs an earlier driver left to end once cancelled (Slurm's
+/// KillWait, 30 s by default, and more).
+const CANCEL_WAIT: Duration = Duration::from_secs(180);
 /// How often a waiting node looks for its job's `done.json`.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -237,8 +240,9 @@ impl Drop for Slot<'_> {
 }
 
 impl Executor for SlurmExecutor {
-    /// Cancels jobs an earlier driver of this workspace left behind (killed before it could):
-    /// their nodes are submitted again, never run twice at once.
+    /// Cancels jobs an earlier driver of this workspace left behind (killed before it could) and
+    /// waits for them to end: their nodes are submitted again, never run twice at once, and
+    /// nothing they were writing changes after the run starts.
     fn begin(&self, _: &Store) -> std::result::Result<(), String> {
         let listed = self.list().map_err(|e| format!("squeue: {e}"))?;
         let mut stale: Vec<String> = listed.unwrap_or_default().into_keys().collect();
@@ -250,6 +254,25 @@ impl Executor for SlurmExecutor {
                 stale.join(" ")
             );
             cancel(&stale.iter().map(String::as_str).collect::<Vec<_>>());
+            // scancel only asks: this run clears what those jobs left half-written once none of
+            // them can write any more.
+            let start = Instant::now();
+            loop {
+                let alive = |q: &HashMap<String, (String, String)>| {
+                    stale.iter().filter(|id| q.get(*id).is_some_and(|s| !ENDED.contains(&s.0.as_str()))).count()
+                };
+                match self.list().map_err(|e| format!("squeue: {e}"))? {
+                    Some(q) if alive(&q) == 0 => break,
+                    _ if start.elapsed() > CANCEL_WAIT => {
+                        return Err(format!(
+                            "the cancelled Slurm job(s) {} have not ended after {} s; run again once squeue no longer lists them",
+                            stale.join(" "),
+                            CANCEL_WAIT.as_secs()
+                        ));
+                    }
+                    _ => std::thread::sleep(TICK * 5),
+                }
+            }
         }
         Ok(())
     }

@@ -168,7 +168,14 @@ impl PackFeatures {
         for (file, (item, _)) in files.iter().zip(&metas) {
             let name = format!("{}.bin", file.slide);
             for (from, to) in [(FEATURES_FILE, feat_dir.join(&name)), (COORDS_FILE, coord_dir.join(&name))] {
-                std::fs::hard_link(item.join(from), &to).map_err(|e| Error::io(&to, e))?;
+                let source = item.join(from);
+                std::fs::hard_link(&source, &to).map_err(|e| {
+                    if source.exists() {
+                        return Error::io(&to, e);
+                    }
+                    let message = format!("missing; remove {} to pack the slide again", item.display());
+                    Error::BadFile { path: source.clone(), message }
+                })?;
             }
         }
         let offsets = metas.iter().scan(0i64, |row, (_, m)| {
