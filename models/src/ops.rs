@@ -62,7 +62,30 @@ impl Batch {
 /// product's width is padded with zero rows to a multiple of 8 floats: rows of an odd width
 /// (769) made it a third slower.
 pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]) -> [Tensor; N] {
+    let (weight, bias, sizes) = stacked(&layers);
+    split(h.linear(&weight, Some(bias)), &sizes)
+}
+
+/// [`joint_linear`] of `inner`'s output `g = h·Vᵀ + c`, without forming `g`: the stacked layers
+/// are multiplied into `inner` once per call (`W·(V·h + c) + b = (W·V)·h + (W·c + b)`), so when
+/// `inner` widens (HMIL's 256 → D) each instance costs one product of `h`'s width instead of
+/// two of `g`'s, forward and backward. Equal to applying the layers to `g` up to rounding.
+pub fn joint_linear_through<const N: usize>(
+    h: &Tensor,
+    inner: &nn::Linear,
+    layers: [(&nn::Linear, bool); N],
+) -> [Tensor; N] {
+    let (weight, bias, sizes) = stacked(&layers);
+    let inner_bias = inner.bs.as_ref().expect("a layer with a bias");
+    let folded_bias = weight.matmul(inner_bias) + bias;
+    split(h.linear(&weight.matmul(&inner.ws), Some(folded_bias)), &sizes)
+}
+
+/// The weights and biases of `layers` stacked (zero rows padding the width to a multiple of 8)
+/// and each layer's rows.
+fn stacked<const N: usize>(layers: &[(&nn::Linear, bool); N]) -> (Tensor, Tensor, Vec<i64>) {
     let options = (layers[0].0.ws.kind(), layers[0].0.ws.device());
+    let inputs = layers[0].0.ws.size()[1];
     let mut sizes: Vec<i64> = layers.iter().map(|(l, _)| l.ws.size()[0]).collect();
     let width: i64 = sizes.iter().sum();
     let pad = (8 - width % 8) % 8;
@@ -76,11 +99,16 @@ pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]
         })
         .collect();
     if pad > 0 {
-        weights.push(Tensor::zeros([pad, h.size()[1]], options));
+        weights.push(Tensor::zeros([pad, inputs], options));
         biases.push(Tensor::zeros([pad], options));
         sizes.push(pad);
     }
-    let mut parts = h.linear(&Tensor::cat(&weights, 0), Some(Tensor::cat(&biases, 0))).split_with_sizes(&sizes, 1);
+    (Tensor::cat(&weights, 0), Tensor::cat(&biases, 0), sizes)
+}
+
+/// The columns of `joint` (T × Σ sizes) as the first `N` parts of `sizes`.
+fn split<const N: usize>(joint: Tensor, sizes: &[i64]) -> [Tensor; N] {
+    let mut parts = joint.split_with_sizes(sizes, 1);
     parts.truncate(N);
     parts.try_into().expect("one part per layer")
 }
@@ -171,6 +199,42 @@ mod tests {
         let total = a.sum_dim_intlist([0].as_slice(), false, Kind::Double);
         let err = (total - 1.0).abs().max().double_value(&[]);
         assert!(err < 1e-5, "a bag's attention sums to 1 ± {err}");
+    }
+
+    #[test]
+    fn layers_folded_through_an_inner_layer_give_its_outputs_and_gradients() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let p = vs.root();
+        let config = || nn::LinearConfig { bs_init: Some(nn::Init::Uniform { lo: -1.0, up: 1.0 }), ..linear_config() };
+        let inner = nn::linear(&p / "inner", 6, 20, config());
+        let (a, b) = (nn::linear(&p / "a", 20, 5, config()), nn::linear(&p / "b", 20, 2, config()));
+        let h = Tensor::randn([9, 6], (Kind::Float, Device::Cpu));
+        let outputs = |folded: bool| {
+            let layers = [(&a, true), (&b, false)];
+            let [ya, yb] = if folded {
+                joint_linear_through(&h, &inner, layers)
+            } else {
+                joint_linear(&inner.forward(&h), layers)
+            };
+            assert_eq!((ya.size(), yb.size()), (vec![9, 5], vec![9, 2]));
+            for mut v in vs.trainable_variables() {
+                v.zero_grad();
+            }
+            (ya.sin().sum(Kind::Float) + yb.cos().sum(Kind::Float)).backward();
+            let grad = |t: &Tensor| if t.grad().defined() { t.grad().copy() } else { t.zeros_like() };
+            let grads: Vec<Tensor> =
+                [&inner, &a, &b].iter().flat_map(|l| [grad(&l.ws), grad(l.bs.as_ref().unwrap())]).collect();
+            (ya.detach(), yb.detach(), grads)
+        };
+        let (plain, folded) = (outputs(false), outputs(true));
+        let close = |x: &Tensor, y: &Tensor| (x - y).abs().max().double_value(&[]) < 1e-5;
+        assert!(close(&plain.0, &folded.0) && close(&plain.1, &folded.1), "outputs differ");
+        for (i, (x, y)) in plain.2.iter().zip(&folded.2).enumerate() {
+            assert!(close(x, y), "gradient {i} differs: {x:?} vs {y:?}");
+        }
+        // The unbiased layer's bias has no gradient in either.
+        assert_eq!(plain.2[5].abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]

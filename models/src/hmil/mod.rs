@@ -3,14 +3,19 @@
 //! logits are attention-weighted sums of per-instance classifier scores (equal to the classifier
 //! applied to the class-wise bag embeddings, without materialising them). The layers that read
 //! the same instance features run as one matrix product, so the backward pass computes that
-//! input's gradient once instead of summing one per layer.
+//! input's gradient once instead of summing one per layer; and since the feature extractor's
+//! second layer (256 → D) feeds only those layers, it is folded into that product: the
+//! extracted features are never formed, and an instance costs about a third of the products.
 
 pub mod loss;
 
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
-use crate::ops::{Batch, GatedAttention, group_matrix, joint_linear, linear_config, segment_softmax, segment_sum};
+use crate::ops::{
+    Batch, GatedAttention, group_matrix, joint_linear, joint_linear_through, linear_config, segment_softmax,
+    segment_sum,
+};
 use crate::{Config, Dims, MilModel, Output, PerBag, Schedule, Targets, Terms};
 
 /// Hidden sizes fixed by the published model.
@@ -67,12 +72,14 @@ impl Hmil {
     /// One pass over a batch of bags, keeping what the contrastive loss needs.
     pub fn forward_parts(&self, batch: &Batch, train: bool) -> Forward {
         let (seg, bags) = (&batch.seg, batch.bags());
-        let h1 = self.fe2.forward(&self.fe0.forward(&batch.x).relu());
-        // classifier(A·h) = A·(classifier h): each instance's classifier score (without the bias,
-        // added once per bag) is weighted by its attention.
+        // h1 = fe2(relu(fe0 x)) is read only by linear layers, which are folded into fe2: h1
+        // (T × D) is never formed. classifier(A·h) = A·(classifier h): each instance's
+        // classifier score (without the bias, added once per bag) is weighted by its attention.
+        let hidden = self.fe0.forward(&batch.x).relu();
         let coarse = &self.coarse_attention;
-        let [h2, a, b, s1] = joint_linear(
-            &h1,
+        let [h2, a, b, s1] = joint_linear_through(
+            &hidden,
+            &self.fe2,
             [(&self.reducer, true), (&coarse.a, true), (&coarse.b, true), (&self.coarse_classifier, false)],
         );
         let a1 = segment_softmax(&coarse.scores(&a, &b, self.dropout, train), seg, bags);
