@@ -1,5 +1,6 @@
 //! `pack_features` through the engine: a repack after a slide is added parses only the new file,
-//! links the others' packed files, and writes what a pack from scratch writes.
+//! links the others' packed files, and writes what a pack from scratch writes; a packed slide
+//! that lost its rows is named, with what to remove.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,47 @@ fn a_repack_parses_only_new_files_and_equals_a_pack_from_scratch() {
         .map(|s| fs::metadata(full.join(format!("features/{s}.bin"))).unwrap().len())
         .collect();
     assert_eq!(sizes, [3 * 6 * 4, 5 * 6 * 4, 4 * 6 * 4, 2 * 6 * 4]);
+}
+
+#[test]
+fn a_packed_slide_missing_its_rows_is_named_with_the_folder_to_remove() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("feats");
+    fs::create_dir_all(&dir).unwrap();
+    slide(&dir, "s0.pt", 3, 0.5);
+    let store = Store::open(&tmp.path().join("ws")).unwrap();
+    pack(&dir, &store);
+    // The kept slide item loses its rows (as one cleared while a job still wrote it did).
+    let items = tmp.path().join("ws/items");
+    let rows = walk(&items).into_iter().find(|p| p.ends_with("features.bin")).expect("a packed slide item");
+    fs::remove_file(&rows).unwrap();
+    let item = rows.parent().unwrap().to_path_buf();
+
+    slide(&dir, "s1.pt", 2, 9.0);
+    let summary = pipeline::run(&dag(&dir), &store, &RunOptions::default()).unwrap();
+    let node = &summary.nodes[1];
+    assert_eq!(node.status, Status::Failed);
+    let said = node.reason.clone().unwrap_or_default();
+    let expected = format!("{}: missing; remove {} to pack the slide again", rows.display(), item.display());
+    assert!(said.contains(&expected), "{said}");
+    // Doing as it says packs both slides.
+    fs::remove_dir_all(&item).unwrap();
+    let (_, object) = pack(&dir, &store);
+    assert_eq!(fs::metadata(object.join("features/s0.bin")).unwrap().len(), 3 * 6 * 4);
+}
+
+/// Every file under `dir`, at any depth.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 /// Every file of a pack's outputs by path, with its bytes.
