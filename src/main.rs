@@ -556,8 +556,8 @@ fn bench(what: Bench) -> Result<()> {
             println!("step memory       {}", r.step_budget);
             if r.recomputed > 0.0 {
                 println!(
-                    "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer)",
-                    r.recomputed
+                    "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer), {:.2} from their first layer's kept outputs",
+                    r.recomputed, r.past_stem
                 );
             }
             let features = format!("the {:.2} GB of resident {store_dtype} features", gb(r.features_bytes));

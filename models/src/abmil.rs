@@ -44,9 +44,13 @@ impl Abmil {
 }
 
 impl MilModel for Abmil {
+    fn stem(&self) -> &nn::Linear {
+        &self.embed
+    }
+
     fn forward(&self, batch: &Batch, train: bool) -> Output {
         let (seg, bags) = (&batch.seg, batch.bags());
-        let h = self.embed.forward(&batch.x).relu().dropout(self.dropout, train);
+        let h = batch.stem(&self.embed).dropout(self.dropout, train);
         let [a, b] = joint_linear(&h, [(&self.attention.a, true), (&self.attention.b, true)]);
         let attention = segment_softmax(&self.attention.scores(&a, &b, self.dropout, train), seg, bags);
         let fine_logits = self.classifier.forward(&segment_sum(&(&h * &attention), seg, bags));

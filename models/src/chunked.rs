@@ -8,12 +8,15 @@
 //!
 //! Only one chunk's activations are alive at a time. The largest chunk keeps its graph from the
 //! first pass and is not run again, so a step costs the forward pass of the other chunks more
-//! than one pass. Before both passes over a chunk the random generator is seeded alike, so the
-//! second pass draws the dropout masks the first one saw.
+//! than one pass. Of that, the stem (the first layer, the largest product of every model) is
+//! computed once where memory allows: the first pass keeps the stem outputs of chunks up to a
+//! bound, and the second pass over such a chunk starts from them and back-propagates into the
+//! stem by its closed form. Before both passes over a chunk the random generator is seeded
+//! alike, so the second pass draws the dropout masks the first one saw.
 
 use std::ops::Range;
 
-use tch::Tensor;
+use tch::{Kind, Tensor, nn};
 
 use crate::{Batch, MilModel, PerBag, Schedule, Targets, Terms};
 
@@ -41,14 +44,45 @@ fn kept(runs: &[Range<usize>], lengths: &[i64]) -> usize {
     (0..runs.len()).rev().max_by_key(|&i| instances(i)).unwrap_or(0)
 }
 
-/// The instances a step over bags of `lengths` under `budget` runs forward twice: all but the
-/// kept run's, none when the step is one run.
-pub fn recomputed(lengths: &[i64], budget: i64) -> i64 {
+/// Which runs keep their stem outputs from the first pass: those but the `kept` one, in order,
+/// while their instances fit in `stem_cache`.
+fn stems_kept(runs: &[Range<usize>], lengths: &[i64], kept: usize, stem_cache: i64) -> Vec<bool> {
+    let mut room = stem_cache;
+    (0..runs.len())
+        .map(|i| {
+            let n = lengths[runs[i].clone()].iter().sum::<i64>();
+            let fits = i != kept && n <= room;
+            if fits {
+                room -= n;
+            }
+            fits
+        })
+        .collect()
+}
+
+/// What a step's second pass runs again, in instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recomputed {
+    /// Instances run forward twice: all but the kept run's, none when the step is one run.
+    pub instances: i64,
+    /// Of those, the ones whose second pass starts from their kept stem outputs.
+    pub past_stem: i64,
+}
+
+/// What a step over bags of `lengths` under `budget`, keeping up to `stem_cache` stem outputs,
+/// runs forward twice.
+pub fn recomputed(lengths: &[i64], budget: i64, stem_cache: i64) -> Recomputed {
     let runs = plan(lengths, budget);
     if runs.len() < 2 {
-        return 0;
+        return Recomputed::default();
     }
-    lengths.iter().sum::<i64>() - lengths[runs[kept(&runs, lengths)].clone()].iter().sum::<i64>()
+    let largest = kept(&runs, lengths);
+    let size = |i: usize| lengths[runs[i].clone()].iter().sum::<i64>();
+    let stems = stems_kept(&runs, lengths, largest, stem_cache);
+    Recomputed {
+        instances: lengths.iter().sum::<i64>() - size(largest),
+        past_stem: (0..runs.len()).filter(|&i| stems[i]).map(size).sum(),
+    }
 }
 
 /// How a step runs: its chunks of bags and what they are made of.
@@ -63,32 +97,50 @@ pub struct Chunks<'a> {
     pub bf16: bool,
     /// Seeds the random generator before each pass over run `i` with `seed + i` (several runs only).
     pub seed: i64,
+    /// Instances whose stem outputs a step may keep from the first pass to the second.
+    pub stem_cache: i64,
 }
 
 /// One training step: back-propagates the batch's loss into the model's variables (whose
 /// gradients the caller zeroes before and applies after) and returns the bags' rows (without a
 /// graph) and the loss terms. With one run this is a plain forward and backward pass.
 pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: Schedule) -> (PerBag, Terms) {
-    let forward = |run: Range<usize>| tch::autocast(chunks.bf16, || model.per_bag(&(chunks.batch)(run), schedule));
+    let forward = |batch: &Batch| tch::autocast(chunks.bf16, || model.per_bag(batch, schedule));
     let runs = plan(chunks.lengths, chunks.budget);
     if let [run] = runs.as_slice() {
-        let rows = forward(run.clone());
+        let rows = forward(&(chunks.batch)(run.clone()));
         let terms = tch::autocast(chunks.bf16, || model.loss(&rows, targets, schedule));
         terms.total.backward();
         return (detached(&rows), terms);
     }
     // 1. The rows of every run, without a graph but for the largest run's (the first of equals),
-    //    which is kept so that it need not run again.
-    let seeded = |i: usize| {
+    //    which is kept so that it need not run again; and the stem outputs of the other runs, in
+    //    order, while they fit in the cache.
+    let seeded = |i: usize, batch: &Batch| {
         tch::manual_seed(chunks.seed + i as i64);
-        forward(runs[i].clone())
+        forward(batch)
     };
     let largest = kept(&runs, chunks.lengths);
-    let mut parts: Vec<Option<PerBag>> = {
+    let keep_stem = stems_kept(&runs, chunks.lengths, largest, chunks.stem_cache);
+    let mut stems: Vec<Option<Tensor>> = runs.iter().map(|_| None).collect();
+    let mut parts: Vec<Option<PerBag>> = Vec::with_capacity(runs.len());
+    {
         let _no_graph = tch::no_grad_guard();
-        (0..runs.len()).map(|i| (i != largest).then(|| seeded(i))).collect()
-    };
-    let kept = seeded(largest);
+        for (i, run) in runs.iter().enumerate() {
+            if i == largest {
+                parts.push(None);
+                continue;
+            }
+            let mut batch = (chunks.batch)(run.clone());
+            if keep_stem[i] {
+                let h = tch::autocast(chunks.bf16, || batch.stem(model.stem()));
+                stems[i] = Some(h.shallow_clone());
+                batch = batch.with_stem(h);
+            }
+            parts.push(Some(seeded(i, &batch)));
+        }
+    }
+    let kept = seeded(largest, &(chunks.batch)(runs[largest].clone()));
     parts[largest] = Some(detached(&kept));
     let parts: Vec<PerBag> = parts.into_iter().map(|p| p.expect("every run's rows")).collect();
     let leaves: Vec<Tensor> = PerBag::cat(&parts).tensors().into_iter().map(|t| t.set_requires_grad(true)).collect();
@@ -99,14 +151,15 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
     terms.total.backward();
     let grads: Vec<Option<Tensor>> = leaves.iter().map(|l| Some(l.grad()).filter(Tensor::defined)).collect();
     // 3. Each run's rows back-propagate their share of those gradients: the largest run's
-    //    through the graph kept, the others' through a second pass with a graph.
+    //    through the graph kept, the others' through a second pass with a graph, from their
+    //    stem outputs where those were kept.
     let back = |part: PerBag, run: &Range<usize>| {
         let (start, len) = (run.start as i64, run.len() as i64);
         let surrogate = part
             .tensors()
             .into_iter()
             .zip(&grads)
-            .filter_map(|(t, g)| g.as_ref().map(|g| (t * g.narrow(0, start, len)).sum(tch::Kind::Float)))
+            .filter_map(|(t, g)| g.as_ref().map(|g| (t * g.narrow(0, start, len)).sum(Kind::Float)))
             .reduce(|a, b| a + b);
         if let Some(s) = surrogate {
             s.backward();
@@ -114,9 +167,38 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
     };
     back(kept, &runs[largest]);
     for i in (0..runs.len()).filter(|&i| i != largest) {
-        back(seeded(i), &runs[i]);
+        let batch = (chunks.batch)(runs[i].clone());
+        match stems[i].take() {
+            None => back(seeded(i, &batch), &runs[i]),
+            Some(h) => {
+                let x = batch.x.shallow_clone();
+                let leaf = h.shallow_clone().set_requires_grad(true);
+                back(seeded(i, &batch.with_stem(leaf.shallow_clone())), &runs[i]);
+                let grad = leaf.grad();
+                if grad.defined() {
+                    stem_backward(model.stem(), &x, &h, &grad, chunks.bf16);
+                }
+            }
+        }
     }
     (detached(&rows), detach_terms(terms))
+}
+
+/// Back-propagates `grad`, the gradient at the stem output `h = relu(layer x)`, into the
+/// layer's variables as its own backward pass would: `(grad ⊙ [h > 0])ᵀ x` and the column sums,
+/// through a surrogate whose gradients they are.
+fn stem_backward(layer: &nn::Linear, x: &Tensor, h: &Tensor, grad: &Tensor, bf16: bool) {
+    let (dw, db) = {
+        let _no_graph = tch::no_grad_guard();
+        let g = grad.masked_fill(&h.le(0.0), 0.0);
+        let dw = tch::autocast(bf16, || g.tr().matmul(x));
+        (dw.to_kind(layer.ws.kind()), g.sum_dim_intlist([0].as_slice(), false, layer.ws.kind()))
+    };
+    let weight = (&layer.ws * dw).sum(Kind::Float);
+    match &layer.bs {
+        Some(b) => (weight + (b * db).sum(Kind::Float)).backward(),
+        None => weight.backward(),
+    }
 }
 
 fn detached(rows: &PerBag) -> PerBag {
@@ -143,9 +225,13 @@ mod tests {
     #[test]
     fn runs_fill_the_budget_a_large_bag_runs_alone_and_the_largest_keeps_its_graph() {
         assert_eq!(plan(&[3, 4, 2, 9, 1, 1], 7), vec![0..2, 2..3, 3..4, 4..6]);
-        // The 9-instance bag keeps its graph; the other 11 instances run forward twice.
-        assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7), 11);
-        assert_eq!(recomputed(&[3, 4, 2], 9), 0);
+        // The 9-instance bag keeps its graph; the other 11 instances run forward twice, the
+        // first 7 (not the next 2, nor the last 2) from their stem outputs when 8 of those may
+        // be kept, and the next 2 as well when 10 may.
+        assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7, 0), Recomputed { instances: 11, past_stem: 0 });
+        assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7, 8), Recomputed { instances: 11, past_stem: 7 });
+        assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7, 10), Recomputed { instances: 11, past_stem: 9 });
+        assert_eq!(recomputed(&[3, 4, 2], 9, 10), Recomputed::default());
         // Of equal runs the first keeps its graph.
         assert_eq!(kept(&plan(&[2, 1, 1, 2], 2), &[2, 1, 1, 2]), 0);
         assert_eq!(plan(&[3, 4], 100), vec![0..2]);
@@ -153,9 +239,16 @@ mod tests {
     }
 
     /// Every variable of a model after one SGD step over a batch of seven bags, run in runs of
-    /// at most `budget` instances; by [`step`], or by the `reference`: every run forward with a
-    /// graph (seeded as `step` seeds it), their rows joined, and one backward pass.
-    fn after_one_step(model: ModelKind, dropout: f64, budget: i64, reference: bool) -> Vec<(String, Tensor)> {
+    /// at most `budget` instances; by [`step`] (keeping the stem outputs of up to `stem_cache`
+    /// instances), or by the `reference`: every run forward with a graph (seeded as `step` seeds
+    /// it), their rows joined, and one backward pass.
+    fn after_one_step(
+        model: ModelKind,
+        dropout: f64,
+        budget: i64,
+        stem_cache: i64,
+        reference: bool,
+    ) -> Vec<(String, Tensor)> {
         let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
         let config = Config {
             model,
@@ -187,7 +280,7 @@ mod tests {
         let coarse = Tensor::from_slice(&[0i64, 1, 1, 2, 0, 2, 0]);
         let targets = Targets { coarse: &coarse, fine: &fine, class_weights: None };
         let runs = plan(&lengths, budget);
-        let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: 99 };
+        let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: 99, stem_cache };
         let at = Schedule { epoch: 4, epochs: 10 };
         opt.zero_grad();
         if reference {
@@ -226,12 +319,19 @@ mod tests {
     #[test]
     fn chunked_steps_give_the_parameters_of_one_pass() {
         // Every model, and HMIL with every loss term on (the contrastive term couples the bags;
-        // alignment reads per-instance attention).
+        // alignment reads per-instance attention); with no stem output kept, those of the runs
+        // that fit in 16 instances, and all.
         for model in [ModelKind::Hmil, ModelKind::Abmil, ModelKind::Meanpool, ModelKind::Transmil] {
-            let whole = after_one_step(model, 0.0, 1000, false);
+            let whole = after_one_step(model, 0.0, 1000, 0, false);
             for budget in [1, 12, 20] {
-                let (diff, name) = max_difference(&whole, &after_one_step(model, 0.0, budget, false));
-                assert!(diff < 1e-6, "{}: runs of {budget} instances move {name} by {diff} more", model.name());
+                for cache in [0, 16, i64::MAX] {
+                    let (diff, name) = max_difference(&whole, &after_one_step(model, 0.0, budget, cache, false));
+                    assert!(
+                        diff < 1e-6,
+                        "{}: runs of {budget} instances, {cache} stems kept, move {name} by {diff} more",
+                        model.name()
+                    );
+                }
             }
         }
     }
@@ -240,14 +340,16 @@ mod tests {
     fn with_dropout_the_second_pass_sees_the_masks_of_the_first() {
         // Each run draws its own masks (so they depend on the runs); the step's gradient is that
         // of the masks its rows were computed with: one backward pass through the same runs.
-        for budget in [1, 12] {
-            let chunked = after_one_step(ModelKind::Hmil, 0.4, budget, false);
-            let (diff, name) = max_difference(&chunked, &after_one_step(ModelKind::Hmil, 0.4, budget, true));
-            assert!(diff < 1e-6, "runs of {budget}: {name} differs by {diff} from one pass with the same masks");
+        for model in [ModelKind::Hmil, ModelKind::Abmil] {
+            for (budget, cache) in [(1, 0), (12, 0), (12, i64::MAX)] {
+                let chunked = after_one_step(model, 0.4, budget, cache, false);
+                let (diff, name) = max_difference(&chunked, &after_one_step(model, 0.4, budget, 0, true));
+                assert!(diff < 1e-6, "runs of {budget}: {name} differs by {diff} from one pass with the same masks");
+            }
         }
         let (diff, _) = max_difference(
-            &after_one_step(ModelKind::Hmil, 0.4, 1, false),
-            &after_one_step(ModelKind::Hmil, 0.0, 1, false),
+            &after_one_step(ModelKind::Hmil, 0.4, 1, 0, false),
+            &after_one_step(ModelKind::Hmil, 0.0, 1, 0, false),
         );
         assert!(diff > 1e-3, "dropout is on");
     }

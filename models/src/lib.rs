@@ -120,6 +120,9 @@ pub struct Terms {
 
 /// A MIL network over bags of instance features.
 pub trait MilModel: Send {
+    /// The first layer, `relu(stem x)` of each instance alone, which every model begins with:
+    /// the rest of the model reads it as [`Batch::stem`] gives it.
+    fn stem(&self) -> &nn::Linear;
     /// Class logits and attention of every bag of `batch`; `train` turns dropout on.
     fn forward(&self, batch: &Batch, train: bool) -> Output;
     /// A training forward pass (dropout on), bag by bag; by default the logits alone.

@@ -36,9 +36,13 @@ impl MeanPool {
 }
 
 impl MilModel for MeanPool {
+    fn stem(&self) -> &nn::Linear {
+        &self.embed
+    }
+
     fn forward(&self, batch: &Batch, train: bool) -> Output {
         let (seg, bags) = (&batch.seg, batch.bags());
-        let h = self.embed.forward(&batch.x).relu().dropout(self.dropout, train);
+        let h = batch.stem(&self.embed).dropout(self.dropout, train);
         // Each instance weighs 1/n of its bag.
         let lengths = Tensor::from_slice(&batch.lengths).to_device(h.device()).to_kind(Kind::Float);
         let weight = lengths.index_select(0, seg).reciprocal().unsqueeze(1);

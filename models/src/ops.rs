@@ -40,6 +40,9 @@ pub struct Batch {
     pub seg: Tensor,
     /// Instances of each bag, in order.
     pub lengths: Vec<i64>,
+    /// The model's stem output on `x` (see [`MilModel::stem`](crate::MilModel::stem)) when it
+    /// was computed before, as a training step's second pass over a chunk reuses it.
+    pub stem: Option<Tensor>,
 }
 
 impl Batch {
@@ -48,7 +51,20 @@ impl Batch {
         let seg: Vec<i64> =
             lengths.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize)).collect();
         let seg = Tensor::from_slice(&seg).to(x.device());
-        Batch { x, seg, lengths }
+        Batch { x, seg, lengths, stem: None }
+    }
+
+    /// This batch with its stem output already computed.
+    pub fn with_stem(self, stem: Tensor) -> Batch {
+        Batch { stem: Some(stem), ..self }
+    }
+
+    /// `relu(layer x)`: the model's stem output, computed now unless the batch carries it.
+    pub fn stem(&self, layer: &nn::Linear) -> Tensor {
+        match &self.stem {
+            Some(h) => h.shallow_clone(),
+            None => layer.forward(&self.x).relu(),
+        }
     }
 
     /// Number of bags.

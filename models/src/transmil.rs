@@ -166,10 +166,10 @@ impl TransMil {
         }
     }
 
-    /// The fine logits of one bag (`x`: n × D).
-    fn bag(&self, x: &Tensor, train: bool) -> Tensor {
-        let n = x.size()[0];
-        let h = self.fc1.forward(x).relu().unsqueeze(0);
+    /// The fine logits of one bag from its stem output (`h`: n × 512).
+    fn bag(&self, h: &Tensor, train: bool) -> Tensor {
+        let n = h.size()[0];
+        let h = h.unsqueeze(0);
         // Fill the square by repeating the first instances, as published.
         let side = (n as f64).sqrt().ceil() as i64;
         let extra = side * side - n;
@@ -182,9 +182,13 @@ impl TransMil {
 }
 
 impl MilModel for TransMil {
+    fn stem(&self) -> &nn::Linear {
+        &self.fc1
+    }
+
     fn forward(&self, batch: &Batch, train: bool) -> Output {
-        let bags = batch.x.split_with_sizes(&batch.lengths, 0);
-        let fine_logits = Tensor::stack(&bags.iter().map(|x| self.bag(x, train)).collect::<Vec<_>>(), 0);
+        let bags = batch.stem(&self.fc1).split_with_sizes(&batch.lengths, 0);
+        let fine_logits = Tensor::stack(&bags.iter().map(|h| self.bag(h, train)).collect::<Vec<_>>(), 0);
         Output {
             coarse_logits: coarse_from_fine(&fine_logits, &self.groups),
             fine_logits,

@@ -145,8 +145,9 @@ pub struct EpochReport {
     /// The instances a step ran at once, and why.
     pub step_budget: String,
     /// The share of the epochs' instances that ran forward twice (in chunks of a step but its
-    /// largest; see [`chunked::step`]).
+    /// largest; see [`chunked::step`]), and the share that did so from their kept stem outputs.
     pub recomputed: f64,
+    pub past_stem: f64,
 }
 
 /// The peak resident set size of this process so far, in bytes (0 where unknown).
@@ -241,6 +242,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
     }
     drop(block);
     let (budget, step_budget) = memory::step_budget(setup.max_instances_per_chunk, kind, dim, device);
+    let budget = budget.unwrap_or(i64::MAX);
     let fine: Vec<i64> = (0..slides).map(|i| (i % 7) as i64).collect();
     let f2c = [0usize, 0, 0, 1, 1, 2, 2];
     let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
@@ -251,7 +253,8 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
     let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
     let mut epoch_s = Vec::new();
     let mut gflops = Vec::new();
-    let mut recomputed = 0;
+    let stem_cache = memory::stem_cache(budget, kind, dim, model.stem().ws.size()[0]);
+    let mut recomputed = chunked::Recomputed::default();
     for e in 0..epochs {
         gflops.push(matmul_throughput(dim, device));
         let start = Instant::now();
@@ -270,14 +273,10 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
             let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
-            recomputed += chunked::recomputed(&lengths, budget.unwrap_or(i64::MAX));
-            let chunks = Chunks {
-                lengths: &lengths,
-                budget: budget.unwrap_or(i64::MAX),
-                batch: &batch,
-                bf16: false,
-                seed: b as i64,
-            };
+            let twice = chunked::recomputed(&lengths, budget, stem_cache);
+            recomputed.instances += twice.instances;
+            recomputed.past_stem += twice.past_stem;
+            let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: b as i64, stem_cache };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
                 Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
@@ -315,7 +314,8 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
         features_bytes: (total * dim * if setup.half { 2 } else { 4 }) as u64,
         peak_rss_bytes: peak_rss_bytes(),
         step_budget,
-        recomputed: recomputed as f64 / (total * epochs as i64).max(1) as f64,
+        recomputed: recomputed.instances as f64 / (total * epochs as i64).max(1) as f64,
+        past_stem: recomputed.past_stem as f64 / (total * epochs as i64).max(1) as f64,
     })
 }
 

@@ -9,7 +9,7 @@
 
 pub mod loss;
 
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Tensor};
 
 use crate::ops::{
@@ -75,7 +75,7 @@ impl Hmil {
         // h1 = fe2(relu(fe0 x)) is read only by linear layers, which are folded into fe2: h1
         // (T × D) is never formed. classifier(A·h) = A·(classifier h): each instance's
         // classifier score (without the bias, added once per bag) is weighted by its attention.
-        let hidden = self.fe0.forward(&batch.x).relu();
+        let hidden = batch.stem(&self.fe0);
         let coarse = &self.coarse_attention;
         let [h2, a, b, s1] = joint_linear_through(
             &hidden,
@@ -99,6 +99,10 @@ impl Hmil {
 }
 
 impl MilModel for Hmil {
+    fn stem(&self) -> &nn::Linear {
+        &self.fe0
+    }
+
     fn forward(&self, batch: &Batch, train: bool) -> Output {
         self.forward_parts(batch, train).out
     }

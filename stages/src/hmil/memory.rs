@@ -85,3 +85,10 @@ pub fn step_budget(setting: Option<u64>, model: ModelKind, dim: i64, device: Dev
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     (Some(n), format!("{n} instances ≈ {:.1} GiB of {:.1} GiB free", gib(n as u64 * per), gib(free)))
 }
+
+/// The instances whose stem outputs (`width` floats each) a step over chunks of `budget`
+/// instances may keep between its two passes: as many as fit in the memory one chunk's
+/// activations take, so that a step holds at most twice that (see [`models::chunked`]).
+pub fn stem_cache(budget: i64, model: ModelKind, dim: i64, width: i64) -> i64 {
+    budget.saturating_mul(step_bytes_per_instance(model, dim) as i64) / (4 * width.max(1))
+}
