@@ -69,6 +69,15 @@ pub struct Recomputed {
     pub past_stem: i64,
 }
 
+impl std::iter::Sum for Recomputed {
+    fn sum<I: Iterator<Item = Recomputed>>(steps: I) -> Recomputed {
+        steps.fold(Recomputed::default(), |a, b| Recomputed {
+            instances: a.instances + b.instances,
+            past_stem: a.past_stem + b.past_stem,
+        })
+    }
+}
+
 /// What a step over bags of `lengths` under `budget`, keeping up to `stem_cache` stem outputs,
 /// runs forward twice.
 pub fn recomputed(lengths: &[i64], budget: i64, stem_cache: i64) -> Recomputed {
@@ -232,6 +241,8 @@ mod tests {
         assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7, 8), Recomputed { instances: 11, past_stem: 7 });
         assert_eq!(recomputed(&[3, 4, 2, 9, 1, 1], 7, 10), Recomputed { instances: 11, past_stem: 9 });
         assert_eq!(recomputed(&[3, 4, 2], 9, 10), Recomputed::default());
+        let steps = [recomputed(&[3, 4, 2, 9, 1, 1], 7, 8), recomputed(&[3, 4, 2, 9, 1, 1], 7, 10)];
+        assert_eq!(steps.into_iter().sum::<Recomputed>(), Recomputed { instances: 22, past_stem: 16 });
         // Of equal runs the first keeps its graph.
         assert_eq!(kept(&plan(&[2, 1, 1, 2], 2), &[2, 1, 1, 2]), 0);
         assert_eq!(plan(&[3, 4], 100), vec![0..2]);

@@ -254,7 +254,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
     let mut epoch_s = Vec::new();
     let mut gflops = Vec::new();
     let stem_cache = memory::stem_cache(budget, kind, dim, model.stem().ws.size()[0]);
-    let mut recomputed = chunked::Recomputed::default();
+    let mut recomputed = Vec::new();
     for e in 0..epochs {
         gflops.push(matmul_throughput(dim, device));
         let start = Instant::now();
@@ -273,9 +273,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
             let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
-            let twice = chunked::recomputed(&lengths, budget, stem_cache);
-            recomputed.instances += twice.instances;
-            recomputed.past_stem += twice.past_stem;
+            recomputed.push(chunked::recomputed(&lengths, budget, stem_cache));
             let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: b as i64, stem_cache };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
@@ -291,6 +289,7 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
         }
         epoch_s.push(start.elapsed().as_secs_f64());
     }
+    let recomputed: chunked::Recomputed = recomputed.into_iter().sum();
     let (first, rest) = macs_per_instance(kind, dim as f64, 3.0, 7.0);
     // Training FLOPs: forward and backward (the first layer's input needs no gradient).
     let flops: f64 = lens

@@ -458,12 +458,10 @@ impl TrainFold {
         let stem_cache = memory::stem_cache(budget, self.config.model, dim, stem.ws.size()[0]);
         let mut lengths: Vec<i64> = train.iter().map(|b| b.len).collect();
         // Of mini-batches as the bags come (an epoch's shuffle changes it little).
-        let twice = lengths
-            .chunks(self.config.batch_size.max(1))
-            .map(|b| chunked::recomputed(b, budget, stem_cache))
-            .fold((0, 0), |(n, s), r| (n + r.instances, s + r.past_stem));
+        let twice: chunked::Recomputed =
+            lengths.chunks(self.config.batch_size.max(1)).map(|b| chunked::recomputed(b, budget, stem_cache)).sum();
         let total = lengths.iter().sum::<i64>().max(1) as f64;
-        let (share, past_stem) = (twice.0 as f64 / total, twice.1 as f64 / total);
+        let (share, past_stem) = (twice.instances as f64 / total, twice.past_stem as f64 / total);
         lengths.sort_unstable_by(|a, b| b.cmp(a));
         let largest: i64 = lengths.iter().take(self.config.batch_size).sum();
         if largest > budget {
