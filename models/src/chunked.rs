@@ -181,9 +181,9 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
             None => back(seeded(i, &batch), &runs[i]),
             Some(h) => {
                 let x = batch.x.shallow_clone();
-                let leaf = h.shallow_clone().set_requires_grad(true);
-                back(seeded(i, &batch.with_stem(leaf.shallow_clone())), &runs[i]);
-                let grad = leaf.grad();
+                let h = h.set_requires_grad(true);
+                back(seeded(i, &batch.with_stem(h.shallow_clone())), &runs[i]);
+                let grad = h.grad();
                 if grad.defined() {
                     stem_backward(model.stem(), &x, &h, &grad, chunks.bf16);
                 }
