@@ -199,7 +199,8 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
 fn stem_backward(layer: &nn::Linear, x: &Tensor, h: &Tensor, grad: &Tensor, bf16: bool) {
     let (dw, db) = {
         let _no_graph = tch::no_grad_guard();
-        let g = grad.masked_fill(&h.le(0.0), 0.0);
+        // relu's own backward: one pass, no mask tensor.
+        let g = h.threshold_backward(grad, 0.0);
         let dw = tch::autocast(bf16, || g.tr().matmul(x));
         (dw.to_kind(layer.ws.kind()), g.sum_dim_intlist([0].as_slice(), false, layer.ws.kind()))
     };
