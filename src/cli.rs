@@ -329,10 +329,10 @@ pub enum Bench {
     /// Time training epochs on synthetic bags resident on the device, beside the matmul floor,
     /// and report the peak RSS beside the size of the features.
     Epoch {
-        #[arg(long, default_value_t = 545)]
+        #[arg(long, default_value_t = stages::bench::PRESET_SLIDES)]
         slides: usize,
         /// Median instances per slide.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = stages::bench::PRESET_INSTANCES)]
         instances: usize,
         #[arg(long, default_value_t = 1024)]
         dim: i64,
@@ -358,6 +358,11 @@ pub enum Bench {
         /// How the resident features are held: f32, or f16 as a packed f16 store holds them.
         #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
         store_dtype: String,
+        /// Alternate each epoch with one of the preset (545 slides of about 1,000 instances,
+        /// f32, with the same network and settings), both resident, and compare their times per
+        /// instance pair by pair: the machine's drift falls on both alike.
+        #[arg(long)]
+        against_preset: bool,
     },
 }
 

@@ -517,6 +517,7 @@ fn bench(what: Bench) -> Result<()> {
             model,
             max_instances_per_chunk,
             store_dtype,
+            against_preset,
         } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t as i32);
@@ -533,35 +534,34 @@ fn bench(what: Bench) -> Result<()> {
                 max_instances_per_chunk,
                 half: store_dtype == "f16",
             };
-            let r = stages::bench::epoch(&setup)?;
-            println!(
-                "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",
-                r.model.name(),
-                r.slides,
-                r.instances,
-                r.dim,
-                if epochs == 1 { "1 epoch".into() } else { format!("{epochs} epochs") },
-                r.device,
-                r.threads
-            );
-            let (low, high) = r.matmul_gflops;
-            println!(
-                "training FLOPs per instance {:.2} M; fp32 matmul {low:.1}–{high:.1} GFLOP/s between epochs",
-                r.flops_per_instance / 1e6,
-            );
-            println!("matmul floor      {:>8.2}s per epoch", r.floor_s);
-            for (i, s) in r.epoch_s.iter().enumerate() {
-                println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
+            if !against_preset {
+                let r = stages::bench::epoch(&setup)?;
+                print_epochs(&r);
+                let features = format!("the {:.2} GB of resident {store_dtype} features", gb(r.features_bytes));
+                print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
+                return Ok(());
             }
-            println!("step memory       {}", r.step_budget);
-            if r.recomputed > 0.0 {
-                println!(
-                    "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer), {:.2} from their first layer's kept outputs",
-                    r.recomputed, r.past_stem
-                );
-            }
-            let features = format!("the {:.2} GB of resident {store_dtype} features", gb(r.features_bytes));
-            print_peak_rss(r.peak_rss_bytes, r.features_bytes, &features);
+            let (r, preset) = stages::bench::epoch_against(&setup, &setup.preset())?;
+            print!("preset: ");
+            print_epochs(&preset);
+            print_epochs(&r);
+            let c = stages::bench::Against::of(&r, &preset);
+            let pairs: Vec<String> = c.ratios.iter().map(|x| format!("{x:.2}x")).collect();
+            println!("per instance, epoch by epoch against the preset's: {}", pairs.join(" "));
+            println!(
+                "against the preset  {:.2}x per instance: the median of {} pair(s){} ({:.2}–{:.2}x)",
+                c.median,
+                c.counted,
+                if c.counted < c.ratios.len() { " past the first, which faults in the heap" } else { "" },
+                c.range.0,
+                c.range.1
+            );
+            let features = format!(
+                "the {:.2} GB of resident {store_dtype} features and the preset's {:.2} GB of f32",
+                gb(r.features_bytes),
+                gb(preset.features_bytes)
+            );
+            print_peak_rss(r.peak_rss_bytes, r.features_bytes + preset.features_bytes, &features);
         }
     }
     Ok(())
@@ -622,6 +622,37 @@ fn bench_extract(
 /// `bytes` in GB (10^9).
 fn gb(bytes: u64) -> f64 {
     bytes as f64 / 1e9
+}
+
+/// What `bench epoch` measured of one setup, but the peak RSS.
+fn print_epochs(r: &stages::bench::EpochReport) {
+    let epochs = r.epoch_s.len();
+    println!(
+        "{}: {} slides, {} instances, dim {}, {} on {} ({} threads)",
+        r.model.name(),
+        r.slides,
+        r.instances,
+        r.dim,
+        if epochs == 1 { "1 epoch".into() } else { format!("{epochs} epochs") },
+        r.device,
+        r.threads
+    );
+    let (low, high) = r.matmul_gflops;
+    println!(
+        "training FLOPs per instance {:.2} M; fp32 matmul {low:.1}–{high:.1} GFLOP/s between epochs",
+        r.flops_per_instance / 1e6,
+    );
+    println!("matmul floor      {:>8.2}s per epoch", r.floor_s);
+    for (i, s) in r.epoch_s.iter().enumerate() {
+        println!("epoch {i}           {s:>8.2}s  ({:.2}x the floor)", s / r.floor_s);
+    }
+    println!("step memory       {}", r.step_budget);
+    if r.recomputed > 0.0 {
+        println!(
+            "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer), {:.2} from their first layer's kept outputs",
+            r.recomputed, r.past_stem
+        );
+    }
 }
 
 /// The bench line of the peak RSS, as a multiple of `size` bytes (`what`).

@@ -221,45 +221,165 @@ pub struct EpochSetup {
     pub half: bool,
 }
 
+impl EpochSetup {
+    /// The 1,000-instance preset ([`PRESET_SLIDES`] slides of about [`PRESET_INSTANCES`]
+    /// instances, f32 features) with this setup's network, dimension, epochs, batch size, device
+    /// and step budget.
+    pub fn preset(&self) -> EpochSetup {
+        EpochSetup { slides: PRESET_SLIDES, instances: PRESET_INSTANCES, half: false, ..self.clone() }
+    }
+}
+
+/// Slides and median instances per slide of the preset `bench epoch` runs by default (BRACS's
+/// slide count at about 1,000 instances each).
+pub const PRESET_SLIDES: usize = 545;
+pub const PRESET_INSTANCES: usize = 1000;
+
 /// Times training epochs as `setup` says, with each step run as training runs it (in chunks of
 /// bags when a mini-batch has more instances than a step may hold).
 pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
-    let EpochSetup { model: kind, slides, instances, dim, epochs, batch_size, device, .. } = *setup;
-    let mut rng = Rng::new(1, 0);
-    let lens: Vec<i64> = (0..slides)
-        .map(|_| ((instances as f64).ln() + 0.5 * rng.normal() - 0.125).exp().round().max(8.0) as i64)
-        .collect();
-    let total: i64 = lens.iter().sum();
-    let store_kind = if setup.half { Kind::Half } else { Kind::Float };
-    // Drawn in blocks into one buffer, so that no second copy of the features is ever whole
-    // and the setup does not leave freed blocks in the heap for the peak RSS to count.
-    let x = Tensor::empty([total, dim], (store_kind, device));
-    let block = Tensor::empty([(1 << 16).min(total), dim], (Kind::Float, device));
-    for start in (0..total).step_by(1 << 16) {
-        let n = (total - start).min(1 << 16);
-        let mut drawn = block.narrow(0, 0, n);
-        x.narrow(0, start, n).copy_(&drawn.normal_(0.0, 1.0).relu_());
-    }
-    drop(block);
-    let (budget, step_budget) = memory::step_budget(setup.max_instances_per_chunk, kind, dim, device);
-    let budget = budget.unwrap_or(i64::MAX);
-    let fine: Vec<i64> = (0..slides).map(|i| (i % 7) as i64).collect();
-    let f2c = [0usize, 0, 0, 1, 1, 2, 2];
-    let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
-    let classes = Classes { coarse: names(3), fine: names(7), fine_to_coarse: f2c.to_vec() };
-    let vs = nn::VarStore::new(device);
-    let model = build_model(&vs, &model_config(kind, &classes, dim), 1);
-    let mut opt = nn::Adam::default().build(&vs, 1e-4).map_err(|e| Error::Features(e.to_string()))?;
-    let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
-    let mut epoch_s = Vec::new();
+    let mut trainer = Trainer::new(setup)?;
     let mut gflops = Vec::new();
-    let stem_cache = memory::stem_cache(budget, kind, dim, model.stem().ws.size()[0]);
-    let mut recomputed = Vec::new();
-    for e in 0..epochs {
-        gflops.push(matmul_throughput(dim, device));
+    let mut epoch_s = Vec::new();
+    for _ in 0..setup.epochs {
+        gflops.push(matmul_throughput(setup.dim, setup.device));
+        epoch_s.push(trainer.epoch());
+    }
+    gflops.push(matmul_throughput(setup.dim, setup.device));
+    Ok(trainer.report(epoch_s, &gflops))
+}
+
+/// [`epoch`] of `setup` and of `preset` (its [`preset`](EpochSetup::preset)) at once, their epochs alternating (the preset's first):
+/// what the machine's speed does over the minutes both take falls on both alike, so that the
+/// time per instance of each pair of epochs compares them. Both sets of features are resident
+/// throughout; the peak RSS is that of both.
+pub fn epoch_against(setup: &EpochSetup, preset: &EpochSetup) -> Result<(EpochReport, EpochReport)> {
+    let mut trainers = [Trainer::new(preset)?, Trainer::new(setup)?];
+    let mut gflops = Vec::new();
+    let mut epoch_s = [Vec::new(), Vec::new()];
+    for _ in 0..setup.epochs.max(preset.epochs) {
+        gflops.push(matmul_throughput(setup.dim, setup.device));
+        for (trainer, times) in trainers.iter_mut().zip(&mut epoch_s) {
+            times.push(trainer.epoch());
+        }
+    }
+    gflops.push(matmul_throughput(setup.dim, setup.device));
+    let [preset_trainer, trainer] = trainers;
+    let [preset_s, setup_s] = epoch_s;
+    Ok((trainer.report(setup_s, &gflops), preset_trainer.report(preset_s, &gflops)))
+}
+
+/// A setup's epoch time per instance against its preset's, pair of epochs by pair.
+#[derive(Debug, PartialEq)]
+pub struct Against {
+    /// Of each pair, in order.
+    pub ratios: Vec<f64>,
+    /// The pairs the median and range are of: those past the first (whose epochs fault in
+    /// the heap), or the only one.
+    pub counted: usize,
+    pub median: f64,
+    pub range: (f64, f64),
+}
+
+impl Against {
+    /// The ratios of `setup`'s epochs to `preset`'s, each per instance, as
+    /// [`epoch_against`] measured them.
+    pub fn of(setup: &EpochReport, preset: &EpochReport) -> Against {
+        let per = |s: f64, n: i64| s / n.max(1) as f64;
+        let ratios: Vec<f64> = setup
+            .epoch_s
+            .iter()
+            .zip(&preset.epoch_s)
+            .map(|(&s, &p)| per(s, setup.instances) / per(p, preset.instances))
+            .collect();
+        let mut counted: Vec<f64> = ratios.iter().skip(usize::from(ratios.len() > 1)).copied().collect();
+        counted.sort_by(f64::total_cmp);
+        let n = counted.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => counted[n / 2],
+            _ => (counted[n / 2 - 1] + counted[n / 2]) / 2.0,
+        };
+        let range = (counted.first().copied().unwrap_or(f64::NAN), counted.last().copied().unwrap_or(f64::NAN));
+        Against { ratios, counted: n, median, range }
+    }
+}
+
+/// Synthetic bags resident on a device, a network and its optimiser: what [`epoch`] trains.
+struct Trainer {
+    setup: EpochSetup,
+    rng: Rng,
+    lens: Vec<i64>,
+    starts: Vec<i64>,
+    x: Tensor,
+    fine: Vec<i64>,
+    budget: i64,
+    step_budget: String,
+    stem_cache: i64,
+    /// Holds the variables `model` and `opt` use.
+    _vs: nn::VarStore,
+    model: Box<dyn models::MilModel>,
+    opt: nn::Optimizer,
+    recomputed: Vec<chunked::Recomputed>,
+    epochs_run: usize,
+}
+
+/// The fine class → coarse class map of the synthetic bags.
+const FINE_TO_COARSE: [usize; 7] = [0, 0, 0, 1, 1, 2, 2];
+
+impl Trainer {
+    fn new(setup: &EpochSetup) -> Result<Trainer> {
+        let EpochSetup { model: kind, slides, instances, dim, device, .. } = *setup;
+        let mut rng = Rng::new(1, 0);
+        let lens: Vec<i64> = (0..slides)
+            .map(|_| ((instances as f64).ln() + 0.5 * rng.normal() - 0.125).exp().round().max(8.0) as i64)
+            .collect();
+        let total: i64 = lens.iter().sum();
+        let store_kind = if setup.half { Kind::Half } else { Kind::Float };
+        // Drawn in blocks into one buffer, so that no second copy of the features is ever whole
+        // and the setup does not leave freed blocks in the heap for the peak RSS to count.
+        let x = Tensor::empty([total, dim], (store_kind, device));
+        let block = Tensor::empty([(1 << 16).min(total), dim], (Kind::Float, device));
+        for start in (0..total).step_by(1 << 16) {
+            let n = (total - start).min(1 << 16);
+            let mut drawn = block.narrow(0, 0, n);
+            x.narrow(0, start, n).copy_(&drawn.normal_(0.0, 1.0).relu_());
+        }
+        drop(block);
+        let (budget, step_budget) = memory::step_budget(setup.max_instances_per_chunk, kind, dim, device);
+        let budget = budget.unwrap_or(i64::MAX);
+        let names = |n: usize| (0..n).map(|i| i.to_string()).collect();
+        let classes = Classes { coarse: names(3), fine: names(7), fine_to_coarse: FINE_TO_COARSE.to_vec() };
+        let vs = nn::VarStore::new(device);
+        let model = build_model(&vs, &model_config(kind, &classes, dim), 1);
+        let opt = nn::Adam::default().build(&vs, 1e-4).map_err(|e| Error::Features(e.to_string()))?;
+        let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
+        let stem_cache = memory::stem_cache(budget, kind, dim, model.stem().ws.size()[0]);
+        Ok(Trainer {
+            setup: setup.clone(),
+            rng,
+            lens,
+            starts,
+            x,
+            fine: (0..slides).map(|i| (i % 7) as i64).collect(),
+            budget,
+            step_budget,
+            stem_cache,
+            _vs: vs,
+            model,
+            opt,
+            recomputed: Vec::new(),
+            epochs_run: 0,
+        })
+    }
+
+    /// Trains one epoch and returns its seconds.
+    fn epoch(&mut self) -> f64 {
+        let EpochSetup { slides, dim, epochs, batch_size, device, .. } = self.setup;
+        let (x, lens, starts, fine) = (&self.x, &self.lens, &self.starts, &self.fine);
         let start = Instant::now();
         let mut order: Vec<usize> = (0..slides).collect();
-        rng.shuffle(&mut order);
+        self.rng.shuffle(&mut order);
         for (b, chunk) in order.chunks(batch_size.max(1)).enumerate() {
             let batch = |run: std::ops::Range<usize>| {
                 let bags = &chunk[run];
@@ -273,49 +393,66 @@ pub fn epoch(setup: &EpochSetup) -> Result<EpochReport> {
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
             let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
-            recomputed.push(chunked::recomputed(&lengths, budget, stem_cache));
-            let chunks = Chunks { lengths: &lengths, budget, batch: &batch, bf16: false, seed: b as i64, stem_cache };
+            self.recomputed.push(chunked::recomputed(&lengths, self.budget, self.stem_cache));
+            let chunks = Chunks {
+                lengths: &lengths,
+                budget: self.budget,
+                batch: &batch,
+                bf16: false,
+                seed: b as i64,
+                stem_cache: self.stem_cache,
+            };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
-                Tensor::from_slice(&chunk.iter().map(|&i| f2c[fine[i] as usize] as i64).collect::<Vec<_>>()).to(device);
+                Tensor::from_slice(&chunk.iter().map(|&i| FINE_TO_COARSE[fine[i] as usize] as i64).collect::<Vec<_>>())
+                    .to(device);
             // Past the first epoch, so that HMIL's contrastive term is computed.
-            let at = Schedule { epoch: e + 1, epochs: epochs + 1 };
-            opt.zero_grad();
-            chunked::step(&*model, &chunks, &Targets { coarse: &y_c, fine: &y_f, class_weights: None }, at);
-            opt.step();
+            let at = Schedule { epoch: self.epochs_run + 1, epochs: epochs + 1 };
+            self.opt.zero_grad();
+            chunked::step(&*self.model, &chunks, &Targets { coarse: &y_c, fine: &y_f, class_weights: None }, at);
+            self.opt.step();
         }
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }
-        epoch_s.push(start.elapsed().as_secs_f64());
+        self.epochs_run += 1;
+        start.elapsed().as_secs_f64()
     }
-    let recomputed: chunked::Recomputed = recomputed.into_iter().sum();
-    let (first, rest) = macs_per_instance(kind, dim as f64, 3.0, 7.0);
-    // Training FLOPs: forward and backward (the first layer's input needs no gradient).
-    let flops: f64 = lens
-        .iter()
-        .map(|&n| 2.0 * (2.0 * first * n as f64 + 3.0 * (rest * tokens(kind, n) + macs_per_bag(kind))))
-        .sum();
-    let flops_per_instance = flops / total as f64;
-    gflops.push(matmul_throughput(dim, device));
-    let matmul_gflops = gflops.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
-    Ok(EpochReport {
-        model: kind,
-        slides,
-        instances: total,
-        dim,
-        threads: tch::get_num_threads() as usize,
-        device: format!("{device:?}"),
-        flops_per_instance,
-        matmul_gflops,
-        floor_s: flops_per_instance * total as f64 / (matmul_gflops.1 * 1e9),
-        epoch_s,
-        features_bytes: (total * dim * if setup.half { 2 } else { 4 }) as u64,
-        peak_rss_bytes: peak_rss_bytes(),
-        step_budget,
-        recomputed: recomputed.instances as f64 / (total * epochs as i64).max(1) as f64,
-        past_stem: recomputed.past_stem as f64 / (total * epochs as i64).max(1) as f64,
-    })
+
+    /// The report of the epochs run, which took `epoch_s`, with the matmul throughputs
+    /// `gflops` measured between them.
+    fn report(self, epoch_s: Vec<f64>, gflops: &[f64]) -> EpochReport {
+        let EpochSetup { model: kind, slides, dim, .. } = self.setup;
+        let total: i64 = self.lens.iter().sum();
+        let recomputed: chunked::Recomputed = self.recomputed.into_iter().sum();
+        let (first, rest) = macs_per_instance(kind, dim as f64, 3.0, 7.0);
+        // Training FLOPs: forward and backward (the first layer's input needs no gradient).
+        let flops: f64 = self
+            .lens
+            .iter()
+            .map(|&n| 2.0 * (2.0 * first * n as f64 + 3.0 * (rest * tokens(kind, n) + macs_per_bag(kind))))
+            .sum();
+        let flops_per_instance = flops / total as f64;
+        let matmul_gflops = gflops.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
+        let instance_epochs = (total * self.epochs_run as i64).max(1) as f64;
+        EpochReport {
+            model: kind,
+            slides,
+            instances: total,
+            dim,
+            threads: tch::get_num_threads() as usize,
+            device: format!("{:?}", self.setup.device),
+            flops_per_instance,
+            matmul_gflops,
+            floor_s: flops_per_instance * total as f64 / (matmul_gflops.1 * 1e9),
+            epoch_s,
+            features_bytes: (total * dim * if self.setup.half { 2 } else { 4 }) as u64,
+            peak_rss_bytes: peak_rss_bytes(),
+            step_budget: self.step_budget,
+            recomputed: recomputed.instances as f64 / instance_epochs,
+            past_stem: recomputed.past_stem as f64 / instance_epochs,
+        }
+    }
 }
 
 /// Best fp32 GFLOP/s of the model's dominant product (16384 instances × D by D × 256).
@@ -517,4 +654,59 @@ pub fn extract(
         encode_pps: rate(encode_s),
         whole_pps: rate(whole_s),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(slides: usize, instances: usize, half: bool) -> EpochSetup {
+        EpochSetup {
+            model: ModelKind::Hmil,
+            slides,
+            instances,
+            dim: 16,
+            epochs: 3,
+            batch_size: 4,
+            device: Device::Cpu,
+            max_instances_per_chunk: Some(60),
+            half,
+        }
+    }
+
+    #[test]
+    fn alternating_with_the_preset_trains_each_as_it_trains_alone() {
+        let (setup, preset) = (tiny(10, 40, true), tiny(12, 10, false));
+        let (r, p) = epoch_against(&setup, &preset).unwrap();
+        for (report, alone) in [(&r, epoch(&setup).unwrap()), (&p, epoch(&preset).unwrap())] {
+            assert_eq!(report.epoch_s.len(), 3);
+            assert_eq!((report.slides, report.instances), (alone.slides, alone.instances));
+            assert_eq!((report.recomputed, report.past_stem), (alone.recomputed, alone.past_stem));
+            assert_eq!(report.features_bytes, alone.features_bytes);
+        }
+        // Steps of bags of about 40 instances under a budget of 60 run in chunks; the preset's don't.
+        assert!(r.recomputed > 0.3 && p.recomputed == 0.0, "{} {}", r.recomputed, p.recomputed);
+        assert_eq!(r.features_bytes, r.instances as u64 * 16 * 2);
+    }
+
+    #[test]
+    fn against_the_preset_is_per_instance_and_leaves_out_the_first_pair() {
+        let report = |instances: i64, epoch_s: Vec<f64>| EpochReport {
+            instances,
+            epoch_s,
+            ..epoch(&tiny(2, 8, false)).unwrap()
+        };
+        let preset = report(100, vec![1.0, 1.0, 2.0, 1.0]);
+        let setup = report(300, vec![9.0, 3.3, 6.0, 3.6]);
+        let c = Against::of(&setup, &preset);
+        let expect = [3.0, 1.1, 1.0, 1.2];
+        assert!(c.ratios.iter().zip(expect).all(|(a, b)| (a - b).abs() < 1e-12), "{c:?}");
+        assert_eq!(c.counted, 3);
+        assert!((c.median - 1.1).abs() < 1e-12 && c.range == (1.0, 1.2), "{c:?}");
+        // An even count: the mean of the middle two; one pair: itself.
+        let c = Against::of(&report(300, vec![9.0, 3.3, 3.6]), &report(100, vec![1.0, 1.0, 1.0]));
+        assert!((c.median - 1.15).abs() < 1e-12, "{c:?}");
+        let c = Against::of(&report(300, vec![6.0]), &report(100, vec![1.0]));
+        assert_eq!((c.counted, c.median), (1, 2.0));
+    }
 }
