@@ -382,7 +382,7 @@ fn publish(
         dir_digests: Default::default(),
     };
     let names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
-    let manifest = env.store.publish(&work.staging, manifest, &names)?;
+    let manifest = env.store.publish(&work.staging, manifest, &names, work.force)?;
     env.store.write_record(&node.id, &Record { key: work.key, parts: work.parts })?;
     outcome.status = Status::Executed;
     outcome.warnings = manifest.warnings.clone();

@@ -112,6 +112,12 @@ impl Manifest {
     }
 }
 
+/// A name no other call makes: `tag`, this process and thread, and the time, hashed.
+fn nonce(tag: &str) -> String {
+    let (pid, thread) = (std::process::id(), std::thread::current().id());
+    hash_bytes(format!("{tag}{pid}{thread:?}{:?}", std::time::Instant::now()).as_bytes())
+}
+
 /// `node_id` as part of a file name: letters, digits and `-_=.,` kept, anything else `_`.
 pub(crate) fn file_name_of(node_id: &str) -> String {
     node_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=.,".contains(c) { c } else { '_' }).collect()
@@ -234,8 +240,7 @@ impl Store {
 
     /// A fresh, empty staging directory for one stage execution.
     pub fn staging_dir(&self, node_id: &str) -> Result<PathBuf> {
-        let nonce = hash_bytes(format!("{node_id}{}{:?}", std::process::id(), std::time::Instant::now()).as_bytes());
-        let dir = self.root.join("staging").join(&nonce[..16]);
+        let dir = self.root.join("staging").join(&nonce(node_id)[..16]);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(dir)
     }
@@ -248,9 +253,10 @@ impl Store {
     }
 
     /// Digests the outputs in `staging` (each file of a directory output, see [`is_directory`]),
-    /// writes the manifest, and publishes the directory under the manifest's key with one rename
-    /// (replacing a damaged entry).
-    pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[&str]) -> Result<Manifest> {
+    /// writes the manifest, and publishes the directory under the manifest's key with one rename.
+    /// An intact object already under that key stands (another node of the same key, the same
+    /// work, published first) unless `replace`, as for a forced rerun; a damaged one is replaced.
+    pub fn publish(&self, staging: &Path, mut manifest: Manifest, outputs: &[&str], replace: bool) -> Result<Manifest> {
         for &name in outputs {
             let files = if is_directory(name) {
                 let dir = staging.join(name);
@@ -275,22 +281,51 @@ impl Store {
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_atomic(&staging.join("manifest.json"), &json)?;
         let target = self.object_dir(&manifest.key);
-        if target.exists() {
-            let trash = self.root.join("staging").join(format!("damaged-{}", &manifest.key[..16]));
-            fs::rename(&target, &trash).map_err(io(&target))?;
-            let _ = fs::remove_dir_all(&trash);
+        if replace {
+            self.move_aside(&target)?;
         }
-        if let Err(e) = fs::rename(staging, &target) {
-            // Two nodes of one key (the same work) finished together, and the other published
-            // first: its intact outputs stand.
-            if let Lookup::Hit(published) = self.lookup(&manifest.key, false)? {
-                let _ = fs::remove_dir_all(staging);
-                return Ok(Arc::unwrap_or_clone(published));
+        // A rename onto an object fails (it is never empty): another node of this key published
+        // first, and its intact outputs stand, or a damaged object is in the way once.
+        let mut in_the_way = false;
+        while let Err(e) = fs::rename(staging, &target) {
+            if let Some(published) = self.published_instead(&manifest.key, staging)? {
+                return Ok(published);
             }
-            return Err(Error::Io { path: target, source: e });
+            if in_the_way {
+                return Err(Error::Io { path: target, source: e });
+            }
+            self.move_aside(&target)?;
+            in_the_way = true;
         }
-        // Renaming the directory keeps the files' mtimes, so the recorded stats still hold.
+        // Renaming the directory keeps the files' mtimes, so the recorded stats still hold; what
+        // this process found under the key before is gone.
+        self.intact.lock().expect("lookup memo poisoned").remove(&manifest.key);
         Ok(manifest)
+    }
+
+    /// Moves the object at `target` out of the store, if one is there, and deletes it.
+    fn move_aside(&self, target: &Path) -> Result<()> {
+        let aside = self.root.join("staging").join(format!("replaced-{}", &nonce("aside")[..16]));
+        match fs::rename(target, &aside) {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&aside);
+                Ok(())
+            }
+            // Not there, or another node of this key took it aside first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Io { path: target.to_path_buf(), source: e }),
+        }
+    }
+
+    /// The intact object already published under `key`, checked afresh, having discarded
+    /// `staging`; `None` when there is none.
+    fn published_instead(&self, key: &str, staging: &Path) -> Result<Option<Manifest>> {
+        self.intact.lock().expect("lookup memo poisoned").remove(key);
+        let Lookup::Hit(published) = self.lookup(key, false)? else {
+            return Ok(None);
+        };
+        let _ = fs::remove_dir_all(staging);
+        Ok(Some(Arc::unwrap_or_clone(published)))
     }
 
     fn record_path(&self, node_id: &str) -> PathBuf {
@@ -356,7 +391,7 @@ mod tests {
         let stage = store.staging_dir("n").unwrap();
         fs::write(stage.join("out.txt"), b"payload").unwrap();
         let p = parts(serde_json::json!({}));
-        store.publish(&stage, manifest(p.clone()), &["out.txt"]).unwrap();
+        store.publish(&stage, manifest(p.clone()), &["out.txt"], false).unwrap();
         (store, p)
     }
 
@@ -385,6 +420,44 @@ mod tests {
         assert!(matches!(next.lookup(&p.key(), false).unwrap(), Lookup::Damaged(m) if m.contains("missing")));
     }
 
+    /// Publishes `body` as `out.txt` under `p`, replacing what stands when `replace`.
+    fn publish_out_txt(store: &Store, p: &KeyParts, body: &str, replace: bool) -> Manifest {
+        let stage = store.staging_dir("n").unwrap();
+        fs::write(stage.join("out.txt"), body).unwrap();
+        store.publish(&stage, manifest(p.clone()), &["out.txt"], replace).unwrap()
+    }
+
+    #[test]
+    fn nodes_of_one_key_publishing_at_once_all_get_the_one_that_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = parts(serde_json::json!("same work"));
+        for round in 0..20 {
+            let body = format!("round {round}");
+            let p = parts(serde_json::json!(round));
+            let published: Vec<Manifest> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6).map(|_| s.spawn(|| publish_out_txt(&store, &p, &body, false))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let Lookup::Hit(stands) = store.lookup(&p.key(), true).unwrap() else { panic!("round {round}") };
+            assert!(published.iter().all(|m| m.outputs == stands.outputs), "round {round}");
+        }
+        assert_eq!(fs::read_dir(dir.path().join("staging")).unwrap().count(), 0, "nothing left in staging");
+        publish_out_txt(&store, &p, "first", false);
+        let kept = publish_out_txt(&store, &p, "second", false);
+        assert_eq!(fs::read_to_string(store.object_dir(&p.key()).join("out.txt")).unwrap(), "first");
+        let replaced = publish_out_txt(&store, &p, "second", true);
+        assert_ne!(kept.outputs, replaced.outputs);
+        assert_eq!(fs::read_to_string(store.object_dir(&p.key()).join("out.txt")).unwrap(), "second");
+        match store.lookup(&p.key(), false).unwrap() {
+            Lookup::Hit(m) => assert_eq!(m.outputs, replaced.outputs, "the lookup memo forgot the replaced one"),
+            other => panic!("{other:?}"),
+        }
+        fs::write(store.object_dir(&p.key()).join("out.txt"), "tampered").unwrap();
+        publish_out_txt(&store, &p, "third", false);
+        assert_eq!(fs::read_to_string(store.object_dir(&p.key()).join("out.txt")).unwrap(), "third", "damage replaced");
+    }
+
     #[test]
     fn a_directory_output_is_digested_file_by_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -395,7 +468,7 @@ mod tests {
             for (name, body) in files {
                 fs::write(stage.join("h5").join(name), body).unwrap();
             }
-            store.publish(&stage, manifest(parts(params)), &["h5/"]).unwrap()
+            store.publish(&stage, manifest(parts(params)), &["h5/"], false).unwrap()
         };
         let a = publish(&[("s1.h5", "one"), ("s2.h5", "two")], serde_json::json!(1));
         assert_eq!(a.outputs.keys().collect::<Vec<_>>(), ["h5/s1.h5", "h5/s2.h5"]);
