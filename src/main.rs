@@ -649,8 +649,8 @@ fn print_epochs(r: &stages::bench::EpochReport) {
     println!("step memory       {}", r.step_budget);
     if r.recomputed > 0.0 {
         println!(
-            "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer), {:.2} from their first layer's kept outputs",
-            r.recomputed, r.past_stem
+            "recomputed        {:.2} of the instances ran forward twice (every chunk of a step but its largest; a larger train.max_instances_per_chunk trades memory for fewer), {:.2} from their first layer's kept outputs, {:.2} from the kept outputs of the product after it",
+            r.recomputed, r.past_stem, r.past_product
         );
     }
 }

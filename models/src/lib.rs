@@ -123,6 +123,11 @@ pub trait MilModel: Send {
     /// The first layer, `relu(stem x)` of each instance alone, which every model begins with:
     /// the rest of the model reads it as [`Batch::stem`] gives it.
     fn stem(&self) -> &nn::Linear;
+    /// The product that alone reads the stem output, where the model has one (HMIL's folded
+    /// layers): the rest of the model reads its output as [`Batch::product`] gives it.
+    fn product(&self) -> Option<ops::Joint> {
+        None
+    }
     /// Class logits and attention of every bag of `batch`; `train` turns dropout on.
     fn forward(&self, batch: &Batch, train: bool) -> Output;
     /// A training forward pass (dropout on), bag by bag; by default the logits alone.

@@ -43,6 +43,9 @@ pub struct Batch {
     /// The model's stem output on `x` (see [`MilModel::stem`](crate::MilModel::stem)) when it
     /// was computed before, as a training step's second pass over a chunk reuses it.
     pub stem: Option<Tensor>,
+    /// The output of the model's [`product`](crate::MilModel::product) on the stem output, when
+    /// it was computed before (as `stem`).
+    pub product: Option<Tensor>,
 }
 
 impl Batch {
@@ -51,7 +54,7 @@ impl Batch {
         let seg: Vec<i64> =
             lengths.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize)).collect();
         let seg = Tensor::from_slice(&seg).to(x.device());
-        Batch { x, seg, lengths, stem: None }
+        Batch { x, seg, lengths, stem: None, product: None }
     }
 
     /// This batch with its stem output already computed.
@@ -67,6 +70,19 @@ impl Batch {
         }
     }
 
+    /// This batch with the output of the product after its stem already computed.
+    pub fn with_product(self, product: Tensor) -> Batch {
+        Batch { product: Some(product), ..self }
+    }
+
+    /// `joint` applied to the stem output of `stem`, computed now unless the batch carries it.
+    pub fn product(&self, joint: &Joint, stem: &nn::Linear) -> Tensor {
+        match &self.product {
+            Some(y) => y.shallow_clone(),
+            None => joint.forward(&self.stem(stem)),
+        }
+    }
+
     /// Number of bags.
     pub fn bags(&self) -> i64 {
         self.lengths.len() as i64
@@ -78,23 +94,61 @@ impl Batch {
 /// product's width is padded with zero rows to a multiple of 8 floats: rows of an odd width
 /// (769) made it a third slower.
 pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]) -> [Tensor; N] {
-    let (weight, bias, sizes) = stacked(&layers);
-    split(h.linear(&weight, Some(bias)), &sizes)
+    let joint = Joint::of(&layers);
+    joint.split(&joint.forward(h))
 }
 
-/// [`joint_linear`] of `inner`'s output `g = h·Vᵀ + c`, without forming `g`: the stacked layers
-/// are multiplied into `inner` once per call (`W·(V·h + c) + b = (W·V)·h + (W·c + b)`), so when
-/// `inner` widens (HMIL's 256 → D) each instance costs one product of `h`'s width instead of
-/// two of `g`'s, forward and backward. Equal to applying the layers to `g` up to rounding.
+/// [`joint_linear`] of `inner`'s output, without forming it (see [`Joint::through`]).
 pub fn joint_linear_through<const N: usize>(
     h: &Tensor,
     inner: &nn::Linear,
     layers: [(&nn::Linear, bool); N],
 ) -> [Tensor; N] {
-    let (weight, bias, sizes) = stacked(&layers);
-    let inner_bias = inner.bs.as_ref().expect("a layer with a bias");
-    let folded_bias = weight.matmul(inner_bias) + bias;
-    split(h.linear(&weight.matmul(&inner.ws), Some(folded_bias)), &sizes)
+    let joint = Joint::through(inner, &layers);
+    joint.split(&joint.forward(h))
+}
+
+/// Linear layers that read the same input, as one product: their stacked weight and bias (with
+/// a graph to the layers' variables) and the columns of each layer's output.
+pub struct Joint {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    sizes: Vec<i64>,
+}
+
+impl Joint {
+    /// The layers applied to `h` (see [`joint_linear`]).
+    pub fn of<const N: usize>(layers: &[(&nn::Linear, bool); N]) -> Joint {
+        let (weight, bias, sizes) = stacked(layers);
+        Joint { weight, bias, sizes }
+    }
+
+    /// The layers applied to `inner`'s output `g = h·Vᵀ + c`, as one product of `h`: the stacked
+    /// layers are multiplied into `inner` (`W·(V·h + c) + b = (W·V)·h + (W·c + b)`), so when
+    /// `inner` widens (HMIL's 256 → D) each instance costs one product of `h`'s width instead of
+    /// two of `g`'s, forward and backward. Equal to applying the layers to `g` up to rounding.
+    pub fn through<const N: usize>(inner: &nn::Linear, layers: &[(&nn::Linear, bool); N]) -> Joint {
+        let (weight, bias, sizes) = stacked(layers);
+        let inner_bias = inner.bs.as_ref().expect("a layer with a bias");
+        Joint { bias: weight.matmul(inner_bias) + bias, weight: weight.matmul(&inner.ws), sizes }
+    }
+
+    /// The product's output on `h` (T × [`width`](Joint::width)).
+    pub fn forward(&self, h: &Tensor) -> Tensor {
+        h.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// Columns of the output, padding included.
+    pub fn width(&self) -> i64 {
+        self.sizes.iter().sum()
+    }
+
+    /// The first `N` layers' outputs in `y`, the product's output (views).
+    pub fn split<const N: usize>(&self, y: &Tensor) -> [Tensor; N] {
+        let mut parts = y.split_with_sizes(&self.sizes, 1);
+        parts.truncate(N);
+        parts.try_into().expect("one part per layer")
+    }
 }
 
 /// The weights and biases of `layers` stacked (zero rows padding the width to a multiple of 8)
@@ -120,13 +174,6 @@ fn stacked<const N: usize>(layers: &[(&nn::Linear, bool); N]) -> (Tensor, Tensor
         sizes.push(pad);
     }
     (Tensor::cat(&weights, 0), Tensor::cat(&biases, 0), sizes)
-}
-
-/// The columns of `joint` (T × Σ sizes) as the first `N` parts of `sizes`.
-fn split<const N: usize>(joint: Tensor, sizes: &[i64]) -> [Tensor; N] {
-    let mut parts = joint.split_with_sizes(sizes, 1);
-    parts.truncate(N);
-    parts.try_into().expect("one part per layer")
 }
 
 pub fn linear_config() -> nn::LinearConfig {

@@ -145,9 +145,11 @@ pub struct EpochReport {
     /// The instances a step ran at once, and why.
     pub step_budget: String,
     /// The share of the epochs' instances that ran forward twice (in chunks of a step but its
-    /// largest; see [`chunked::step`]), and the share that did so from their kept stem outputs.
+    /// largest; see [`chunked::step`]), and the shares that did so from their kept stem outputs
+    /// and from their kept product outputs.
     pub recomputed: f64,
     pub past_stem: f64,
+    pub past_product: f64,
 }
 
 /// The peak resident set size of this process so far, in bytes (0 where unknown).
@@ -315,7 +317,7 @@ struct Trainer {
     fine: Vec<i64>,
     budget: i64,
     step_budget: String,
-    stem_cache: i64,
+    cache: chunked::Cache,
     /// Holds the variables `model` and `opt` use.
     _vs: nn::VarStore,
     model: Box<dyn models::MilModel>,
@@ -354,7 +356,7 @@ impl Trainer {
         let model = build_model(&vs, &model_config(kind, &classes, dim), 1);
         let opt = nn::Adam::default().build(&vs, 1e-4).map_err(|e| Error::Features(e.to_string()))?;
         let starts: Vec<i64> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
-        let stem_cache = memory::stem_cache(budget, kind, dim, model.stem().ws.size()[0]);
+        let cache = memory::cache(&*model, kind, budget, dim, device);
         Ok(Trainer {
             setup: setup.clone(),
             rng,
@@ -364,7 +366,7 @@ impl Trainer {
             fine: (0..slides).map(|i| (i % 7) as i64).collect(),
             budget,
             step_budget,
-            stem_cache,
+            cache,
             _vs: vs,
             model,
             opt,
@@ -393,14 +395,14 @@ impl Trainer {
                 Batch::new(x, bags.iter().map(|&i| lens[i]).collect())
             };
             let lengths: Vec<i64> = chunk.iter().map(|&i| lens[i]).collect();
-            self.recomputed.push(chunked::recomputed(&lengths, self.budget, self.stem_cache));
+            self.recomputed.push(chunked::recomputed(&lengths, self.budget, self.cache));
             let chunks = Chunks {
                 lengths: &lengths,
                 budget: self.budget,
                 batch: &batch,
                 bf16: false,
                 seed: b as i64,
-                stem_cache: self.stem_cache,
+                cache: self.cache,
             };
             let y_f = Tensor::from_slice(&chunk.iter().map(|&i| fine[i]).collect::<Vec<_>>()).to(device);
             let y_c =
@@ -451,6 +453,7 @@ impl Trainer {
             step_budget: self.step_budget,
             recomputed: recomputed.instances as f64 / instance_epochs,
             past_stem: recomputed.past_stem as f64 / instance_epochs,
+            past_product: recomputed.past_product as f64 / instance_epochs,
         }
     }
 }
@@ -681,7 +684,10 @@ mod tests {
         for (report, alone) in [(&r, epoch(&setup).unwrap()), (&p, epoch(&preset).unwrap())] {
             assert_eq!(report.epoch_s.len(), 3);
             assert_eq!((report.slides, report.instances), (alone.slides, alone.instances));
-            assert_eq!((report.recomputed, report.past_stem), (alone.recomputed, alone.past_stem));
+            assert_eq!(
+                (report.recomputed, report.past_stem, report.past_product),
+                (alone.recomputed, alone.past_stem, alone.past_product)
+            );
             assert_eq!(report.features_bytes, alone.features_bytes);
         }
         // Steps of bags of about 40 instances under a budget of 60 run in chunks; the preset's don't.

@@ -13,8 +13,7 @@ use tch::nn;
 use tch::{Device, Tensor};
 
 use crate::ops::{
-    Batch, GatedAttention, group_matrix, joint_linear, joint_linear_through, linear_config, segment_softmax,
-    segment_sum,
+    Batch, GatedAttention, Joint, group_matrix, joint_linear, linear_config, segment_softmax, segment_sum,
 };
 use crate::{Config, Dims, MilModel, Output, PerBag, Schedule, Targets, Terms};
 
@@ -75,13 +74,9 @@ impl Hmil {
         // h1 = fe2(relu(fe0 x)) is read only by linear layers, which are folded into fe2: h1
         // (T × D) is never formed. classifier(A·h) = A·(classifier h): each instance's
         // classifier score (without the bias, added once per bag) is weighted by its attention.
-        let hidden = batch.stem(&self.fe0);
+        let folded = self.folded();
+        let [h2, a, b, s1] = folded.split(&batch.product(&folded, &self.fe0));
         let coarse = &self.coarse_attention;
-        let [h2, a, b, s1] = joint_linear_through(
-            &hidden,
-            &self.fe2,
-            [(&self.reducer, true), (&coarse.a, true), (&coarse.b, true), (&self.coarse_classifier, false)],
-        );
         let a1 = segment_softmax(&coarse.scores(&a, &b, self.dropout, train), seg, bags);
         let fine = &self.fine_attention;
         let [a, b, s2] = joint_linear(&h2, [(&fine.a, true), (&fine.b, true), (&self.fine_classifier, false)]);
@@ -90,6 +85,17 @@ impl Hmil {
         let fine_logits = segment_sum(&(&a2 * &s2), seg, bags) + self.fine_classifier.bs.as_ref().expect("bias");
         let out = Output { coarse_logits, fine_logits, attention: Some([a1, a2]), scores: Some([s1, s2]) };
         Forward { out, h2 }
+    }
+
+    /// The layers that read the extracted features (the reducer, the coarse attention's gates,
+    /// the coarse classifier without its bias) folded into the extractor's second layer: one
+    /// product of the stem output.
+    fn folded(&self) -> Joint {
+        let coarse = &self.coarse_attention;
+        Joint::through(
+            &self.fe2,
+            &[(&self.reducer, true), (&coarse.a, true), (&coarse.b, true), (&self.coarse_classifier, false)],
+        )
     }
 
     /// The device the network's variables are on.
@@ -101,6 +107,10 @@ impl Hmil {
 impl MilModel for Hmil {
     fn stem(&self) -> &nn::Linear {
         &self.fe0
+    }
+
+    fn product(&self) -> Option<Joint> {
+        Some(self.folded())
     }
 
     fn forward(&self, batch: &Batch, train: bool) -> Output {

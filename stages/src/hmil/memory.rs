@@ -24,6 +24,10 @@ pub fn retain_freed_memory() {
 /// of thousands of instances a bigger pass is no faster there, only larger.
 const CPU_STEP_CAP: u64 = 3 << 29;
 
+/// What a step keeps between its passes on the CPU at most (2 GiB, within a quarter of the free
+/// memory): the stem and product outputs of half a million HMIL instances.
+const CPU_CACHE_CAP: u64 = 1 << 31;
+
 /// Bytes free for training on `device`: the machine's available memory for the CPU, the GPU's
 /// free memory as `nvidia-smi` reports it; none where it cannot be read.
 pub fn free_bytes(device: Device) -> Option<u64> {
@@ -86,9 +90,29 @@ pub fn step_budget(setting: Option<u64>, model: ModelKind, dim: i64, device: Dev
     (Some(n), format!("{n} instances ≈ {:.1} GiB of {:.1} GiB free", gib(n as u64 * per), gib(free)))
 }
 
-/// The instances whose stem outputs (`width` floats each) a step over chunks of `budget`
-/// instances may keep between its two passes: as many as fit in the memory one chunk's
-/// activations take, so that a step holds at most twice that (see [`models::chunked`]).
-pub fn stem_cache(budget: i64, model: ModelKind, dim: i64, width: i64) -> i64 {
-    budget.saturating_mul(step_bytes_per_instance(model, dim) as i64) / (4 * width.max(1))
+/// What a step over chunks of `budget` instances may keep between its two passes (see
+/// [`models::chunked::Cache`]): on a GPU, as much as one chunk's activations take. On the CPU,
+/// where a chunk past a few tens of thousands of instances is no faster, an eighth of that at
+/// full chunks (a step of 64 bags of about 1,000 instances keeps everything it runs twice);
+/// larger steps run smaller chunks to keep theirs, and the largest keep all they run twice,
+/// up to [`CPU_CACHE_CAP`].
+pub fn cache(
+    model: &dyn models::MilModel,
+    kind: ModelKind,
+    budget: i64,
+    dim: i64,
+    device: Device,
+) -> models::chunked::Cache {
+    let per = step_bytes_per_instance(kind, dim) as i64;
+    let chunk = budget.saturating_mul(per);
+    let base = models::chunked::Cache::of(model, chunk);
+    match (device, free_bytes(device)) {
+        (Device::Cpu, Some(free)) => models::chunked::Cache {
+            bytes: chunk / 8,
+            activation: per,
+            most: (free / 4).min(CPU_CACHE_CAP) as i64,
+            ..base
+        },
+        _ => base,
+    }
 }

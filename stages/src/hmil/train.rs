@@ -295,15 +295,14 @@ impl TrainFold {
         if bags.val.is_empty() {
             ctx.warn("no validation slides: the last epoch's checkpoint is kept (set splits.val_frac > 0)");
         }
-        let (budget, stem_cache) = self.step_budget(&bags.train, store.dim, model.stem(), device);
+        let (budget, cache) = self.step_budget(&bags.train, store.dim, &*model, device);
         let mut best: Option<Best> = None;
         let (mut lr, mut since_best, mut plateau_wait, mut best_val_loss) = (cfg.lr, 0usize, 0usize, f64::INFINITY);
         let mut history = History::default();
         let bar = ctx.progress(cfg.epochs as u64, "epochs");
         for epoch in 0..cfg.epochs {
             let start = Instant::now();
-            let step =
-                Step { ctx, model: &*model, store: &store, weights: weights.as_ref(), epoch, budget, stem_cache };
+            let step = Step { ctx, model: &*model, store: &store, weights: weights.as_ref(), epoch, budget, cache };
             let train = self.train_epoch(&step, &mut opt, &bags.train)?;
             let val = self.validate(&*model, &store, &bags.val);
             let score = match cfg.select {
@@ -411,7 +410,7 @@ impl TrainFold {
             let chunks = Chunks {
                 lengths: &lengths,
                 budget: step.budget,
-                stem_cache: step.stem_cache,
+                cache: step.cache,
                 batch: &|run| step.store.batch(&refs[run]),
                 bf16: cfg.bf16 && device.is_cuda(),
                 seed: (seed >> 2) as i64,
@@ -447,32 +446,34 @@ impl TrainFold {
         })
     }
 
-    /// The instances a step runs at once and those whose stem outputs it keeps between its
-    /// passes (logged when some mini-batch will run in chunks).
-    fn step_budget(&self, train: &[Bag], dim: i64, stem: &nn::Linear, device: Device) -> (i64, i64) {
+    /// The instances a step runs at once and what it may keep between its passes (logged when
+    /// some mini-batch will run in chunks).
+    fn step_budget(&self, train: &[Bag], dim: i64, model: &dyn MilModel, device: Device) -> (i64, chunked::Cache) {
         let (budget, why) = memory::step_budget(self.config.max_instances_per_chunk, self.config.model, dim, device);
         let Some(budget) = budget else {
             tracing::info!(fold = self.fold, "training steps run whole mini-batches ({why})");
-            return (i64::MAX, 0);
+            return (i64::MAX, chunked::Cache::of(model, 0));
         };
-        let stem_cache = memory::stem_cache(budget, self.config.model, dim, stem.ws.size()[0]);
+        let cache = memory::cache(model, self.config.model, budget, dim, device);
         let mut lengths: Vec<i64> = train.iter().map(|b| b.len).collect();
         // Of mini-batches as the bags come (an epoch's shuffle changes it little).
         let twice: chunked::Recomputed =
-            lengths.chunks(self.config.batch_size.max(1)).map(|b| chunked::recomputed(b, budget, stem_cache)).sum();
+            lengths.chunks(self.config.batch_size.max(1)).map(|b| chunked::recomputed(b, budget, cache)).sum();
         let total = lengths.iter().sum::<i64>().max(1) as f64;
-        let (share, past_stem) = (twice.instances as f64 / total, twice.past_stem as f64 / total);
+        let share = |n: i64| n as f64 / total;
+        let (again, past_stem, past_product) =
+            (share(twice.instances), share(twice.past_stem), share(twice.past_product));
         lengths.sort_unstable_by(|a, b| b.cmp(a));
         let largest: i64 = lengths.iter().take(self.config.batch_size).sum();
         if largest > budget {
             tracing::info!(
                 fold = self.fold,
                 "mini-batches of up to {largest} instances run in chunks of bags of at most {why}, with the gradients of one pass; \
-                 about {share:.2} of an epoch's instances run forward twice, {past_stem:.2} of them from their first layer's outputs \
-                 (a larger train.max_instances_per_chunk trades memory for fewer)"
+                 about {again:.2} of an epoch's instances run forward twice, {past_stem:.2} of them from their first layer's outputs \
+                 and {past_product:.2} from the product's after it (a larger train.max_instances_per_chunk trades memory for fewer)"
             );
         }
-        (budget, stem_cache)
+        (budget, cache)
     }
 
     /// The network on the validation bags.
@@ -528,8 +529,8 @@ struct Step<'a> {
     epoch: usize,
     /// Instances a step runs at once.
     budget: i64,
-    /// Instances whose stem outputs a step keeps between its passes.
-    stem_cache: i64,
+    /// What a step may keep between its passes.
+    cache: chunked::Cache,
 }
 
 /// Inverse-frequency class weights (coarse, fine), normalised to mean 1 over present classes.
