@@ -98,16 +98,6 @@ pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]
     joint.split(&joint.forward(h))
 }
 
-/// [`joint_linear`] of `inner`'s output, without forming it (see [`Joint::through`]).
-pub fn joint_linear_through<const N: usize>(
-    h: &Tensor,
-    inner: &nn::Linear,
-    layers: [(&nn::Linear, bool); N],
-) -> [Tensor; N] {
-    let joint = Joint::through(inner, &layers);
-    joint.split(&joint.forward(h))
-}
-
 /// Linear layers that read the same input, as one product: their stacked weight and bias (with
 /// a graph to the layers' variables) and the columns of each layer's output.
 pub struct Joint {
@@ -276,7 +266,8 @@ mod tests {
         let outputs = |folded: bool| {
             let layers = [(&a, true), (&b, false)];
             let [ya, yb] = if folded {
-                joint_linear_through(&h, &inner, layers)
+                let joint = Joint::through(&inner, &layers);
+                joint.split(&joint.forward(&h))
             } else {
                 joint_linear(&inner.forward(&h), layers)
             };
