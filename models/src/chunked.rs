@@ -10,9 +10,10 @@
 //! first pass and is not run again, so a step costs the forward pass of the other chunks more
 //! than one pass. Of that, the stem (the first layer, the largest product of every model), and
 //! the model's product after it where it has one (HMIL's folded layers), are computed once where
-//! memory allows: the first pass keeps their outputs of chunks up to a bound, and the second pass
-//! over such a chunk starts from them and back-propagates into those layers by their closed
-//! forms. Before both passes over a chunk the random generator is seeded alike, so the second
+//! memory allows: the first pass keeps their outputs of chunks up to a bound (the product's
+//! through the activations the model applies to them, which the second pass thus skips too), and
+//! the second pass over such a chunk starts from them and back-propagates into those layers by
+//! their closed forms. Before both passes over a chunk the random generator is seeded alike, so the second
 //! pass draws the dropout masks the first one saw.
 
 use std::ops::Range;
@@ -224,14 +225,14 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
             let mut batch = (chunks.batch)(run.clone());
             if keeps[i] != Keep::Nothing {
                 let h = tch::autocast(chunks.bf16, || batch.stem(model.stem()));
-                let y = match (keeps[i], &product) {
-                    (Keep::Product, Some(p)) => Some(tch::autocast(chunks.bf16, || p.forward(&h))),
+                let z = match (keeps[i], &product) {
+                    (Keep::Product, Some(p)) => Some(p.activate(tch::autocast(chunks.bf16, || p.forward(&h)))),
                     _ => None,
                 };
-                saved[i] = Some(Saved { stem: h.shallow_clone(), product: y.as_ref().map(Tensor::shallow_clone) });
+                saved[i] = Some(Saved { stem: h.shallow_clone(), product: z.as_ref().map(Tensor::shallow_clone) });
                 batch = batch.with_stem(h);
-                if let Some(y) = y {
-                    batch = batch.with_product(y);
+                if let Some(z) = z {
+                    batch = batch.with_product(z);
                 }
             }
             parts.push(Some(seeded(i, &batch)));
@@ -266,21 +267,26 @@ pub fn step(model: &dyn MilModel, chunks: &Chunks, targets: &Targets, schedule: 
     let mut product_grads = ProductGrads::default();
     for i in (0..runs.len()).filter(|&i| i != largest) {
         let batch = (chunks.batch)(runs[i].clone());
-        let Some(Saved { stem, product: y }) = saved[i].take() else {
+        let Some(Saved { stem, product: z }) = saved[i].take() else {
             back(seeded(i, &batch), &runs[i]);
             continue;
         };
         let x = batch.x.shallow_clone();
         let h = stem.set_requires_grad(true);
-        let y = y.map(|y| y.set_requires_grad(true));
+        let z = z.map(|z| z.set_requires_grad(true));
         let mut batch = batch.with_stem(h.shallow_clone());
-        if let Some(y) = &y {
-            batch = batch.with_product(y.shallow_clone());
+        if let Some(z) = &z {
+            batch = batch.with_product(z.shallow_clone());
         }
         back(seeded(i, &batch), &runs[i]);
         let mut grad = h.grad();
-        if let (Some(y), Some(p)) = (&y, &product) {
-            let into_h = product_grads.add(p, &h, &y.grad(), chunks.bf16);
+        if let (Some(z), Some(p)) = (&z, &product) {
+            // The gradient at the activated outputs, made in place the one at the product's.
+            let into_y = z.grad();
+            if into_y.defined() {
+                p.activation_backward(z, &into_y);
+            }
+            let into_h = product_grads.add(p, &h, &into_y, chunks.bf16);
             grad = match (grad.defined(), into_h) {
                 (_, None) => grad,
                 (false, Some(g)) => g,

@@ -124,7 +124,8 @@ pub trait MilModel: Send {
     /// the rest of the model reads it as [`Batch::stem`] gives it.
     fn stem(&self) -> &nn::Linear;
     /// The product that alone reads the stem output, where the model has one (HMIL's folded
-    /// layers): the rest of the model reads its output as [`Batch::product`] gives it.
+    /// layers): the rest of the model reads its layers' outputs, each through its activation, as
+    /// [`Batch::product`] gives them.
     fn product(&self) -> Option<ops::Joint> {
         None
     }

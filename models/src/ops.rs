@@ -26,9 +26,12 @@ impl GatedAttention {
 
     /// Raw scores (T × classes) from the pre-activations of the two gates.
     pub fn scores(&self, a: &Tensor, b: &Tensor, dropout: f64, train: bool) -> Tensor {
-        let a = a.tanh().dropout(dropout, train);
-        let b = b.sigmoid().dropout(dropout, train);
-        self.c.forward(&(a * b))
+        self.gated(&a.tanh(), &b.sigmoid(), dropout, train)
+    }
+
+    /// Raw scores from the two gates' activations, `tanh(W_a h)` and `sigmoid(W_b h)`.
+    pub fn gated(&self, tanh: &Tensor, sigmoid: &Tensor, dropout: f64, train: bool) -> Tensor {
+        self.c.forward(&(tanh.dropout(dropout, train) * sigmoid.dropout(dropout, train)))
     }
 }
 
@@ -43,8 +46,8 @@ pub struct Batch {
     /// The model's stem output on `x` (see [`MilModel::stem`](crate::MilModel::stem)) when it
     /// was computed before, as a training step's second pass over a chunk reuses it.
     pub stem: Option<Tensor>,
-    /// The output of the model's [`product`](crate::MilModel::product) on the stem output, when
-    /// it was computed before (as `stem`).
+    /// The output of the model's [`product`](crate::MilModel::product) on the stem output, each
+    /// layer's through its activation, when it was computed before (as `stem`).
     pub product: Option<Tensor>,
 }
 
@@ -70,16 +73,17 @@ impl Batch {
         }
     }
 
-    /// This batch with the output of the product after its stem already computed.
+    /// This batch with the activated output of the product after its stem already computed.
     pub fn with_product(self, product: Tensor) -> Batch {
         Batch { product: Some(product), ..self }
     }
 
-    /// `joint` applied to the stem output of `stem`, computed now unless the batch carries it.
-    pub fn product(&self, joint: &Joint, stem: &nn::Linear) -> Tensor {
+    /// The outputs of `joint`'s layers on the stem output of `stem`, each through its
+    /// activation: computed now unless the batch carries them.
+    pub fn product<const N: usize>(&self, joint: &Joint, stem: &nn::Linear) -> [Tensor; N] {
         match &self.product {
-            Some(y) => y.shallow_clone(),
-            None => joint.forward(&self.stem(stem)),
+            Some(z) => joint.split(z),
+            None => joint.outputs(&self.stem(stem)),
         }
     }
 
@@ -99,18 +103,28 @@ pub fn joint_linear<const N: usize>(h: &Tensor, layers: [(&nn::Linear, bool); N]
 }
 
 /// Linear layers that read the same input, as one product: their stacked weight and bias (with
-/// a graph to the layers' variables) and the columns of each layer's output.
+/// a graph to the layers' variables), the columns of each layer's output and the activation the
+/// model applies to it.
 pub struct Joint {
     pub weight: Tensor,
     pub bias: Tensor,
     sizes: Vec<i64>,
+    activations: Vec<Activation>,
+}
+
+/// The elementwise function a layer's output goes through before the model reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Tanh,
+    Sigmoid,
 }
 
 impl Joint {
     /// The layers applied to `h` (see [`joint_linear`]).
     pub fn of<const N: usize>(layers: &[(&nn::Linear, bool); N]) -> Joint {
         let (weight, bias, sizes) = stacked(layers);
-        Joint { weight, bias, sizes }
+        Joint { weight, bias, activations: vec![Activation::Identity; sizes.len()], sizes }
     }
 
     /// The layers applied to `inner`'s output `g = h·Vᵀ + c`, as one product of `h`: the stacked
@@ -120,7 +134,58 @@ impl Joint {
     pub fn through<const N: usize>(inner: &nn::Linear, layers: &[(&nn::Linear, bool); N]) -> Joint {
         let (weight, bias, sizes) = stacked(layers);
         let inner_bias = inner.bs.as_ref().expect("a layer with a bias");
-        Joint { bias: weight.matmul(inner_bias) + bias, weight: weight.matmul(&inner.ws), sizes }
+        Joint {
+            bias: weight.matmul(inner_bias) + bias,
+            weight: weight.matmul(&inner.ws),
+            activations: vec![Activation::Identity; sizes.len()],
+            sizes,
+        }
+    }
+
+    /// This product with its layers' outputs going through `activations` (padding through none).
+    pub fn with_activations<const N: usize>(mut self, activations: [Activation; N]) -> Joint {
+        self.activations[..N].copy_from_slice(&activations);
+        self
+    }
+
+    /// The first `N` layers' outputs on `h`, each through its activation.
+    pub fn outputs<const N: usize>(&self, h: &Tensor) -> [Tensor; N] {
+        let mut parts = self.split::<N>(&self.forward(h));
+        for (part, activation) in parts.iter_mut().zip(&self.activations) {
+            *part = match activation {
+                Activation::Identity => continue,
+                Activation::Tanh => part.tanh(),
+                Activation::Sigmoid => part.sigmoid(),
+            };
+        }
+        parts
+    }
+
+    /// `y`, the product's output, with each layer's columns through its activation in place:
+    /// what [`outputs`](Joint::outputs) gives, as one tensor (without a graph).
+    pub fn activate(&self, y: Tensor) -> Tensor {
+        for (mut part, activation) in self.split_all(&y).into_iter().zip(&self.activations) {
+            let _ = match activation {
+                Activation::Identity => continue,
+                Activation::Tanh => part.tanh_(),
+                Activation::Sigmoid => part.sigmoid_(),
+            };
+        }
+        y
+    }
+
+    /// Turns `grad`, the gradient at the activated output `z` (see [`activate`](Joint::activate)),
+    /// in place into the gradient at the product's output, as the activations' backward passes do.
+    pub fn activation_backward(&self, z: &Tensor, grad: &Tensor) {
+        let _no_graph = tch::no_grad_guard();
+        let parts = self.split_all(z).into_iter().zip(self.split_all(grad));
+        for ((z, g), activation) in parts.zip(&self.activations) {
+            let _ = match activation {
+                Activation::Identity => continue,
+                Activation::Tanh => Tensor::tanh_backward_grad_input(&g, &g, &z),
+                Activation::Sigmoid => Tensor::sigmoid_backward_grad_input(&g, &g, &z),
+            };
+        }
     }
 
     /// The product's output on `h` (T × [`width`](Joint::width)).
@@ -135,9 +200,14 @@ impl Joint {
 
     /// The first `N` layers' outputs in `y`, the product's output (views).
     pub fn split<const N: usize>(&self, y: &Tensor) -> [Tensor; N] {
-        let mut parts = y.split_with_sizes(&self.sizes, 1);
+        let mut parts = self.split_all(y);
         parts.truncate(N);
         parts.try_into().expect("one part per layer")
+    }
+
+    /// Every layer's columns of `y`, padding included (views).
+    fn split_all(&self, y: &Tensor) -> Vec<Tensor> {
+        y.split_with_sizes(&self.sizes, 1)
     }
 }
 
@@ -289,6 +359,51 @@ mod tests {
         }
         // The unbiased layer's bias has no gradient in either.
         assert_eq!(plain.2[5].abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn activated_outputs_and_their_backward_are_the_activations_own() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _rng = crate::tests::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let p = vs.root();
+        let (a, b, c) = (
+            nn::linear(&p / "a", 6, 3, linear_config()),
+            nn::linear(&p / "b", 6, 4, linear_config()),
+            nn::linear(&p / "c", 6, 2, linear_config()),
+        );
+        let joint = Joint::of(&[(&a, true), (&b, true), (&c, true)]).with_activations([
+            Activation::Tanh,
+            Activation::Sigmoid,
+            Activation::Identity,
+        ]);
+        let h = Tensor::randn([5, 6], (Kind::Float, Device::Cpu)) * 3.0;
+        // By autograd, through each layer's own activation.
+        let y = joint.forward(&h).detach().set_requires_grad(true);
+        let [ta, sb, yc] = joint.split(&y);
+        let weights = [
+            Tensor::randn([5, 3], (Kind::Float, Device::Cpu)),
+            Tensor::randn([5, 4], (Kind::Float, Device::Cpu)),
+            Tensor::randn([5, 2], (Kind::Float, Device::Cpu)),
+        ];
+        let parts = [ta.tanh(), sb.sigmoid(), yc];
+        parts.iter().zip(&weights).map(|(t, w)| (t * w).sum(Kind::Float)).reduce(|x, y| x + y).unwrap().backward();
+        // Activated in place, and the gradient at the activations turned into the product's.
+        let z = {
+            let _no_graph = tch::no_grad_guard();
+            joint.activate(joint.forward(&h))
+        };
+        let split: [Tensor; 3] = joint.split(&z);
+        let outputs: [Tensor; 3] = joint.outputs(&h);
+        let close = |x: &Tensor, y: &Tensor| (x - y).abs().max().double_value(&[]) < 1e-6;
+        for ((s, o), part) in split.iter().zip(&outputs).zip(&parts) {
+            assert!(close(s, part) && close(o, part), "{s:?} vs {part:?}");
+        }
+        let grad = Tensor::cat(
+            &[&weights[0], &weights[1], &weights[2], &Tensor::zeros([5, 7], (Kind::Float, Device::Cpu))],
+            1,
+        );
+        joint.activation_backward(&z, &grad);
+        assert!(close(&grad, &y.grad()), "{grad:?} vs {:?}", y.grad());
     }
 
     #[test]

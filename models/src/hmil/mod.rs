@@ -13,7 +13,7 @@ use tch::nn;
 use tch::{Device, Tensor};
 
 use crate::ops::{
-    Batch, GatedAttention, Joint, group_matrix, joint_linear, linear_config, segment_softmax, segment_sum,
+    Activation, Batch, GatedAttention, Joint, group_matrix, joint_linear, linear_config, segment_softmax, segment_sum,
 };
 use crate::{Config, Dims, MilModel, Output, PerBag, Schedule, Targets, Terms};
 
@@ -74,10 +74,9 @@ impl Hmil {
         // h1 = fe2(relu(fe0 x)) is read only by linear layers, which are folded into fe2: h1
         // (T × D) is never formed. classifier(A·h) = A·(classifier h): each instance's
         // classifier score (without the bias, added once per bag) is weighted by its attention.
-        let folded = self.folded();
-        let [h2, a, b, s1] = folded.split(&batch.product(&folded, &self.fe0));
+        let [h2, tanh, sigmoid, s1] = batch.product(&self.folded(), &self.fe0);
         let coarse = &self.coarse_attention;
-        let a1 = segment_softmax(&coarse.scores(&a, &b, self.dropout, train), seg, bags);
+        let a1 = segment_softmax(&coarse.gated(&tanh, &sigmoid, self.dropout, train), seg, bags);
         let fine = &self.fine_attention;
         let [a, b, s2] = joint_linear(&h2, [(&fine.a, true), (&fine.b, true), (&self.fine_classifier, false)]);
         let a2 = segment_softmax(&fine.scores(&a, &b, self.dropout, train), seg, bags);
@@ -87,15 +86,16 @@ impl Hmil {
         Forward { out, h2 }
     }
 
-    /// The layers that read the extracted features (the reducer, the coarse attention's gates,
-    /// the coarse classifier without its bias) folded into the extractor's second layer: one
-    /// product of the stem output.
+    /// The layers that read the extracted features (the reducer, the coarse attention's gates
+    /// with their activations, the coarse classifier without its bias) folded into the
+    /// extractor's second layer: one product of the stem output.
     fn folded(&self) -> Joint {
         let coarse = &self.coarse_attention;
         Joint::through(
             &self.fe2,
             &[(&self.reducer, true), (&coarse.a, true), (&coarse.b, true), (&self.coarse_classifier, false)],
         )
+        .with_activations([Activation::Identity, Activation::Tanh, Activation::Sigmoid, Activation::Identity])
     }
 
     /// The device the network's variables are on.
