@@ -13,8 +13,8 @@
 //! memory allows: the first pass keeps their outputs of chunks up to a bound (the product's
 //! through the activations the model applies to them, which the second pass thus skips too), and
 //! the second pass over such a chunk starts from them and back-propagates into those layers by
-//! their closed forms. Before both passes over a chunk the random generator is seeded alike, so the second
-//! pass draws the dropout masks the first one saw.
+//! their closed forms. Before both passes over a chunk the random generator is seeded alike, so
+//! the second pass draws the dropout masks the first one saw.
 
 use std::ops::Range;
 
