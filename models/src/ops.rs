@@ -132,14 +132,9 @@ impl Joint {
     /// `inner` widens (HMIL's 256 → D) each instance costs one product of `h`'s width instead of
     /// two of `g`'s, forward and backward. Equal to applying the layers to `g` up to rounding.
     pub fn through<const N: usize>(inner: &nn::Linear, layers: &[(&nn::Linear, bool); N]) -> Joint {
-        let (weight, bias, sizes) = stacked(layers);
+        let outer = Joint::of(layers);
         let inner_bias = inner.bs.as_ref().expect("a layer with a bias");
-        Joint {
-            bias: weight.matmul(inner_bias) + bias,
-            weight: weight.matmul(&inner.ws),
-            activations: vec![Activation::Identity; sizes.len()],
-            sizes,
-        }
+        Joint { bias: outer.weight.matmul(inner_bias) + &outer.bias, weight: outer.weight.matmul(&inner.ws), ..outer }
     }
 
     /// This product with its layers' outputs going through `activations` (padding through none).
